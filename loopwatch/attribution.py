@@ -1,0 +1,183 @@
+"""What the loop thread runs now: task -> request -> route, and the culprit frame.
+
+The middleware binds a ``RequestRecord`` to a context variable for the duration of a request.
+Tasks spawned inside the request (anyio task groups, ``BaseHTTPMiddleware``,
+``asyncio.create_task``) copy the context, so the watchdog can ask any task which request it
+belongs to. On Python 3.12+ it reads the task's context directly (``Task.get_context()``); on
+3.10 and 3.11 a task's context is not readable, so a task factory records the owner when the
+task is created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import os
+import sys
+import sysconfig
+import traceback
+import weakref
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from loopwatch.routes import route_template
+from loopwatch.stall import UNMATCHED
+
+__all__ = [
+    "CodeFilter",
+    "RequestRecord",
+    "bind_request",
+    "install_task_factory",
+    "owner_of",
+    "unbind_request",
+]
+
+HAS_TASK_CONTEXT = sys.version_info >= (3, 12)
+
+_current_request: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
+    "loopwatch_request", default=None
+)
+# Python < 3.12 only: task -> the request it was created under.
+_task_owners: weakref.WeakKeyDictionary[asyncio.Task[Any], RequestRecord] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class RequestRecord:
+    """One request (or websocket) in flight, as the watchdog needs to see it."""
+
+    __slots__ = ("__weakref__", "method", "pending", "root_path", "route", "scope")
+
+    def __init__(self, method: str, scope: Any, root_path: str) -> None:
+        self.method = method
+        self.scope = scope
+        self.root_path = root_path
+        self.route: str | None = None  # set once, when the request is finished
+        # stalls that ended before the request was routed; the middleware flushes them
+        self.pending: list[Any] | None = None
+
+    def current_route(self) -> str | None:
+        """The final route if finished, else what the scope says so far (None: not routed)."""
+        if self.route is not None:
+            return self.route
+        try:
+            return route_template(self.scope, self.root_path)
+        except Exception:  # a framework's object misbehaving must not break the watchdog
+            return None
+
+    def finish(self) -> str:
+        route = self.current_route()
+        self.route = route if route is not None else UNMATCHED
+        return self.route
+
+
+def bind_request(record: RequestRecord) -> contextvars.Token[RequestRecord | None]:
+    if not HAS_TASK_CONTEXT:
+        task = asyncio.current_task()
+        if task is not None:
+            _task_owners[task] = record
+    return _current_request.set(record)
+
+
+def unbind_request(token: contextvars.Token[RequestRecord | None]) -> None:
+    # a reset from another context (a server that moved the request) is harmless
+    with contextlib.suppress(ValueError):
+        _current_request.reset(token)
+
+
+def current_request() -> RequestRecord | None:
+    return _current_request.get()
+
+
+def owner_of(task: asyncio.Task[Any] | None) -> RequestRecord | None:
+    """The request a task runs for, read from any thread; None for background code."""
+    if task is None:
+        return None
+    if HAS_TASK_CONTEXT:
+        try:
+            return task.get_context().get(_current_request)  # type: ignore[attr-defined,no-any-return]
+        except Exception:
+            return None
+    return _task_owners.get(task)
+
+
+def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
+    """On Python < 3.12, remember each new task's request (its context is not readable later)."""
+    if HAS_TASK_CONTEXT:
+        return
+    previous = loop.get_task_factory()
+    if getattr(previous, "_loopwatch", False):
+        return
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        if previous is not None:
+            task = previous(loop, coro, **kwargs)
+        else:
+            task = asyncio.Task(coro, loop=loop, **kwargs)
+        context = kwargs.get("context")
+        record = context.get(_current_request) if context is not None else _current_request.get()
+        if record is not None:
+            _task_owners[task] = record  # type: ignore[index]
+        return task
+
+    factory._loopwatch = True  # type: ignore[attr-defined]
+    loop.set_task_factory(factory)
+
+
+def _library_dirs() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    dirs.add(os.path.dirname(os.path.abspath(__file__)))  # loopwatch itself
+    dirs.update(p for p in sys.path if p.endswith(("site-packages", "dist-packages")))
+    return tuple(os.path.join(os.path.realpath(d), "") for d in dirs if d)
+
+
+class CodeFilter:
+    """Decides which frames are application code: not the standard library, not
+    site-packages, not loopwatch. Results are cached per file name."""
+
+    def __init__(self, library_dirs: tuple[str, ...] | None = None) -> None:
+        self._dirs = library_dirs if library_dirs is not None else _library_dirs()
+        self._cache: dict[str, bool] = {}
+
+    def is_app(self, filename: str) -> bool:
+        known = self._cache.get(filename)
+        if known is None:
+            if filename.startswith("<"):  # <frozen ...>, <string>
+                known = False
+            else:
+                real = os.path.realpath(filename)
+                known = not real.startswith(self._dirs)
+            if len(self._cache) < 10_000:
+                self._cache[filename] = known
+        return known
+
+    def culprit(self, frame: FrameType | None) -> tuple[str, int, str] | None:
+        """(path, line, function) of the innermost application frame, else the innermost frame."""
+        innermost = None
+        while frame is not None:
+            code = frame.f_code
+            if innermost is None:
+                innermost = (code.co_filename, frame.f_lineno, code.co_name)
+            if self.is_app(code.co_filename):
+                return (code.co_filename, frame.f_lineno, code.co_name)
+            frame = frame.f_back
+        return innermost
+
+
+def format_culprit(where: tuple[str, int, str] | None) -> str:
+    if where is None:
+        return "<unknown>"
+    path, line, function = where
+    return f"{path}:{line} in {function}"
+
+
+def format_stack(frame: FrameType | None, limit: int = 60) -> str:
+    if frame is None:
+        return ""
+    return "".join(traceback.format_stack(frame, limit=limit))
+
+
+FrameSource = Callable[[], dict[int, FrameType]]

@@ -1,0 +1,153 @@
+"""Serving the metrics: ``metrics_app()`` for the app itself, and a side-port server that
+answers from its own thread while the event loop is frozen."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar
+from urllib.parse import parse_qs
+
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client.exposition import choose_encoder
+
+from loopwatch.config import ConfigError, Settings
+from loopwatch.metrics import book_for
+
+__all__ = ["MetricsServer", "metrics_app"]
+
+_render_pool: ThreadPoolExecutor | None = None
+_render_pool_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _render_pool
+    with _render_pool_lock:
+        if _render_pool is None:
+            _render_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loopwatch-render")
+        return _render_pool
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str:
+    return ",".join(v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == name)
+
+
+def render(
+    registry: CollectorRegistry, accept: str, accept_encoding: str, query: bytes
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Status, headers and body of one scrape, negotiated like prometheus_client's servers."""
+    encoder, content_type = choose_encoder(accept)
+    names = parse_qs(query.decode("latin-1")).get("name[]")
+    target: Any = registry.restricted_registry(names) if names else registry
+    body = encoder(target)
+    headers = [(b"content-type", content_type.encode())]
+    if "gzip" in accept_encoding:
+        body = gzip.compress(body, compresslevel=6)
+        headers.append((b"content-encoding", b"gzip"))
+    headers.append((b"content-length", str(len(body)).encode()))
+    return 200, headers, body
+
+
+class MetricsApp:
+    """ASGI app serving the registry; rendering runs off the event loop it watches."""
+
+    loopwatch_metrics_app = True  # the middleware looks for this to skip and fix the mount
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = REGISTRY if registry is None else registry
+        book_for(self.registry)  # loopwatch's metrics exist even before the first request
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":  # a mounted app gets none, but a bare one might
+            message = await receive()
+            while message["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+                message = await receive()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "http":
+            return
+        if scope.get("method") not in ("GET", "HEAD"):
+            await send({"type": "http.response.start", "status": 405,
+                        "headers": [(b"allow", b"GET, HEAD"), (b"content-length", b"0")]})  # fmt: skip
+            await send({"type": "http.response.body", "body": b""})
+            return
+        loop = asyncio.get_running_loop()
+        status, headers, body = await loop.run_in_executor(
+            _executor(),
+            render,
+            self.registry,
+            _header(scope, b"accept"),
+            _header(scope, b"accept-encoding"),
+            scope.get("query_string", b""),
+        )
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body",
+                    "body": b"" if scope["method"] == "HEAD" else body})  # fmt: skip
+
+
+def metrics_app(registry: CollectorRegistry | None = None) -> MetricsApp:
+    """An ASGI app for ``app.mount("/metrics", metrics_app())``: Prometheus text or
+    OpenMetrics, gzip when asked, rendered off the event loop. With ``LoopWatchMiddleware``
+    installed, ``GET /metrics`` answers 200 directly (no redirect to ``/metrics/``) and scrapes
+    are never counted as requests."""
+    return MetricsApp(registry)
+
+
+class MetricsServer:
+    """The side-port server, one per (host, port, registry), shared and reference-counted."""
+
+    _servers: ClassVar[dict[tuple[str, int, int], MetricsServer]] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
+        self.host = host
+        self.registry = registry
+        self._users = 0
+        httpd, thread = start_http_server(port, addr=host, registry=registry)
+        self._httpd = httpd
+        self._thread = thread
+        thread.name = "loopwatch-metrics-server"
+        self.port: int = httpd.server_address[1]
+
+    @classmethod
+    def acquire(cls, settings: Settings, registry: CollectorRegistry) -> MetricsServer:
+        """Start (or share) the server for these settings; bind errors name the option."""
+        if settings.metrics_port is None:
+            raise ConfigError("metrics_port", None, settings.source("metrics_port"), "a port")
+        key = (settings.metrics_host, settings.metrics_port, id(registry))
+        with cls._lock:
+            server = cls._servers.get(key) if settings.metrics_port else None
+            if server is None:
+                try:
+                    server = cls(settings.metrics_host, settings.metrics_port, registry)
+                except OSError as exc:
+                    raise ConfigError(
+                        "metrics_port",
+                        settings.metrics_port,
+                        settings.source("metrics_port"),
+                        f"a port free to bind on {settings.metrics_host} ({exc.strerror or exc})",
+                    ) from exc
+                if settings.metrics_port:
+                    cls._servers[key] = server
+            server._users += 1
+            return server
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users > 0:
+                return
+            for key, server in list(self._servers.items()):
+                if server is self:
+                    del self._servers[key]
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(1.0)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"

@@ -1,0 +1,219 @@
+"""``LoopWatchMiddleware``: a pure ASGI middleware that records each request and runs the
+event loop monitor for the loop that serves it.
+
+It imports no web framework: the route template is read from the scope after dispatch
+(``routes.route_template``), so it works with FastAPI, Starlette or any ASGI app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from loopwatch.attribution import RequestRecord, bind_request, unbind_request
+from loopwatch.config import ConfigError, Settings
+from loopwatch.exposition import MetricsServer
+from loopwatch.metrics import book_for, resolve_registry
+from loopwatch.monitor import Monitor, StallCallback
+from loopwatch.stats import Shard
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+__all__ = ["LoopWatchMiddleware"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[Message], Any]
+ASGIApp = Callable[[Scope, Receive, Send], Any]
+
+# Method labels are a fixed set: anything else a client sends is "OTHER".
+_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+_STATUSES = {code: str(code) for code in range(100, 600)}
+
+
+class LoopWatchMiddleware:
+    """Finds the request whose code blocks the event loop, and counts every request.
+
+    ``app.add_middleware(LoopWatchMiddleware)``; add it last so it is the outermost user
+    middleware and sees blocking in every middleware inside it. All options can also be set
+    through ``LOOPWATCH_*`` environment variables; an explicit argument wins.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        threshold: float | None = None,
+        interval: float | None = None,
+        registry: CollectorRegistry | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str | None = None,
+        on_stall: StallCallback | None = None,
+        request_metrics: bool | None = None,
+        exclude: Iterable[str] | None = None,
+        long_stall: float | None = None,
+    ) -> None:
+        self.app = app
+        self.settings = Settings.resolve(
+            threshold=threshold,
+            interval=interval,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            request_metrics=request_metrics,
+            exclude=tuple(exclude)
+            if exclude is not None and not isinstance(exclude, str)
+            else exclude,
+            long_stall=long_stall,
+        )
+        if on_stall is not None and not callable(on_stall):
+            raise ConfigError("on_stall", on_stall, "argument", "a callable taking a Stall")
+        self.on_stall = on_stall
+        self.registry = resolve_registry(registry)
+        self.book = book_for(self.registry)
+        self.request_metrics = self.settings.request_metrics
+        if self.request_metrics:
+            self.book.request_metrics = True
+        self._exact = frozenset(self.settings.exclude)
+        self._prefixes = tuple(p.rstrip("/") + "/" for p in self.settings.exclude)
+        self._metrics_mounts: dict[int, frozenset[str]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._monitor: Monitor | None = None
+        self._shard: Shard | None = None
+        self.metrics_server: MetricsServer | None = None
+        if self.settings.metrics_port is not None:
+            # Bound now, so a busy port fails start-up rather than the first request.
+            self.metrics_server = MetricsServer.acquire(self.settings, self.registry)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            method = scope.get("method", "")
+            if method not in _METHODS:
+                method = "OTHER"
+        elif kind == "websocket":
+            method = "WS"
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        else:
+            await self.app(scope, receive, send)
+            return
+
+        path = scope.get("path", "")
+        if self._is_metrics_mount(scope) or path in self._exact or path.startswith(self._prefixes):
+            await self.app(scope, receive, send)
+            return
+
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop or self._monitor is None or not self._monitor.running:
+            self._bind(loop)
+        monitor = self._monitor
+        shard = self._shard
+        assert monitor is not None and shard is not None  # set by _bind
+
+        record = RequestRecord(method, scope, scope.get("root_path", ""))
+        token = bind_request(record)
+        monitor.in_flight += 1
+        shard.in_flight += 1
+        status = "500"  # what the server answers if the app raises before responding
+        started = time.perf_counter()
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status
+            mtype = message["type"]
+            if mtype == "http.response.start" or mtype == "websocket.http.response.start":
+                status = _STATUSES.get(message.get("status", 0), "other")
+            elif mtype == "websocket.accept":
+                status = "101"
+            elif mtype == "websocket.close" and status == "500":
+                status = "403"  # closed before accepting: the server answers 403
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = record.finish()
+            monitor.in_flight -= 1
+            shard.in_flight -= 1
+            if self.request_metrics:
+                shard.count_request(method, route, status, elapsed)
+            if record.pending:
+                monitor.flush_pending(record)
+            unbind_request(token)
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        monitor = Monitor.for_loop(loop, self.settings)
+        monitor.acquire(self)
+        self._shard = monitor.attach(self.book)
+        if self.on_stall is not None:
+            monitor.add_callback(self.on_stall)
+        self._monitor = monitor
+        self._loop = loop
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def receive_and_start() -> Message:
+            message: Message = await receive()
+            if message.get("type") == "lifespan.startup":
+                if self.metrics_server is None and self.settings.metrics_port is not None:
+                    self.metrics_server = MetricsServer.acquire(self.settings, self.registry)
+                self._bind(asyncio.get_running_loop())
+            return message
+
+        try:
+            await self.app(scope, receive_and_start, send)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop this instance's share of the monitor and the side-port server."""
+        monitor, self._monitor, self._loop = self._monitor, None, None
+        if monitor is not None:
+            monitor.release(self)
+        server, self.metrics_server = self.metrics_server, None
+        if server is not None:
+            server.release()
+
+    def _is_metrics_mount(self, scope: Scope) -> bool:
+        """``/metrics`` itself for a ``metrics_app()`` mounted at ``/metrics``: answer it
+        directly instead of Starlette's redirect to ``/metrics/``; never count it."""
+        app = scope.get("app")
+        if app is None:
+            return False
+        mounts = self._metrics_mounts.get(id(app))
+        if mounts is None:
+            mounts = self._metrics_mounts[id(app)] = _find_metrics_mounts(app)
+        if not mounts:
+            return False
+        path: str = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        for mount in mounts:
+            if path == mount:
+                scope["path"] = scope["path"] + "/"
+                if isinstance(scope.get("raw_path"), bytes):
+                    scope["raw_path"] = scope["raw_path"] + b"/"
+                return True
+            if path.startswith(mount + "/"):
+                return True
+        return False
+
+
+def _find_metrics_mounts(app: Any) -> frozenset[str]:
+    routes = getattr(app, "routes", None)
+    if routes is None:
+        return frozenset()
+    found = set()
+    for route in list(routes):
+        mounted = getattr(route, "app", None)
+        path = getattr(route, "path", None)
+        if getattr(mounted, "loopwatch_metrics_app", False) and isinstance(path, str):
+            found.add(path.rstrip("/"))
+    return frozenset(found)

@@ -1,0 +1,399 @@
+"""One heartbeat coroutine and one watchdog thread per event loop.
+
+The heartbeat wakes every ``interval`` on the loop and records the time. The watchdog thread
+(``loopwatch-watchdog``) wakes on the same interval; when the heartbeat is overdue the loop is
+held by whatever runs on it, so the watchdog samples the loop's current task (mapped to its
+request by ``attribution``) and, once the hold grows long, the loop thread's stack. A change of
+owner while the loop stays held splits the hold into separate stalls, so two blockers that run
+back to back are reported apart, each with its own route and duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import dataclasses
+import logging
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, ClassVar
+
+from loopwatch.attribution import (
+    CodeFilter,
+    FrameSource,
+    RequestRecord,
+    format_culprit,
+    format_stack,
+    install_task_factory,
+    owner_of,
+)
+from loopwatch.config import Settings
+from loopwatch.stall import BACKGROUND, Stall, remember
+from loopwatch.stats import LAG_BUCKETS, HistogramData, Shard, StatsBook
+
+__all__ = ["Monitor", "StallCallback"]
+
+logger = logging.getLogger("loopwatch")
+
+StallCallback = Callable[[Stall], Any]
+
+# owner key of code that runs outside any request (callbacks, startup tasks)
+_BACKGROUND_KEY = object()
+
+
+def _thread_cpu_clock(thread_id: int) -> Callable[[], float] | None:
+    try:
+        clock_id = time.pthread_getcpuclockid(thread_id)
+        time.clock_gettime(clock_id)
+    except (AttributeError, OSError):  # not on this platform
+        return None
+    return lambda: time.clock_gettime(clock_id)
+
+
+class _Segment:
+    """The loop held by one owner, from ``start`` until the owner changes or the loop frees."""
+
+    __slots__ = (
+        "cpu0",
+        "cpu_t0",
+        "culprits",
+        "frame_seen",
+        "key",
+        "method",
+        "next_long",
+        "record",
+        "stack",
+        "start",
+    )  # fmt: skip
+
+    def __init__(self, key: object, record: RequestRecord | None, start: float,
+                 cpu0: float | None, now: float, long_stall: float) -> None:  # fmt: skip
+        self.key = key
+        self.record = record
+        self.start = start
+        self.cpu0 = cpu0
+        self.cpu_t0 = now
+        self.culprits: collections.Counter[tuple[str, int, str] | None] = collections.Counter()
+        self.frame_seen: FrameType | None = None
+        self.stack: str | None = None
+        self.next_long = long_stall
+
+
+class _Episode:
+    """The heartbeat is overdue: the loop has not run it since ``beat``."""
+
+    __slots__ = ("beat", "last_sample", "segment")
+
+    def __init__(self, beat: float, now: float) -> None:
+        self.beat = beat
+        self.last_sample = now
+        self.segment: _Segment | None = None
+
+
+class Monitor:
+    """Watches one event loop. Use ``Monitor.for_loop(loop, settings)``; one per loop."""
+
+    _by_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Monitor]] = (
+        weakref.WeakKeyDictionary()
+    )
+    _registry_lock = threading.Lock()
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        frames: FrameSource = sys._current_frames,
+        code_filter: CodeFilter | None = None,
+    ) -> None:
+        self.loop = loop
+        self.settings = settings
+        self.threshold = settings.threshold
+        self.interval = settings.interval
+        self._clock = clock
+        self._frames = frames
+        self._filter = code_filter or CodeFilter()
+        self.lag = HistogramData(LAG_BUCKETS)
+        self.last_beat = clock()
+        self.in_flight = 0  # requests in flight on this loop, kept by the middleware
+        self.books: dict[StatsBook, Shard] = {}
+        self.callbacks: list[StallCallback] = []
+        self._failed_callbacks: set[int] = set()
+        self._users: set[int] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._loop_thread_id: int | None = None
+        self._cpu: Callable[[], float] | None = None
+        self._episode: _Episode | None = None
+        self._tick_failed = False
+        self._lock = threading.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @classmethod
+    def for_loop(cls, loop: asyncio.AbstractEventLoop, settings: Settings) -> Monitor:
+        """The loop's monitor, created on first use. The first caller's settings win."""
+        with cls._registry_lock:
+            monitor = cls._by_loop.get(loop)
+            if monitor is None or (monitor._stop.is_set() and monitor._thread is not None):
+                monitor = cls._by_loop[loop] = cls(loop, settings)
+            elif (monitor.threshold, monitor.interval) != (settings.threshold, settings.interval):
+                logger.warning(
+                    "loopwatch: this event loop is already watched with threshold=%s "
+                    "interval=%s; ignoring threshold=%s interval=%s",
+                    monitor.threshold, monitor.interval, settings.threshold, settings.interval,
+                )  # fmt: skip
+            return monitor
+
+    @classmethod
+    def current(cls, loop: asyncio.AbstractEventLoop | None = None) -> Monitor | None:
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        return cls._by_loop.get(loop)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and not self._stop.is_set()
+
+    def acquire(self, user: object) -> None:
+        """Register a user (a middleware instance); start on the loop's thread if needed."""
+        with self._lock:
+            self._users.add(id(user))
+            if self._thread is None:
+                self._start()
+
+    def release(self, user: object) -> None:
+        """Unregister a user; the last one out stops the monitor."""
+        with self._lock:
+            self._users.discard(id(user))
+            if self._users or self._thread is None:
+                return
+        self.stop()
+
+    def _start(self) -> None:
+        # Called on the loop's thread: that is the thread whose stack we will sample.
+        self._loop_thread_id = threading.get_ident()
+        self._cpu = _thread_cpu_clock(self._loop_thread_id)
+        install_task_factory(self.loop)
+        self._start_heartbeat()
+        self._thread = threading.Thread(target=self._run, name="loopwatch-watchdog", daemon=True)
+        self._thread.start()
+
+    def _start_heartbeat(self) -> None:
+        if self._stop.is_set() or self.loop.is_closed():
+            return
+        self.last_beat = self._clock()
+        # An empty context: the heartbeat must never look like part of a request.
+        self._heartbeat = contextvars.Context().run(self.loop.create_task, self._beat())
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop the watchdog and the heartbeat; returns within ``timeout`` seconds."""
+        self._stop.set()
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None and not self.loop.is_closed():
+            try:
+                if self._on_loop_thread():
+                    heartbeat.cancel()
+                else:
+                    self.loop.call_soon_threadsafe(heartbeat.cancel)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        with self._registry_lock:
+            if self._by_loop.get(self.loop) is self:
+                del self._by_loop[self.loop]
+
+    def _on_loop_thread(self) -> bool:
+        return threading.get_ident() == self._loop_thread_id
+
+    # -- heartbeat (on the loop) --------------------------------------------------------
+
+    async def _beat(self) -> None:
+        clock, interval, lag, sleep = self._clock, self.interval, self.lag, asyncio.sleep
+        expected = clock() + interval
+        while True:
+            await sleep(interval)
+            now = clock()
+            late = now - expected
+            lag.observe(late if late > 0.0 else 0.0)
+            self.last_beat = now
+            expected = now + interval
+
+    def current_stall_seconds(self) -> float:
+        """Age of the stall in progress, 0 when the loop is responsive."""
+        if not self.running:
+            return 0.0
+        age = self._clock() - self.last_beat
+        return age if age > self.threshold else 0.0
+
+    # -- watchdog (own thread) ----------------------------------------------------------
+
+    def _run(self) -> None:
+        interval = self.interval
+        while not self._stop.wait(interval):
+            if self.loop.is_closed():
+                break
+            try:
+                self._tick()
+            except Exception:
+                if not self._tick_failed:  # once, not 100 times a second
+                    self._tick_failed = True
+                    logger.exception("loopwatch: watchdog check failed; carrying on")
+                self._episode = None
+            self._check_heartbeat()
+        self._stop.set()
+
+    def _check_heartbeat(self) -> None:
+        heartbeat = self._heartbeat
+        if heartbeat is not None and heartbeat.done() and not self._stop.is_set():
+            logger.warning("loopwatch: the heartbeat task ended; restarting it")
+            self._heartbeat = None
+            try:
+                self.loop.call_soon_threadsafe(self._start_heartbeat)
+            except RuntimeError:
+                self._stop.set()
+
+    def _tick(self) -> None:
+        now = self._clock()
+        beat = self.last_beat
+        episode = self._episode
+        if episode is not None and beat != episode.beat:
+            # The heartbeat ran again: the hold ended no later than that.
+            self._episode = None
+            if episode.segment is not None:
+                self._close(episode.segment, end=beat, now=now)
+            episode = None
+        if now - beat <= self.interval * 1.5:
+            return
+        if episode is None:
+            episode = self._episode = _Episode(beat, now)
+        task = asyncio.current_task(self.loop)
+        record = owner_of(task)
+        key = record if record is not None else _BACKGROUND_KEY
+        segment = episode.segment
+        if segment is None or segment.key is not key:
+            if segment is None:
+                start = beat  # the loop was free when the heartbeat last ran
+            else:
+                start = (episode.last_sample + now) / 2
+                self._close(segment, end=start, now=now)
+            cpu0 = self._cpu() if self._cpu is not None else None
+            segment = episode.segment = _Segment(
+                key, record, start, cpu0, now, self.settings.long_stall
+            )
+        episode.last_sample = now
+        age = now - segment.start
+        if age >= self.threshold / 2:
+            self._sample_stack(segment, age, now)
+
+    def _sample_stack(self, segment: _Segment, age: float, now: float) -> None:
+        frame = self._frames().get(self._loop_thread_id or 0)
+        if frame is None:
+            return
+        segment.culprits[self._filter.culprit(frame)] += 1
+        if segment.stack is None and age >= self.threshold:
+            segment.stack = format_stack(frame)
+        if age >= segment.next_long:
+            segment.next_long *= 2
+            route = segment.record.current_route() if segment.record is not None else BACKGROUND
+            method = segment.record.method if segment.record is not None else "-"
+            logger.warning(
+                "event loop blocked for %.1fs so far (still blocked) by %s %s at %s\n%s",
+                age, method, route or "<routing>",
+                format_culprit(self._filter.culprit(frame)), format_stack(frame),
+            )  # fmt: skip
+
+    def _close(self, segment: _Segment, end: float, now: float) -> None:
+        duration = end - segment.start
+        if duration < self.threshold:
+            return
+        kind = "wait"
+        cpu_seconds = 0.0
+        if self._cpu is not None and segment.cpu0 is not None:
+            cpu_seconds = self._cpu() - segment.cpu0
+            wall = now - segment.cpu_t0
+            if wall > 0 and cpu_seconds >= 0.5 * wall:
+                kind = "cpu"
+        top = segment.culprits.most_common(1)
+        stall = Stall(
+            route=BACKGROUND,
+            method="-",
+            kind=kind,
+            duration=duration,
+            started_at=time.time() - (now - segment.start),
+            culprit=format_culprit(top[0][0] if top else None),
+            stack=segment.stack or "",
+            requests_in_flight=self.in_flight,
+            cpu_seconds=cpu_seconds,
+        )
+        record = segment.record
+        if record is None:
+            self.deliver(stall)
+            return
+        stall = dataclasses.replace(stall, method=record.method)
+        route = record.current_route()
+        if route is not None:
+            self.deliver(dataclasses.replace(stall, route=route))
+        else:
+            # Blocked before routing (another middleware): wait for the route it will match.
+            try:
+                self.loop.call_soon_threadsafe(self._hold_until_routed, record, stall)
+            except RuntimeError:
+                self.deliver(dataclasses.replace(stall, route=record.finish()))
+
+    def _hold_until_routed(self, record: RequestRecord, stall: Stall) -> None:
+        if record.route is not None:
+            self.deliver(dataclasses.replace(stall, route=record.route))
+        elif record.pending is None:
+            record.pending = [stall]
+        else:
+            record.pending.append(stall)
+
+    def flush_pending(self, record: RequestRecord) -> None:
+        """Called by the middleware on the loop when a request with held stalls finishes."""
+        pending, record.pending = record.pending, None
+        for stall in pending or ():
+            self.deliver(dataclasses.replace(stall, route=record.route or stall.route))
+
+    # -- reporting ----------------------------------------------------------------------
+
+    def deliver(self, stall: Stall) -> None:
+        """Send a finished stall to the ring, the log, the metrics and the callbacks."""
+        remember(stall)
+        logger.warning("%s", stall.describe())
+        if stall.stack and logger.isEnabledFor(logging.DEBUG):
+            logger.debug("loop thread stack during the stall:\n%s", stall.stack)
+        for book, shard in list(self.books.items()):
+            book.observe_stall(shard, stall.method, stall.route, stall.kind, stall.duration)
+        for callback in list(self.callbacks):
+            try:
+                callback(stall)
+            except Exception:
+                if id(callback) not in self._failed_callbacks:
+                    self._failed_callbacks.add(id(callback))
+                    logger.exception("loopwatch: on_stall callback %r failed", callback)
+
+    def attach(self, book: StatsBook) -> Shard:
+        """The shard this loop writes for ``book`` (one registry's aggregates)."""
+        shard = self.books.get(book)
+        if shard is None:
+            with self._lock:
+                shard = self.books.get(book)
+                if shard is None:
+                    shard = self.books[book] = book.new_shard()
+                    shard.lag = self.lag
+                    book.monitors.add(self)
+        return shard
+
+    def add_callback(self, callback: StallCallback) -> None:
+        if callback not in self.callbacks:
+            self.callbacks.append(callback)

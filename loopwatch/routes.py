@@ -1,0 +1,154 @@
+"""Route templates read from the ASGI scope after dispatch, without importing a framework.
+
+Starlette's router writes the matched route into the scope (``scope["route"]``, and
+``scope["root_path"]`` grows by each ``Mount`` prefix), so the template costs a few dict
+lookups per request instead of a walk of the route table. FastAPI 0.137+ dispatches
+``include_router`` routes through ``_IncludedRouter`` and leaves the *original* route in the
+scope (its path lacks the router prefixes); the full template is then in FastAPI's own
+"effective route context". Older Starlette wrote only ``scope["endpoint"]``: that case falls
+back to a table built once per router.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["route_template"]
+
+_PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(:[a-zA-Z_][a-zA-Z0-9_]*)?}")
+
+
+def route_template(scope: Mapping[str, Any], root_path: str) -> str | None:
+    """The full template of the route the scope was dispatched to, or None if it matched none.
+
+    ``root_path`` is the scope's root path as the middleware first saw it: whatever the
+    routers added to it since is the mount prefix.
+    """
+    route = scope.get("route")
+    if route is None:
+        endpoint = scope.get("endpoint")
+        if endpoint is None:
+            return None
+        path = _legacy_template(scope.get("router"), endpoint)
+        if path is None:
+            return None
+    else:
+        methods = getattr(route, "methods", None)
+        if methods is not None and scope.get("method") not in methods:
+            return None  # a partial match: Starlette answers 405 from this route
+        if not hasattr(route, "endpoint"):
+            # a Mount: the request reached its app but nothing inside matched, unless the
+            # mounted app is a plain ASGI app (static files, a metrics app) with no routes
+            if _child_routes(route):
+                return None
+            return _mount_prefix(scope, root_path) + "/{path}"
+        path = _effective_path(scope, route)
+        if path is None:
+            return None
+    return _mount_prefix(scope, root_path) + path
+
+
+def _effective_path(scope: Mapping[str, Any], route: Any) -> str | None:
+    fastapi_scope = scope.get("fastapi")
+    if type(fastapi_scope) is dict:
+        context = fastapi_scope.get("effective_route_context")
+        if context is not None and getattr(context, "original_route", None) is route:
+            path = getattr(context, "path_format", None)
+            if isinstance(path, str):
+                return path
+    path = getattr(route, "path_format", None)
+    if isinstance(path, str):
+        return path
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else None
+
+
+def _mount_prefix(scope: Mapping[str, Any], root_path: str) -> str:
+    current = scope.get("root_path", "")
+    if not isinstance(current, str) or current == root_path:
+        return ""
+    prefix = current[len(root_path) :] if current.startswith(root_path) else current
+    templates = _parametric_mounts(scope.get("router"))
+    if templates:
+        # a Mount with parameters puts their values in root_path: map back to its template
+        for pattern, template in templates:
+            if pattern.fullmatch(prefix):
+                return template
+    return prefix
+
+
+# Per-router tables, built once the first time a router is seen (never per request).
+_tables_lock = threading.Lock()
+_parametric: weakref.WeakKeyDictionary[Any, list[tuple[re.Pattern[str], str]]] = (
+    weakref.WeakKeyDictionary()
+)
+_legacy: weakref.WeakKeyDictionary[Any, dict[Any, str]] = weakref.WeakKeyDictionary()
+
+
+def _child_routes(route: Any) -> list[Any]:
+    routes = getattr(route, "routes", None)
+    if routes is None:
+        original = getattr(route, "original_router", None)  # FastAPI's _IncludedRouter
+        routes = getattr(original, "routes", None)
+    try:
+        return list(routes or ())
+    except TypeError:
+        return []
+
+
+def _walk_mounts(routes: list[Any], prefix: str, out: list[tuple[str, bool]], depth: int) -> None:
+    if depth > 16:
+        return
+    for route in routes:
+        children = _child_routes(route)
+        path = getattr(route, "path", None)
+        if children and isinstance(path, str) and hasattr(route, "app"):
+            template = prefix + path
+            out.append((template, "{" in path))
+            _walk_mounts(children, template, out, depth + 1)
+
+
+def _parametric_mounts(router: Any) -> list[tuple[re.Pattern[str], str]]:
+    if router is None:
+        return []
+    try:
+        return _parametric[router]
+    except (KeyError, TypeError):
+        pass
+    found: list[tuple[str, bool]] = []
+    _walk_mounts(_child_routes(router), "", found, 0)
+    table = [
+        (re.compile(_PARAM.sub("[^/]+", re.escape(t).replace(r"\{", "{").replace(r"\}", "}"))), t)
+        for t, parametric in found
+        if parametric or "{" in t
+    ]
+    with _tables_lock, contextlib.suppress(TypeError):
+        _parametric[router] = table
+    return table
+
+
+def _legacy_template(router: Any, endpoint: Any) -> str | None:
+    """Old Starlette sets only ``scope["endpoint"]``: find its route's template once."""
+    if router is None:
+        return None
+    try:
+        table = _legacy[router]
+    except (KeyError, TypeError):
+        table = {}
+        pending = _child_routes(router)
+        while pending and len(table) < 100_000:
+            route = pending.pop(0)
+            ep = getattr(route, "endpoint", None)
+            path = getattr(route, "path_format", None) or getattr(route, "path", None)
+            if ep is not None and isinstance(path, str):
+                table.setdefault(ep, path)  # relative: the mount prefix comes from root_path
+            elif ep is None:
+                pending.extend(_child_routes(route))
+        with _tables_lock, contextlib.suppress(TypeError):
+            _legacy[router] = table
+    return table.get(endpoint)

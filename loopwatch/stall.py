@@ -1,0 +1,70 @@
+"""The ``Stall`` record, the ring of recent stalls and the one-line log format."""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+
+__all__ = ["BACKGROUND", "UNMATCHED", "Stall", "clear_recent_stalls", "recent_stalls"]
+
+# Fixed label placeholders: label values are route templates or one of these, never raw input.
+UNMATCHED = "<unmatched>"
+BACKGROUND = "<background>"
+
+RING_SIZE = 256
+
+
+@dataclass(frozen=True)
+class Stall:
+    """One stretch of time during which one owner (a request or background code) held the loop."""
+
+    route: str
+    method: str
+    kind: str  # "cpu" when the loop thread computed, "wait" when it slept or blocked in a call
+    duration: float  # seconds
+    started_at: float  # wall-clock (time.time()) start
+    culprit: str  # "path:line in function", innermost application frame
+    stack: str = field(repr=False)  # the loop thread's stack, formatted, innermost last
+    requests_in_flight: int = 0
+    cpu_seconds: float = 0.0
+
+    def describe(self) -> str:
+        """The one-line summary used in the WARNING log line."""
+        return (
+            f"event loop blocked for {self.duration:.3f}s by {self.method} {self.route} "
+            f"({self.kind}) at {self.culprit}; {self.requests_in_flight} request(s) in flight"
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "route": self.route,
+            "method": self.method,
+            "kind": self.kind,
+            "duration": self.duration,
+            "started_at": self.started_at,
+            "culprit": self.culprit,
+            "stack": self.stack,
+            "requests_in_flight": self.requests_in_flight,
+            "cpu_seconds": self.cpu_seconds,
+        }
+
+
+_ring: collections.deque[Stall] = collections.deque(maxlen=RING_SIZE)
+_ring_lock = threading.Lock()
+
+
+def remember(stall: Stall) -> None:
+    with _ring_lock:
+        _ring.append(stall)
+
+
+def recent_stalls() -> list[Stall]:
+    """The most recent stalls in this process (at most 256), oldest first."""
+    with _ring_lock:
+        return list(_ring)
+
+
+def clear_recent_stalls() -> None:
+    with _ring_lock:
+        _ring.clear()

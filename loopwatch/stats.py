@@ -1,0 +1,101 @@
+"""Plain-Python aggregates that the hot path updates without locks.
+
+Each event loop writes only to its own ``Shard`` (one writer thread per field group), and
+``metrics`` sums the shards when Prometheus scrapes. That keeps prometheus_client's per-call
+locks and label lookups off the request path.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "LAG_BUCKETS",
+    "REQUEST_BUCKETS",
+    "STALL_BUCKETS",
+    "HistogramData",
+    "Shard",
+    "StatsBook",
+]
+
+LAG_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+STALL_BUCKETS: tuple[float, ...] = (
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+REQUEST_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+
+class HistogramData:
+    """Non-cumulative bucket counts (the last one is +Inf) and a sum."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+
+class Shard:
+    """The aggregates of one event loop."""
+
+    def __init__(self) -> None:
+        # written by the loop thread (the lag data is the monitor's own, shared)
+        self.lag = HistogramData(LAG_BUCKETS)
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.latency: dict[tuple[str, str], HistogramData] = {}
+        self.in_flight = 0
+        # written under StatsBook.stall_lock (stalls are rare; two threads may report them)
+        self.stalls: dict[tuple[str, str, str], HistogramData] = {}
+
+    def count_request(self, method: str, route: str, status: str, seconds: float) -> None:
+        key = (method, route, status)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        hist = self.latency.get((method, route))
+        if hist is None:
+            hist = self.latency[(method, route)] = HistogramData(REQUEST_BUCKETS)
+        hist.observe(seconds)
+
+
+class StatsBook:
+    """All shards that feed one registry; the collector reads them at scrape time."""
+
+    def __init__(self) -> None:
+        self.shards: list[Shard] = []
+        self.monitors: weakref.WeakSet[Any] = weakref.WeakSet()  # live ones, for the stall gauge
+        self.request_metrics = False
+        self._lock = threading.Lock()
+        self.stall_lock = threading.Lock()
+
+    def new_shard(self) -> Shard:
+        shard = Shard()
+        with self._lock:
+            self.shards.append(shard)
+        return shard
+
+    def snapshot(self) -> list[Shard]:
+        with self._lock:
+            return list(self.shards)
+
+    def observe_stall(
+        self, shard: Shard, method: str, route: str, kind: str, seconds: float
+    ) -> None:
+        with self.stall_lock:
+            key = (method, route, kind)
+            hist = shard.stalls.get(key)
+            if hist is None:
+                hist = shard.stalls[key] = HistogramData(STALL_BUCKETS)
+            hist.observe(seconds)
