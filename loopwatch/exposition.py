@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 from urllib.parse import parse_qs
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
-from prometheus_client.exposition import choose_encoder
+from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 
 from loopwatch.config import ConfigError, Settings
 from loopwatch.metrics import book_for
+from loopwatch.stall import recent_stalls
 
 __all__ = ["MetricsServer", "metrics_app"]
 
@@ -32,6 +36,15 @@ def _executor() -> ThreadPoolExecutor:
 
 def _header(scope: dict[str, Any], name: bytes) -> str:
     return ",".join(v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == name)
+
+
+def stalls_json() -> bytes:
+    """The ring of recent stalls, newest last, as JSON (culprits and stacks included)."""
+    return json.dumps([s.as_dict() for s in recent_stalls()], indent=1).encode()
+
+
+def _wants_stalls(path: str) -> bool:
+    return path.rstrip("/").endswith("/stalls")
 
 
 def render(
@@ -75,6 +88,14 @@ class MetricsApp:
             await send({"type": "http.response.body", "body": b""})
             return
         loop = asyncio.get_running_loop()
+        if _wants_stalls(scope.get("path", "")):
+            body = await loop.run_in_executor(_executor(), stalls_json)
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ]})  # fmt: skip
+            await send({"type": "http.response.body", "body": body})
+            return
         status, headers, body = await loop.run_in_executor(
             _executor(),
             render,
@@ -96,6 +117,11 @@ def metrics_app(registry: CollectorRegistry | None = None) -> MetricsApp:
     return MetricsApp(registry)
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a scrape every few seconds is not worth a log line
+
+
 class MetricsServer:
     """The side-port server, one per (host, port, registry), shared and reference-counted."""
 
@@ -106,11 +132,26 @@ class MetricsServer:
         self.host = host
         self.registry = registry
         self._users = 0
-        httpd, thread = start_http_server(port, addr=host, registry=registry)
-        self._httpd = httpd
-        self._thread = thread
-        thread.name = "loopwatch-metrics-server"
-        self.port: int = httpd.server_address[1]
+        metrics = make_wsgi_app(registry)
+
+        def app(environ: dict[str, Any], start_response: Any) -> Any:
+            if _wants_stalls(environ.get("PATH_INFO", "")):
+                body = stalls_json()
+                start_response("200 OK", [("Content-Type", "application/json"),
+                                          ("Content-Length", str(len(body)))])  # fmt: skip
+                return [body]
+            return metrics(environ, start_response)
+
+        class Server(ThreadingWSGIServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        self._httpd = make_server(host, port, app, Server, handler_class=_QuietHandler)
+        self.port: int = self._httpd.server_address[1]
+        # Its own thread: it answers while the event loop is frozen.
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="loopwatch-metrics-server", daemon=True
+        )
+        self._thread.start()
 
     @classmethod
     def acquire(cls, settings: Settings, registry: CollectorRegistry) -> MetricsServer:

@@ -20,7 +20,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from types import FrameType
 from typing import Any, ClassVar
 
 from loopwatch.attribution import (
@@ -62,9 +61,8 @@ class _Segment:
         "cpu0",
         "cpu_t0",
         "culprits",
-        "frame_seen",
+        "in_flight",
         "key",
-        "method",
         "next_long",
         "record",
         "stack",
@@ -79,9 +77,9 @@ class _Segment:
         self.cpu0 = cpu0
         self.cpu_t0 = now
         self.culprits: collections.Counter[tuple[str, int, str] | None] = collections.Counter()
-        self.frame_seen: FrameType | None = None
         self.stack: str | None = None
         self.next_long = long_stall
+        self.in_flight = 0
 
 
 class _Episode:
@@ -290,6 +288,7 @@ class Monitor:
             segment = episode.segment = _Segment(
                 key, record, start, cpu0, now, self.settings.long_stall
             )
+            segment.in_flight = self.in_flight  # the requests the stall holds up
         episode.last_sample = now
         age = now - segment.start
         if age >= self.threshold / 2:
@@ -332,7 +331,7 @@ class Monitor:
             started_at=time.time() - (now - segment.start),
             culprit=format_culprit(top[0][0] if top else None),
             stack=segment.stack or "",
-            requests_in_flight=self.in_flight,
+            requests_in_flight=max(segment.in_flight, self.in_flight),
             cpu_seconds=cpu_seconds,
         )
         record = segment.record
