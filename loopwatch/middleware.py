@@ -106,7 +106,12 @@ class LoopWatchMiddleware:
             return
 
         path = scope.get("path", "")
-        if self._is_metrics_mount(scope) or path in self._exact or path.startswith(self._prefixes):
+        if (
+            "loopwatch.record" in scope  # an outer loopwatch (a mounted app's) already counts it
+            or self._is_metrics_mount(scope)
+            or path in self._exact
+            or path.startswith(self._prefixes)
+        ):
             await self.app(scope, receive, send)
             return
 
@@ -118,6 +123,7 @@ class LoopWatchMiddleware:
         assert monitor is not None and shard is not None  # set by _bind
 
         record = RequestRecord(method, scope, scope.get("root_path", ""))
+        scope["loopwatch.record"] = record
         token = bind_request(record)
         monitor.in_flight += 1
         shard.in_flight += 1

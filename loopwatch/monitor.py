@@ -249,6 +249,17 @@ class Monitor:
                 self._episode = None
             self._check_heartbeat()
         self._stop.set()
+        if self.loop.is_closed():
+            self._forget()
+
+    def _forget(self) -> None:
+        """The loop is gone: drop it from the registry and fold its aggregates away."""
+        with self._registry_lock:
+            if self._by_loop.get(self.loop) is self:
+                del self._by_loop[self.loop]
+        for book, shard in list(self.books.items()):
+            book.retire(shard)
+        self.books.clear()
 
     def _check_heartbeat(self) -> None:
         heartbeat = self._heartbeat

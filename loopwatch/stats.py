@@ -43,6 +43,11 @@ class HistogramData:
         self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
 
+    def merge(self, other: HistogramData) -> None:
+        for i, count in enumerate(list(other.counts)):
+            self.counts[i] += count
+        self.total += other.total
+
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
@@ -77,6 +82,7 @@ class StatsBook:
         self.shards: list[Shard] = []
         self.monitors: weakref.WeakSet[Any] = weakref.WeakSet()  # live ones, for the stall gauge
         self.request_metrics = False
+        self._retired: Shard | None = None
         self._lock = threading.Lock()
         self.stall_lock = threading.Lock()
 
@@ -85,6 +91,27 @@ class StatsBook:
         with self._lock:
             self.shards.append(shard)
         return shard
+
+    def retire(self, shard: Shard) -> None:
+        """Fold a finished loop's shard into one kept shard, so a test suite that starts a
+        loop per request does not grow the list; counters never go backwards."""
+        with self._lock:
+            if shard not in self.shards:
+                return
+            self.shards.remove(shard)
+            if self._retired is None:
+                self._retired = Shard()
+                self.shards.append(self._retired)
+            keep = self._retired
+        with self.stall_lock:
+            for key, n in shard.requests.copy().items():
+                keep.requests[key] = keep.requests.get(key, 0) + n
+            for lkey, h in shard.latency.copy().items():
+                keep.latency.setdefault(lkey, HistogramData(h.bounds)).merge(h)
+            for skey, h in shard.stalls.copy().items():
+                keep.stalls.setdefault(skey, HistogramData(h.bounds)).merge(h)
+            keep.lag.merge(shard.lag)
+            keep.in_flight += shard.in_flight
 
     def snapshot(self) -> list[Shard]:
         with self._lock:

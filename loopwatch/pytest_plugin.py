@@ -1,0 +1,3 @@
+"""Test-time guard (work in progress): registers nothing yet."""
+
+from __future__ import annotations

@@ -1,0 +1,59 @@
+"""Small shared helpers for the tests: waiting for stalls, reading samples."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry
+
+from loopwatch import Stall
+
+
+class StallLog:
+    """An ``on_stall`` callback that keeps what it gets and lets a test wait for it."""
+
+    def __init__(self) -> None:
+        self.stalls: list[Stall] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, stall: Stall) -> None:
+        with self._cond:
+            self.stalls.append(stall)
+            self._cond.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Stall]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.stalls) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"expected {count} stall(s) within {timeout}s, got {self.stalls}"
+                    )
+                self._cond.wait(left)
+            return list(self.stalls)
+
+    def routes(self) -> list[str]:
+        return [s.route for s in self.stalls]
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    value = registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def eventually(check: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout}s")
+        time.sleep(0.02)
+
+
+def series(registry: CollectorRegistry, name: str) -> list[dict[str, str]]:
+    """Label sets of every sample called ``name``."""
+    return [
+        dict(s.labels) for family in registry.collect() for s in family.samples if s.name == name
+    ]

@@ -1,0 +1,112 @@
+"""Bad configuration fails at construction with the option, the value, its source and what fits."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi import FastAPI
+from starlette.testclient import TestClient
+
+from loopwatch import ConfigError, LoopWatchMiddleware, Settings
+
+
+async def _app(scope: object, receive: object, send: object) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("options", "option", "expected"),
+    [
+        ({"threshold": -1}, "threshold", "above 0"),
+        ({"threshold": 0}, "threshold", "above 0"),
+        ({"threshold": float("nan")}, "threshold", "finite"),
+        ({"threshold": "fast"}, "threshold", "number of seconds"),
+        ({"interval": 0}, "interval", "above 0"),
+        ({"interval": 0.2}, "interval", "below threshold=0.1"),
+        ({"threshold": 0.05, "interval": 0.05}, "interval", "below threshold=0.05"),
+        ({"metrics_port": 70000}, "metrics_port", "1 to 65535"),
+        ({"metrics_port": -5}, "metrics_port", "1 to 65535"),
+        ({"metrics_port": True}, "metrics_port", "1 to 65535"),
+        ({"metrics_host": "not a host!"}, "metrics_host", "IP address or host name"),
+        ({"request_metrics": "yes"}, "request_metrics", "True or False"),
+        ({"exclude": ["metrics"]}, "exclude", "starting with '/'"),
+        ({"long_stall": 0.05}, "long_stall", "above threshold"),
+        ({"on_stall": "print"}, "on_stall", "callable"),
+        ({"registry": object()}, "registry", "CollectorRegistry"),
+    ],
+)
+def test_bad_arguments_name_option_value_and_expectation(
+    options: dict[str, object], option: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        LoopWatchMiddleware(_app, **options)  # type: ignore[arg-type]
+    err = caught.value
+    assert isinstance(err, ValueError)
+    assert err.option == option
+    assert f"invalid {option}=" in str(err)
+    assert "(from argument)" in str(err)
+    assert expected in str(err)
+
+
+@pytest.mark.parametrize(
+    ("var", "text", "option"),
+    [
+        ("LOOPWATCH_THRESHOLD", "abc", "threshold"),
+        ("LOOPWATCH_THRESHOLD", "-0.5", "threshold"),
+        ("LOOPWATCH_INTERVAL", "1s", "interval"),
+        ("LOOPWATCH_METRICS_PORT", "http", "metrics_port"),
+        ("LOOPWATCH_METRICS_PORT", "99999", "metrics_port"),
+        ("LOOPWATCH_REQUEST_METRICS", "maybe", "request_metrics"),
+    ],
+)
+def test_bad_environment_values_name_the_variable(var: str, text: str, option: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.resolve(env={var: text})
+    assert caught.value.option == option
+    assert f"environment variable {var}" in str(caught.value)
+    assert text in str(caught.value)
+
+
+def test_environment_fills_in_and_explicit_arguments_win() -> None:
+    env = {
+        "LOOPWATCH_THRESHOLD": "0.25",
+        "LOOPWATCH_INTERVAL": "0.02",
+        "LOOPWATCH_METRICS_PORT": "9123",
+        "LOOPWATCH_REQUEST_METRICS": "off",
+        "LOOPWATCH_EXCLUDE": "/metrics, /health",
+    }
+    settings = Settings.resolve(env=env)
+    assert (settings.threshold, settings.interval, settings.metrics_port) == (0.25, 0.02, 9123)
+    assert settings.request_metrics is False
+    assert settings.exclude == ("/metrics", "/health")
+    assert settings.source("threshold") == "environment variable LOOPWATCH_THRESHOLD"
+    explicit = Settings.resolve(env=env, threshold=0.5, request_metrics=True)
+    assert explicit.threshold == 0.5 and explicit.request_metrics is True
+    assert explicit.source("threshold") == "argument"
+
+
+def test_defaults() -> None:
+    settings = Settings.resolve(env={})
+    assert (settings.threshold, settings.interval) == (0.1, 0.01)
+    assert settings.metrics_port is None and settings.metrics_host == "127.0.0.1"
+    assert settings.request_metrics is True and settings.exclude == ("/metrics",)
+
+
+def test_bad_config_fails_app_start_up_not_the_first_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LOOPWATCH_THRESHOLD", "soon")
+    app = FastAPI()
+    app.add_middleware(LoopWatchMiddleware)
+    with pytest.raises(ConfigError, match="LOOPWATCH_THRESHOLD"), TestClient(app):
+        pass  # the lifespan start-up builds the middleware stack and fails there
+
+
+def test_a_busy_metrics_port_is_a_config_error() -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"invalid metrics_port={port}.*free to bind"):
+            LoopWatchMiddleware(_app, metrics_port=port)  # type: ignore[arg-type]

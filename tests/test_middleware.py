@@ -1,0 +1,297 @@
+"""The middleware's contract: counts, labels, exceptions, disconnects, lifecycle, exposition."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+import random
+import socket
+import string
+import threading
+import time
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from starlette.testclient import TestClient
+
+from loopwatch import UNMATCHED, LoopWatchMiddleware, metrics_app
+from tests.helpers import StallLog, eventually, sample, series
+from tests.servers import free_port, serve
+
+
+def small_app(registry: CollectorRegistry, **options: object) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/ok")
+    async def ok() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @app.get("/block")
+    async def block() -> dict[str, str]:
+        time.sleep(1.5)
+        return {}
+
+    @app.post("/only-post")
+    async def only_post() -> dict[str, str]:
+        return {}
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise KeyError("the app's own error")
+
+    @app.get("/slow-body")
+    async def slow_body() -> object:
+        from starlette.responses import StreamingResponse
+
+        async def chunks():  # type: ignore[no-untyped-def]
+            for _ in range(50):
+                yield b"x" * 1024
+                await asyncio.sleep(0.02)
+
+        return StreamingResponse(chunks())
+
+    app.add_middleware(LoopWatchMiddleware, registry=registry, **options)  # type: ignore[arg-type]
+    app.mount("/metrics", metrics_app(registry))
+    return app
+
+
+def watchdogs() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "loopwatch-watchdog"]
+
+
+def test_side_port_answers_during_a_stall_and_shows_it_growing(
+    loop_impl: str, registry: CollectorRegistry
+) -> None:
+    port = free_port()
+    app = small_app(registry, metrics_port=port)
+    with serve(app, loop=loop_impl) as url:
+        blocker = threading.Thread(target=httpx.get, args=(f"{url}/block",), kwargs={"timeout": 10})
+        blocker.start()
+        time.sleep(0.5)  # 1.5 s stall in progress
+        readings = []
+        for _ in range(3):
+            r = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
+            assert r.status_code == 200
+            for line in r.text.splitlines():
+                if line.startswith("loopwatch_current_stall_seconds "):
+                    readings.append(float(line.split()[1]))
+            time.sleep(0.2)
+        blocker.join()
+    assert len(readings) == 3
+    assert readings[0] > 0.3
+    assert readings[0] < readings[1] < readings[2]  # live: kept growing while frozen
+
+
+def test_random_404_paths_leave_one_unmatched_series(registry: CollectorRegistry) -> None:
+    app = small_app(registry)
+    rng = random.Random(7)
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+        for _ in range(500):
+            path = "/" + "".join(rng.choices(string.ascii_letters + "/", k=rng.randint(1, 40)))
+            query = "?token=" + "".join(rng.choices(string.ascii_letters, k=20))
+            assert client.get(path + query).status_code == 404
+        # 405 and the trailing-slash redirect are unmatched too
+        assert client.get("/only-post").status_code == 405
+        assert client.get("/ok/", follow_redirects=False).status_code == 307
+    routes = {s["route"] for s in series(registry, "loopwatch_requests_total")}
+    assert routes == {UNMATCHED}
+    assert (
+        sample(registry, "loopwatch_requests_total", method="GET", route=UNMATCHED, status="404")
+        == 500
+    )
+    assert (
+        sample(registry, "loopwatch_requests_total", method="GET", route=UNMATCHED, status="405")
+        == 1
+    )
+    assert (
+        sample(registry, "loopwatch_requests_total", method="GET", route=UNMATCHED, status="307")
+        == 1
+    )
+
+
+def test_odd_methods_and_long_paths_are_bounded(registry: CollectorRegistry) -> None:
+    app = small_app(registry)
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+        for method in ("BREW", "PROPFIND", "get"):
+            client.request(method, "/ok")
+        client.get("/" + "a" * 60_000)
+    labels = series(registry, "loopwatch_requests_total")
+    assert {lab["method"] for lab in labels} <= {"OTHER", "GET"}
+    assert all(len(lab["route"]) < 100 for lab in labels)
+
+
+def test_exceptions_propagate_unchanged_and_count_as_500(registry: CollectorRegistry) -> None:
+    app = small_app(registry)
+    with (
+        TestClient(app, raise_server_exceptions=True) as client,
+        pytest.raises(KeyError, match="the app's own error"),
+    ):
+        client.get("/boom")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/boom").status_code == 500
+    assert (
+        sample(registry, "loopwatch_requests_total", method="GET", route="/boom", status="500") == 2
+    )
+    assert sample(registry, "loopwatch_requests_in_flight") == 0
+
+
+def test_client_disconnects_leave_nothing_in_flight(
+    loop_impl: str, registry: CollectorRegistry
+) -> None:
+    app = small_app(registry)
+    with serve(app, loop=loop_impl) as url:
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(10):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(b"GET /slow-body HTTP/1.1\r\nHost: x\r\n\r\n")
+                sock.recv(2048)  # the response has started; hang up mid-body
+        with httpx.Client(base_url=url) as client:
+            for _ in range(5):
+                assert client.get("/ok").status_code == 200
+        eventually(lambda: sample(registry, "loopwatch_requests_in_flight") == 0, timeout=5)
+        total = sum(
+            sample(registry, "loopwatch_requests_total", method="GET", route="/slow-body", status=s)
+            for s in ("200", "500")
+        )
+        assert total == 10  # every request counted once, aborted or not
+    assert (
+        sample(registry, "loopwatch_requests_total", method="GET", route="/ok", status="200") == 5
+    )
+
+
+def test_no_watchdog_thread_after_shutdown(loop_impl: str, registry: CollectorRegistry) -> None:
+    before = len(watchdogs())
+    app = small_app(registry, metrics_port=0)
+    with serve(app, loop=loop_impl) as url:
+        assert httpx.get(f"{url}/ok").status_code == 200
+        assert len(watchdogs()) == before + 1
+    eventually(lambda: len(watchdogs()) == before, timeout=2, what="watchdog gone")
+    assert not [t for t in threading.enumerate() if t.name == "loopwatch-metrics-server"]
+
+
+def test_lifespan_off_starts_at_first_request(registry: CollectorRegistry) -> None:
+    log = StallLog()
+    app = small_app(registry, on_stall=log)
+    with serve(app, lifespan="off") as url:
+        assert httpx.get(f"{url}/ok").status_code == 200
+        assert len(watchdogs()) >= 1
+        assert httpx.get(f"{url}/block", timeout=10).status_code == 200
+        [stall] = log.wait_for(1)
+    assert stall.route == "/block"
+    eventually(lambda: not watchdogs(), timeout=3, what="watchdog gone with its loop")
+
+
+def test_metrics_endpoint_answers_200_and_is_not_counted(registry: CollectorRegistry) -> None:
+    app = small_app(registry)
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+        client.get("/ok")
+        plain = client.get("/metrics", follow_redirects=False)
+        assert plain.status_code == 200
+        assert plain.headers["content-type"].startswith("text/plain")
+        assert 'loopwatch_requests_total{method="GET",route="/ok",status="200"} 1.0' in plain.text
+        om = client.get(
+            "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
+        assert om.headers["content-type"].startswith("application/openmetrics-text")
+        assert om.text.rstrip().endswith("# EOF")
+        with client.stream("GET", "/metrics/", headers={"Accept-Encoding": "gzip"}) as raw:
+            assert raw.headers["content-encoding"] == "gzip"
+            body = gzip.decompress(b"".join(raw.iter_raw()))
+        assert b"loopwatch_event_loop_lag_seconds_bucket" in body
+        assert client.get("/metrics/stalls").json() == []
+    routes = {s["route"] for s in series(registry, "loopwatch_requests_total")}
+    assert routes == {"/ok"}
+
+
+def test_metrics_rendering_does_not_block_the_loop(registry: CollectorRegistry) -> None:
+    log = StallLog()
+    app = small_app(registry, on_stall=log)
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+        for _ in range(20):
+            client.get("/ok")
+            client.get("/metrics")
+    time.sleep(0.2)
+    assert log.stalls == []
+
+
+def test_request_metrics_off_keeps_stalls_only(registry: CollectorRegistry) -> None:
+    log = StallLog()
+    app = small_app(registry, request_metrics=False, on_stall=log)
+    with serve(app) as url:
+        httpx.get(f"{url}/block", timeout=10)
+        log.wait_for(1)
+        text = httpx.get(f"{url}/metrics").text
+    assert "loopwatch_stall_duration_seconds_count" in text
+    assert "loopwatch_requests_total" not in text
+    assert "loopwatch_request_duration_seconds" not in text
+    assert "loopwatch_requests_in_flight" not in text
+
+
+def test_excluded_paths_are_not_counted(registry: CollectorRegistry) -> None:
+    app = small_app(registry, exclude=["/ok"])
+    with TestClient(app) as client:
+        client.get("/ok")
+        client.post("/only-post")
+    routes = {s["route"] for s in series(registry, "loopwatch_requests_total")}
+    assert routes == {"/only-post"}
+
+
+def test_a_long_stall_is_logged_while_it_lasts(
+    registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = small_app(registry, long_stall=0.5)
+    seen_during: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="loopwatch"), serve(app) as url:
+        blocker = threading.Thread(target=httpx.get, args=(f"{url}/block",), kwargs={"timeout": 10})
+        blocker.start()
+        time.sleep(1.0)  # mid-stall (1.5 s)
+        seen_during = [r.getMessage() for r in caplog.records]
+        blocker.join()
+        eventually(lambda: any("blocked for 1." in r.getMessage() for r in caplog.records))
+    assert any("still blocked" in m and "GET /block" in m and "in block" in m for m in seen_during)
+    final = [r.getMessage() for r in caplog.records if "still blocked" not in r.getMessage()]
+    assert any(
+        m.startswith("event loop blocked for 1.") and "GET /block (wait)" in m for m in final
+    )
+
+
+def test_two_apps_on_one_loop_share_one_monitor_and_registry() -> None:
+    outer_registry = CollectorRegistry()
+    inner = small_app(outer_registry)
+    outer = small_app(outer_registry)
+    outer.mount("/inner", inner)
+    with TestClient(outer) as client:
+        client.get("/ok")
+        client.get("/inner/ok")
+        assert len(watchdogs()) == 1
+    assert (
+        sample(outer_registry, "loopwatch_requests_total", method="GET", route="/ok", status="200")
+        == 1
+    )
+    # counted once, by the outermost middleware, with the full template
+    assert (
+        sample(
+            outer_registry,
+            "loopwatch_requests_total",
+            method="GET",
+            route="/inner/ok",
+            status="200",
+        )
+        == 1
+    )
+    assert (
+        sample(outer_registry, "loopwatch_requests_total", method="GET", route="/ok", status="200")
+        == 1
+    )
+
+
+def test_app_rebuilt_per_test_reuses_metrics_in_the_default_registry() -> None:
+    for _ in range(3):
+        app = FastAPI()
+        app.add_middleware(LoopWatchMiddleware)
+        app.mount("/metrics", metrics_app())
+        with TestClient(app) as client:
+            assert client.get("/metrics").status_code == 200

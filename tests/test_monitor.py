@@ -1,0 +1,166 @@
+"""The monitor on a bare event loop (no web framework): detection, survival, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from types import FrameType
+
+import pytest
+
+from loopwatch import BACKGROUND, Settings
+from loopwatch.monitor import Monitor
+from tests.helpers import StallLog, eventually
+
+
+class LoopThread:
+    """An event loop running in its own thread, like a server's."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, fn, *args):  # type: ignore[no-untyped-def]
+        done = threading.Event()
+        result = []
+
+        def run() -> None:
+            result.append(fn(*args))
+            done.set()
+
+        self.loop.call_soon_threadsafe(run)
+        assert done.wait(5)
+        return result[0]
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+def start_monitor(lt: LoopThread, **options: float) -> tuple[Monitor, StallLog]:
+    settings = Settings.resolve(env={}, **options)
+    log = StallLog()
+    monitor = lt.call(lambda: Monitor(lt.loop, settings))
+    monitor.add_callback(log)
+    lt.call(monitor.acquire, lt)
+    return monitor, log
+
+
+def test_a_blocking_callback_is_a_background_stall(loop_thread: LoopThread) -> None:
+    monitor, log = start_monitor(loop_thread)
+
+    def block() -> None:
+        time.sleep(0.4)
+
+    loop_thread.loop.call_soon_threadsafe(block)
+    [stall] = log.wait_for(1)
+    assert stall.route == BACKGROUND and stall.method == "-"
+    assert 0.34 <= stall.duration <= 0.46
+    assert "in block" in stall.culprit
+    monitor.stop()
+
+
+def test_blocks_under_the_threshold_are_not_stalls(loop_thread: LoopThread) -> None:
+    monitor, log = start_monitor(loop_thread, threshold=0.3)
+    for _ in range(3):
+        loop_thread.loop.call_soon_threadsafe(time.sleep, 0.1)
+        time.sleep(0.2)
+    time.sleep(0.3)
+    assert log.stalls == []
+    assert monitor.lag.counts[-1] == 0 and sum(monitor.lag.counts) > 10
+    monitor.stop()
+
+
+def test_a_failing_frame_source_is_logged_once_and_survived(
+    loop_thread: LoopThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = []
+
+    def broken_frames() -> dict[int, FrameType]:
+        calls.append(1)
+        raise RuntimeError("frame source exploded")
+
+    settings = Settings.resolve(env={})
+    monitor = loop_thread.call(lambda: Monitor(loop_thread.loop, settings, frames=broken_frames))
+    log = StallLog()
+    monitor.add_callback(log)
+    with caplog.at_level(logging.ERROR, logger="loopwatch"):
+        loop_thread.call(monitor.acquire, loop_thread)
+        for _ in range(2):
+            loop_thread.loop.call_soon_threadsafe(time.sleep, 0.3)
+            time.sleep(0.6)
+    failures = [r for r in caplog.records if "watchdog check failed" in r.getMessage()]
+    assert len(failures) == 1 and len(calls) >= 2
+    assert monitor.running
+    monitor.stop()
+
+
+def test_a_failing_callback_is_logged_once_and_others_still_run(
+    loop_thread: LoopThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    monitor, log = start_monitor(loop_thread)
+
+    def bad(stall: object) -> None:
+        raise ValueError("callback bug")
+
+    monitor.callbacks.insert(0, bad)
+    with caplog.at_level(logging.ERROR, logger="loopwatch"):
+        for _ in range(2):
+            loop_thread.loop.call_soon_threadsafe(time.sleep, 0.3)
+            time.sleep(0.5)
+        log.wait_for(2)
+    assert len([r for r in caplog.records if "on_stall callback" in r.getMessage()]) == 1
+    monitor.stop()
+
+
+def test_the_heartbeat_is_restarted_if_its_task_dies(loop_thread: LoopThread) -> None:
+    monitor, log = start_monitor(loop_thread)
+    first = monitor._heartbeat
+    assert first is not None
+    loop_thread.loop.call_soon_threadsafe(first.cancel)
+    eventually(lambda: monitor._heartbeat is not None and monitor._heartbeat is not first)
+    loop_thread.loop.call_soon_threadsafe(time.sleep, 0.3)
+    log.wait_for(1)
+    monitor.stop()
+
+
+def test_stop_returns_within_a_second_during_a_stall(loop_thread: LoopThread) -> None:
+    monitor, _ = start_monitor(loop_thread)
+    loop_thread.loop.call_soon_threadsafe(time.sleep, 2.0)
+    time.sleep(0.3)
+    assert monitor.current_stall_seconds() > 0.2
+    started = time.monotonic()
+    monitor.stop()
+    assert time.monotonic() - started < 1.0
+    assert not monitor.running
+    eventually(lambda: not [t for t in threading.enumerate() if t.name == "loopwatch-watchdog"])
+
+
+def test_the_watchdog_ends_with_its_loop() -> None:
+    lt = LoopThread()
+    monitor = lt.call(Monitor.for_loop, lt.loop, Settings.resolve(env={}))
+    lt.call(monitor.acquire, lt)
+    assert Monitor.current(lt.loop) is monitor
+    assert [t for t in threading.enumerate() if t.name == "loopwatch-watchdog"]
+    lt.close()  # no release, no lifespan: the loop simply goes away
+    eventually(lambda: not [t for t in threading.enumerate() if t.name == "loopwatch-watchdog"])
+    assert Monitor.current(lt.loop) is None
+
+
+def test_one_monitor_per_loop(loop_thread: LoopThread) -> None:
+    settings = Settings.resolve(env={})
+    a = loop_thread.call(Monitor.for_loop, loop_thread.loop, settings)
+    b = loop_thread.call(Monitor.for_loop, loop_thread.loop, settings)
+    assert a is b
