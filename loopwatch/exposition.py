@@ -13,11 +13,11 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
+from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 
 from loopwatch.config import ConfigError, Settings
-from loopwatch.metrics import book_for
+from loopwatch.metrics import book_for, scrape_registry
 from loopwatch.stall import recent_stalls
 
 __all__ = ["MetricsServer", "metrics_app"]
@@ -53,7 +53,8 @@ def render(
     """Status, headers and body of one scrape, negotiated like prometheus_client's servers."""
     encoder, content_type = choose_encoder(accept)
     names = parse_qs(query.decode("latin-1")).get("name[]")
-    target: Any = registry.restricted_registry(names) if names else registry
+    source = scrape_registry(registry)
+    target: Any = source.restricted_registry(names) if names else source
     body = encoder(target)
     headers = [(b"content-type", content_type.encode())]
     if "gzip" in accept_encoding:
@@ -132,7 +133,6 @@ class MetricsServer:
         self.host = host
         self.registry = registry
         self._users = 0
-        metrics = make_wsgi_app(registry)
 
         def app(environ: dict[str, Any], start_response: Any) -> Any:
             if _wants_stalls(environ.get("PATH_INFO", "")):
@@ -140,7 +140,14 @@ class MetricsServer:
                 start_response("200 OK", [("Content-Type", "application/json"),
                                           ("Content-Length", str(len(body)))])  # fmt: skip
                 return [body]
-            return metrics(environ, start_response)
+            status, headers, body = render(
+                registry,
+                environ.get("HTTP_ACCEPT", ""),
+                environ.get("HTTP_ACCEPT_ENCODING", ""),
+                environ.get("QUERY_STRING", "").encode("latin-1"),
+            )
+            start_response(f"{status} OK", [(k.decode(), v.decode()) for k, v in headers])
+            return [body]
 
         class Server(ThreadingWSGIServer):
             address_family = socket.AF_INET6 if ":" in host else socket.AF_INET

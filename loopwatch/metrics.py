@@ -1,18 +1,22 @@
 """The one module that imports prometheus_client: a collector that renders loopwatch's
-aggregates at scrape time.
+aggregates at scrape time, and the multiprocess mirror.
 
 The hot path never touches prometheus_client: the middleware and the watchdog update plain
 Python aggregates (``stats``), one shard per event loop, and ``LoopwatchCollector.collect``
-sums them when a scrape arrives.
+sums them when a scrape arrives. With ``PROMETHEUS_MULTIPROC_DIR`` set (several worker
+processes), each process's watchdog also mirrors its totals into prometheus_client's
+multiprocess files about once a second, and scrapes render the aggregate of all workers.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
+from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -23,12 +27,45 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from loopwatch.config import ConfigError
-from loopwatch.stats import HistogramData, StatsBook
+from loopwatch.stats import (
+    LAG_BUCKETS,
+    REQUEST_BUCKETS,
+    STALL_BUCKETS,
+    HistogramData,
+    StatsBook,
+    Totals,
+)
 
-__all__ = ["LoopwatchCollector", "book_for", "resolve_registry"]
+__all__ = [
+    "LoopwatchCollector",
+    "book_for",
+    "multiprocess_dir",
+    "resolve_registry",
+    "scrape_registry",
+]
 
 _books: weakref.WeakKeyDictionary[CollectorRegistry, StatsBook] = weakref.WeakKeyDictionary()
 _books_lock = threading.Lock()
+
+HELP = {
+    "lag": "How late each event loop heartbeat woke up, in seconds.",
+    "stalls": "Event loop stalls by the route whose code held the loop; _count is stalls, "
+    "_sum is seconds lost.",
+    "current": "Age of the event loop stall in progress, 0 when the loop is responsive.",
+    "requests": "Requests served, by route template and status.",
+    "latency": "Request latency as the client saw it, by route template.",
+    "in_flight": "Requests being served right now.",
+    "pool_size": "Threads anyio's default threadpool may run (def endpoints, run_in_threadpool).",
+    "pool_busy": "Threadpool threads busy right now.",
+    "pool_waiting": "Tasks waiting for a free threadpool thread: def endpoints queueing.",
+}
+
+
+def multiprocess_dir() -> str | None:
+    """prometheus_client's multiprocess directory, when several workers share metrics."""
+    # prometheus_client still honours the old lower-case name too
+    legacy = os.environ.get("prometheus_multiproc_dir")  # noqa: SIM112
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or legacy
 
 
 def resolve_registry(registry: object) -> CollectorRegistry:
@@ -50,9 +87,26 @@ def book_for(registry: CollectorRegistry | None) -> StatsBook:
         book = _books.get(registry)
         if book is None:
             book = StatsBook()
-            registry.register(LoopwatchCollector(book))
+            if multiprocess_dir():
+                book.mirror = _MultiprocessMirror(book).sync
+            else:
+                registry.register(LoopwatchCollector(book))
             _books[registry] = book
         return book
+
+
+def scrape_registry(registry: CollectorRegistry) -> CollectorRegistry:
+    """What a scrape renders: the registry, or in multiprocess mode all workers' files."""
+    if not multiprocess_dir():
+        return registry
+    from prometheus_client import multiprocess
+
+    book = _books.get(registry)
+    if book is not None and book.mirror is not None:
+        book.mirror()  # this worker's own figures, fresh
+    aggregate = CollectorRegistry()
+    multiprocess.MultiProcessCollector(aggregate)  # type: ignore[no-untyped-call]
+    return aggregate
 
 
 def _buckets(bounds: Iterable[float], counts: list[int]) -> list[tuple[str, float]]:
@@ -65,19 +119,6 @@ def _buckets(bounds: Iterable[float], counts: list[int]) -> list[tuple[str, floa
     return out
 
 
-def _merge(
-    into: dict[tuple[str, ...], HistogramData], key: tuple[str, ...], h: HistogramData
-) -> None:
-    counts = list(h.counts)  # one C-level copy: consistent against the writer thread
-    total = h.total
-    merged = into.get(key)
-    if merged is None:
-        merged = into[key] = HistogramData(h.bounds)
-    for i, c in enumerate(counts):
-        merged.counts[i] += c
-    merged.total += total
-
-
 class LoopwatchCollector(Collector):
     """Renders one ``StatsBook`` (all event loops writing for one registry)."""
 
@@ -85,83 +126,123 @@ class LoopwatchCollector(Collector):
         self.book = book
 
     def describe(self) -> list[Metric]:
-        return list(self._families(empty=True))
+        return list(self._families(None))
 
     def collect(self) -> list[Metric]:
-        return list(self._families(empty=False))
+        return list(self._families(self.book.totals()))
 
-    def _families(self, empty: bool) -> Iterator[Metric]:
-        book = self.book
-        shards = [] if empty else book.snapshot()
-        monitors = [] if empty else list(book.monitors)
-
-        lag = HistogramMetricFamily(
-            "loopwatch_event_loop_lag_seconds",
-            "How late each event loop heartbeat woke up, in seconds.",
-        )
-        merged: dict[tuple[str, ...], HistogramData] = {}
-        seen_lag: set[int] = set()
-        for shard in shards:
-            if id(shard.lag) not in seen_lag:  # a monitor's lag is shared by its shards
-                seen_lag.add(id(shard.lag))
-                _merge(merged, (), shard.lag)
-        if () in merged:
-            lag.add_metric([], _buckets(merged[()].bounds, merged[()].counts), merged[()].total)
+    def _families(self, t: Totals | None) -> Iterator[Metric]:
+        lag = HistogramMetricFamily("loopwatch_event_loop_lag_seconds", HELP["lag"])
+        if t is not None:
+            lag.add_metric([], _buckets(t.lag.bounds, t.lag.counts), t.lag.total)
         yield lag
 
         stalls = HistogramMetricFamily(
-            "loopwatch_stall_duration_seconds",
-            "Event loop stalls by the route whose code held the loop; _count is stalls, "
-            "_sum is seconds lost.",
-            labels=["method", "route", "kind"],
+            "loopwatch_stall_duration_seconds", HELP["stalls"], labels=["method", "route", "kind"]
         )
-        merged = {}
-        for shard in shards:
-            for skey, h in shard.stalls.copy().items():
-                _merge(merged, skey, h)
-        for mkey, h in sorted(merged.items()):
-            stalls.add_metric(list(mkey), _buckets(h.bounds, h.counts), h.total)
+        for skey, h in sorted(t.stalls.items()) if t else ():
+            stalls.add_metric(list(skey), _buckets(h.bounds, h.counts), h.total)
         yield stalls
 
-        current = GaugeMetricFamily(
-            "loopwatch_current_stall_seconds",
-            "Age of the event loop stall in progress, 0 when the loop is responsive.",
-        )
-        if not empty:
-            current.add_metric([], max((m.current_stall_seconds() for m in monitors), default=0.0))
+        current = GaugeMetricFamily("loopwatch_current_stall_seconds", HELP["current"])
+        if t is not None:
+            current.add_metric([], t.current_stall)
         yield current
 
-        if not (book.request_metrics or empty):
+        if t is None or t.threadpool is not None:
+            pool = t.threadpool if t is not None else None
+            for name, index in (("size", 0), ("busy_threads", 1), ("waiting_tasks", 2)):
+                key = {"size": "pool_size", "busy_threads": "pool_busy"}.get(name, "pool_waiting")
+                family = GaugeMetricFamily(f"loopwatch_threadpool_{name}", HELP[key])
+                if pool is not None:
+                    family.add_metric([], pool[index])
+                yield family
+
+        if t is not None and not self.book.request_metrics:
             return
         requests = CounterMetricFamily(
-            "loopwatch_requests",
-            "Requests served, by route template and status.",
-            labels=["method", "route", "status"],
+            "loopwatch_requests", HELP["requests"], labels=["method", "route", "status"]
         )
-        totals: dict[tuple[str, str, str], int] = {}
-        for shard in shards:
-            for rkey, n in shard.requests.copy().items():
-                totals[rkey] = totals.get(rkey, 0) + n
-        for rkey, n in sorted(totals.items()):
+        for rkey, n in sorted(t.requests.items()) if t else ():
             requests.add_metric(list(rkey), n)
         yield requests
 
         latency = HistogramMetricFamily(
-            "loopwatch_request_duration_seconds",
-            "Request latency as the client saw it, by route template.",
-            labels=["method", "route"],
+            "loopwatch_request_duration_seconds", HELP["latency"], labels=["method", "route"]
         )
-        merged = {}
-        for shard in shards:
-            for lkey, h in shard.latency.copy().items():
-                _merge(merged, lkey, h)
-        for mkey, h in sorted(merged.items()):
-            latency.add_metric(list(mkey), _buckets(h.bounds, h.counts), h.total)
+        for lkey, h in sorted(t.latency.items()) if t else ():
+            latency.add_metric(list(lkey), _buckets(h.bounds, h.counts), h.total)
         yield latency
 
-        in_flight = GaugeMetricFamily(
-            "loopwatch_requests_in_flight", "Requests being served right now."
-        )
-        if not empty:
-            in_flight.add_metric([], sum(shard.in_flight for shard in shards))
+        in_flight = GaugeMetricFamily("loopwatch_requests_in_flight", HELP["in_flight"])
+        if t is not None:
+            in_flight.add_metric([], t.in_flight)
         yield in_flight
+
+
+class _MultiprocessMirror:
+    """Writes one process's totals into prometheus_client's multiprocess files.
+
+    The hot path stays lock-free; this runs on the watchdog thread about once a second and
+    before a scrape, and sets absolute values (counters only grow, so setting is safe).
+    Gauges use ``livesum`` (in flight, threadpool) and ``livemax`` (the stall in progress):
+    a dead worker's gauges disappear once ``multiprocess.mark_process_dead(pid)`` runs.
+    """
+
+    def __init__(self, book: StatsBook) -> None:
+        self.book = book
+        self._lock = threading.Lock()
+        no_registry: Any = None  # written to the mmap files; scraped via MultiProcessCollector
+        self.lag = Histogram(
+            "loopwatch_event_loop_lag_seconds", HELP["lag"], buckets=LAG_BUCKETS,
+            registry=no_registry,
+        )  # fmt: skip
+        self.stalls = Histogram(
+            "loopwatch_stall_duration_seconds", HELP["stalls"], ["method", "route", "kind"],
+            buckets=STALL_BUCKETS, registry=no_registry,
+        )  # fmt: skip
+        self.current = Gauge(
+            "loopwatch_current_stall_seconds", HELP["current"], multiprocess_mode="livemax",
+            registry=no_registry,
+        )  # fmt: skip
+        self.requests = Counter(
+            "loopwatch_requests", HELP["requests"], ["method", "route", "status"],
+            registry=no_registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "loopwatch_request_duration_seconds", HELP["latency"], ["method", "route"],
+            buckets=REQUEST_BUCKETS, registry=no_registry,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "loopwatch_requests_in_flight", HELP["in_flight"], multiprocess_mode="livesum",
+            registry=no_registry,
+        )  # fmt: skip
+        self.pool = [
+            Gauge(f"loopwatch_threadpool_{n}", HELP[h], multiprocess_mode="livesum",
+                  registry=no_registry)
+            for n, h in (("size", "pool_size"), ("busy_threads", "pool_busy"),
+                         ("waiting_tasks", "pool_waiting"))
+        ]  # fmt: skip
+
+    @staticmethod
+    def _set_histogram(child: Any, h: HistogramData) -> None:
+        for value, count in zip(child._buckets, h.counts, strict=True):
+            value.set(count)
+        child._sum.set(h.total)
+
+    def sync(self) -> None:
+        with self._lock:
+            t = self.book.totals()
+            self._set_histogram(self.lag, t.lag)
+            for skey, h in t.stalls.items():
+                self._set_histogram(self.stalls.labels(*skey), h)
+            self.current.set(t.current_stall)
+            if self.book.request_metrics:
+                for rkey, n in t.requests.items():
+                    self.requests.labels(*rkey)._value.set(n)
+                for lkey, h in t.latency.items():
+                    self._set_histogram(self.latency.labels(*lkey), h)
+                self.in_flight.set(t.in_flight)
+            if t.threadpool is not None:
+                for gauge, value in zip(self.pool, t.threadpool, strict=True):
+                    gauge.set(value)

@@ -8,6 +8,7 @@ It imports no web framework: the route template is read from the scope after dis
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -160,6 +161,8 @@ class LoopWatchMiddleware:
         self._shard = monitor.attach(self.book)
         if self.on_stall is not None:
             monitor.add_callback(self.on_stall)
+        if monitor.threadpool is None:
+            monitor.threadpool = _default_threadpool()
         self._monitor = monitor
         self._loop = loop
 
@@ -210,6 +213,19 @@ class LoopWatchMiddleware:
             if path.startswith(mount + "/"):
                 return True
         return False
+
+
+def _default_threadpool() -> Any:
+    """anyio's default CapacityLimiter for the running loop: the threadpool that runs ``def``
+    endpoints and ``run_in_threadpool``. Only when anyio is already loaded (Starlette loads it);
+    must run on the loop, inside a task."""
+    anyio = sys.modules.get("anyio")
+    if anyio is None:
+        return None
+    try:
+        return anyio.to_thread.current_default_thread_limiter()
+    except Exception:
+        return None
 
 
 def _find_metrics_mounts(app: Any) -> frozenset[str]:

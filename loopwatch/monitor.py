@@ -132,6 +132,9 @@ class Monitor:
         self._episode: _Episode | None = None
         self._tick_failed = False
         self._lock = threading.Lock()
+        # anyio's default CapacityLimiter for this loop (the threadpool of def endpoints),
+        # handed over by the middleware; read from the scrape thread, never awaited
+        self.threadpool: Any = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -226,6 +229,17 @@ class Monitor:
             self.last_beat = now
             expected = now + interval
 
+    def threadpool_stats(self) -> tuple[int, int, int] | None:
+        """(size, busy threads, waiting tasks) of the loop's default threadpool, if known."""
+        limiter = self.threadpool
+        if limiter is None:
+            return None
+        try:
+            stats = limiter.statistics()
+            return (int(stats.total_tokens), int(stats.borrowed_tokens), int(stats.tasks_waiting))
+        except Exception:  # read across threads: a torn read is skipped, not fatal
+            return None
+
     def current_stall_seconds(self) -> float:
         """Age of the stall in progress, 0 when the loop is responsive."""
         if not self.running:
@@ -237,6 +251,7 @@ class Monitor:
 
     def _run(self) -> None:
         interval = self.interval
+        next_sync = 0.0
         while not self._stop.wait(interval):
             if self.loop.is_closed():
                 break
@@ -248,7 +263,14 @@ class Monitor:
                     logger.exception("loopwatch: watchdog check failed; carrying on")
                 self._episode = None
             self._check_heartbeat()
+            now = self._clock()
+            if now >= next_sync:
+                # multiprocess mode: keep this worker's figures current for other workers'
+                # scrapes; often while a stall is in progress, so its gauge stays live
+                next_sync = now + (0.1 if self._episode is not None else 1.0)
+                self._sync_mirrors()
         self._stop.set()
+        self._sync_mirrors()
         if self.loop.is_closed():
             self._forget()
 
@@ -260,6 +282,16 @@ class Monitor:
         for book, shard in list(self.books.items()):
             book.retire(shard)
         self.books.clear()
+
+    def _sync_mirrors(self) -> None:
+        for book in list(self.books):
+            if book.mirror is not None:
+                try:
+                    book.mirror()
+                except Exception:
+                    if not self._tick_failed:
+                        self._tick_failed = True
+                        logger.exception("loopwatch: multiprocess metrics sync failed")
 
     def _check_heartbeat(self) -> None:
         heartbeat = self._heartbeat
@@ -384,6 +416,8 @@ class Monitor:
             logger.debug("loop thread stack during the stall:\n%s", stall.stack)
         for book, shard in list(self.books.items()):
             book.observe_stall(shard, stall.method, stall.route, stall.kind, stall.duration)
+            if book.mirror is not None:
+                book.mirror()
         for callback in list(self.callbacks):
             try:
                 callback(stall)

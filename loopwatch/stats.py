@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = [
@@ -75,6 +75,20 @@ class Shard:
         hist.observe(seconds)
 
 
+class Totals:
+    """One registry's aggregates summed over its event loops, as a scrape renders them."""
+
+    def __init__(self) -> None:
+        self.lag = HistogramData(LAG_BUCKETS)
+        self.stalls: dict[tuple[str, str, str], HistogramData] = {}
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.latency: dict[tuple[str, str], HistogramData] = {}
+        self.in_flight = 0
+        self.current_stall = 0.0
+        # anyio's default threadpool: (size, busy threads, waiting tasks), when one is known
+        self.threadpool: tuple[int, int, int] | None = None
+
+
 class StatsBook:
     """All shards that feed one registry; the collector reads them at scrape time."""
 
@@ -83,6 +97,8 @@ class StatsBook:
         self.monitors: weakref.WeakSet[Any] = weakref.WeakSet()  # live ones, for the stall gauge
         self.request_metrics = False
         self._retired: Shard | None = None
+        # multiprocess mode: writes the totals where other workers' scrapes can read them
+        self.mirror: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self.stall_lock = threading.Lock()
 
@@ -116,6 +132,28 @@ class StatsBook:
     def snapshot(self) -> list[Shard]:
         with self._lock:
             return list(self.shards)
+
+    def totals(self) -> Totals:
+        out = Totals()
+        seen_lag: set[int] = set()
+        for shard in self.snapshot():
+            if id(shard.lag) not in seen_lag:  # a monitor's lag is shared by its shards
+                seen_lag.add(id(shard.lag))
+                out.lag.merge(shard.lag)
+            for rkey, n in shard.requests.copy().items():  # copy(): one C call, no tearing
+                out.requests[rkey] = out.requests.get(rkey, 0) + n
+            for lkey, h in shard.latency.copy().items():
+                out.latency.setdefault(lkey, HistogramData(h.bounds)).merge(h)
+            for skey, h in shard.stalls.copy().items():
+                out.stalls.setdefault(skey, HistogramData(h.bounds)).merge(h)
+            out.in_flight += shard.in_flight
+        for monitor in list(self.monitors):
+            out.current_stall = max(out.current_stall, monitor.current_stall_seconds())
+            pool = monitor.threadpool_stats()
+            if pool is not None:
+                prev = out.threadpool or (0, 0, 0)
+                out.threadpool = (prev[0] + pool[0], prev[1] + pool[1], prev[2] + pool[2])
+        return out
 
     def observe_stall(
         self, shard: Shard, method: str, route: str, kind: str, seconds: float

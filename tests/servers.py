@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -53,14 +54,17 @@ def serve(app: Any, *, loop: str = "asyncio", lifespan: str = "on", **config: An
 def serve_process(
     target: str, *, args: tuple[str, ...] = (), env: dict[str, str] | None = None
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Run ``uvicorn target`` as a subprocess; yields (base URL, process)."""
+    """Run ``uvicorn target`` as a subprocess; yields (base URL, process). Its output goes to
+    a file (a pipe nobody reads would fill up and freeze the server); ``proc.output_path``."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning", *args],
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    with tempfile.NamedTemporaryFile(prefix="uvicorn-", suffix=".log", delete=False) as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "warning", *args],
+            env={**os.environ, **(env or {})},
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    proc.output_path = log.name  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(url, proc)
@@ -72,6 +76,12 @@ def serve_process(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        os.unlink(log.name)
+
+
+def server_output(proc: subprocess.Popen[bytes]) -> str:
+    with open(proc.output_path) as f:  # type: ignore[attr-defined]
+        return f.read()
 
 
 def wait_until_up(
@@ -80,8 +90,7 @@ def wait_until_up(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{out}")
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server_output(proc)}")
         try:
             httpx.get(url + "/", timeout=1)
             return

@@ -70,19 +70,19 @@ def test_side_port_answers_during_a_stall_and_shows_it_growing(
     with serve(app, loop=loop_impl) as url:
         blocker = threading.Thread(target=httpx.get, args=(f"{url}/block",), kwargs={"timeout": 10})
         blocker.start()
-        time.sleep(0.5)  # 1.5 s stall in progress
-        readings = []
-        for _ in range(3):
+        readings: list[float] = []
+        while blocker.is_alive():  # the 1.5 s stall is in progress
             r = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
             assert r.status_code == 200
             for line in r.text.splitlines():
                 if line.startswith("loopwatch_current_stall_seconds "):
                     readings.append(float(line.split()[1]))
-            time.sleep(0.2)
+            time.sleep(0.1)
         blocker.join()
-    assert len(readings) == 3
-    assert readings[0] > 0.3
-    assert readings[0] < readings[1] < readings[2]  # live: kept growing while frozen
+    during = [x for x in readings if x > 0]
+    assert len(during) >= 3, readings  # answered, and saw the stall, while the loop was frozen
+    assert during == sorted(during) and during[-1] - during[0] > 0.2  # kept growing
+    assert max(during) < 2.0
 
 
 def test_random_404_paths_leave_one_unmatched_series(registry: CollectorRegistry) -> None:
@@ -243,15 +243,19 @@ def test_a_long_stall_is_logged_while_it_lasts(
     registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = small_app(registry, long_stall=0.5)
-    seen_during: list[str] = []
     with caplog.at_level(logging.WARNING, logger="loopwatch"), serve(app) as url:
         blocker = threading.Thread(target=httpx.get, args=(f"{url}/block",), kwargs={"timeout": 10})
         blocker.start()
-        time.sleep(1.0)  # mid-stall (1.5 s)
-        seen_during = [r.getMessage() for r in caplog.records]
+        seen_during: list[str] = []
+        while blocker.is_alive() and not seen_during:
+            seen_during = [
+                r.getMessage() for r in caplog.records if "still blocked" in r.getMessage()
+            ]
+            time.sleep(0.02)
         blocker.join()
         eventually(lambda: any("blocked for 1." in r.getMessage() for r in caplog.records))
-    assert any("still blocked" in m and "GET /block" in m and "in block" in m for m in seen_during)
+    assert seen_during, "the stall was not logged before it ended"
+    assert "GET /block" in seen_during[0] and "in block" in seen_during[0]
     final = [r.getMessage() for r in caplog.records if "still blocked" not in r.getMessage()]
     assert any(
         m.startswith("event loop blocked for 1.") and "GET /block (wait)" in m for m in final
@@ -295,3 +299,36 @@ def test_app_rebuilt_per_test_reuses_metrics_in_the_default_registry() -> None:
         app.mount("/metrics", metrics_app())
         with TestClient(app) as client:
             assert client.get("/metrics").status_code == 200
+
+
+def test_threadpool_gauges_show_a_saturated_pool(registry: CollectorRegistry) -> None:
+    app = FastAPI()
+
+    @app.get("/sync-work")
+    def sync_work() -> dict[str, str]:
+        time.sleep(1.5)  # a def endpoint: holds a threadpool thread
+        return {}
+
+    app.add_middleware(LoopWatchMiddleware, registry=registry)
+    app.mount("/metrics", metrics_app(registry))
+    with serve(app) as url:
+
+        async def saturate() -> tuple[str, list[int]]:
+            limits = httpx.Limits(max_connections=100)
+            async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+                work = [asyncio.create_task(client.get("/sync-work")) for _ in range(55)]
+                await asyncio.sleep(0.8)
+                text = (await client.get("/metrics")).text
+                return text, [r.status_code for r in await asyncio.gather(*work)]
+
+        text, statuses = asyncio.run(saturate())
+        assert statuses == [200] * 55
+        values = {
+            line.split()[0]: float(line.split()[1])
+            for line in text.splitlines()
+            if line.startswith("loopwatch_threadpool_")
+        }
+        assert values["loopwatch_threadpool_size"] == 40
+        assert values["loopwatch_threadpool_busy_threads"] == 40
+        assert values["loopwatch_threadpool_waiting_tasks"] >= 10  # def endpoints queueing
+        eventually(lambda: sample(registry, "loopwatch_threadpool_busy_threads") == 0, timeout=5)

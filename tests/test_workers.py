@@ -1,0 +1,59 @@
+"""Several worker processes with PROMETHEUS_MULTIPROC_DIR: one scrape shows every worker's
+stalls exactly once, and the threadpool gauges."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.servers import serve_process
+
+
+def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name:
+                out[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_two_workers_one_scrape_counts_every_stall_once(tmp_path: Path) -> None:
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    with serve_process("tests.workers_app:app", args=("--workers", "2"), env=env) as (url, _):
+
+        async def blocked(client: httpx.AsyncClient, name: str, delay: float) -> int:
+            await asyncio.sleep(delay)
+            return int((await client.get(f"/block/{name}")).json()["pid"])
+
+        async def blockers() -> list[int]:
+            # staggered: while one worker's loop is held it cannot accept, so the next
+            # connection goes to the other worker
+            limits = httpx.Limits(max_keepalive_connections=0)
+            async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+                pids = []
+                for r in range(3):
+                    pids += await asyncio.gather(
+                        blocked(client, f"{r}a", 0), blocked(client, f"{r}b", 0.15)
+                    )
+                return pids
+
+        time.sleep(1.0)  # both workers up
+        pids = asyncio.run(blockers())
+        assert len(set(pids)) == 2, f"both workers must have blocked: {pids}"
+        time.sleep(1.5)  # each worker mirrors its figures within a second
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    stalls = samples(text, "loopwatch_stall_duration_seconds_count")
+    key = (("kind", "wait"), ("method", "GET"), ("route", "/block/{name}"))
+    assert stalls.get(key) == 6, stalls
+    requests = samples(text, "loopwatch_requests_total")
+    assert requests[(("method", "GET"), ("route", "/block/{name}"), ("status", "200"))] == 6
+    seconds = samples(text, "loopwatch_stall_duration_seconds_sum")[key]
+    assert 6 * 0.45 <= seconds <= 6 * 0.6
+    assert samples(text, "loopwatch_requests_in_flight") == {(): 0.0}
+    pool = samples(text, "loopwatch_threadpool_size")
+    assert pool == {(): 80.0}  # two workers, anyio's default 40 threads each
