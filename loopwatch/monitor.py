@@ -45,6 +45,23 @@ StallCallback = Callable[[Stall], Any]
 _BACKGROUND_KEY = object()
 
 
+def _thread_schedstat(native_id: int) -> Callable[[], tuple[float, float]] | None:
+    """Linux: (seconds on a CPU, seconds runnable but waiting for one) of a thread. The second
+    tells a loop held by its code from a loop starved by a busy machine."""
+    path = f"/proc/self/task/{native_id}/schedstat"
+
+    def read() -> tuple[float, float]:
+        with open(path, "rb") as f:
+            on_cpu, waiting, _ = f.read().split()
+        return int(on_cpu) / 1e9, int(waiting) / 1e9
+
+    try:
+        read()
+    except (OSError, ValueError):
+        return None
+    return read
+
+
 def _thread_cpu_clock(thread_id: int) -> Callable[[], float] | None:
     try:
         clock_id = time.pthread_getcpuclockid(thread_id)
@@ -65,6 +82,7 @@ class _Segment:
         "key",
         "next_long",
         "record",
+        "sched0",
         "stack",
         "start",
     )  # fmt: skip
@@ -76,6 +94,7 @@ class _Segment:
         self.start = start
         self.cpu0 = cpu0
         self.cpu_t0 = now
+        self.sched0: tuple[float, float] | None = None
         self.culprits: collections.Counter[tuple[str, int, str] | None] = collections.Counter()
         self.stack: str | None = None
         self.next_long = long_stall
@@ -129,6 +148,7 @@ class Monitor:
         self._stop = threading.Event()
         self._loop_thread_id: int | None = None
         self._cpu: Callable[[], float] | None = None
+        self._sched: Callable[[], tuple[float, float]] | None = None
         self._episode: _Episode | None = None
         self._tick_failed = False
         self._lock = threading.Lock()
@@ -182,6 +202,7 @@ class Monitor:
         # Called on the loop's thread: that is the thread whose stack we will sample.
         self._loop_thread_id = threading.get_ident()
         self._cpu = _thread_cpu_clock(self._loop_thread_id)
+        self._sched = _thread_schedstat(threading.get_native_id())
         install_task_factory(self.loop)
         self._start_heartbeat()
         self._thread = threading.Thread(target=self._run, name="loopwatch-watchdog", daemon=True)
@@ -332,6 +353,8 @@ class Monitor:
                 key, record, start, cpu0, now, self.settings.long_stall
             )
             segment.in_flight = self.in_flight  # the requests the stall holds up
+            if self._sched is not None:
+                segment.sched0 = self._sched()
         episode.last_sample = now
         age = now - segment.start
         if age >= self.threshold / 2:
@@ -360,9 +383,18 @@ class Monitor:
             return
         kind = "wait"
         cpu_seconds = 0.0
-        if self._cpu is not None and segment.cpu0 is not None:
+        wall = now - segment.cpu_t0  # the part of the segment the CPU figures cover
+        if self._sched is not None and segment.sched0 is not None:
+            on_cpu, starved = (b - a for a, b in zip(segment.sched0, self._sched(), strict=True))
+            if duration - starved < self.threshold:
+                # runnable but not scheduled: the machine was busy, the code did not block
+                logger.debug("loopwatch: %.3fs hold was CPU starvation, not a stall", duration)
+                return
+            cpu_seconds = on_cpu
+            if wall > starved and on_cpu >= 0.5 * (wall - starved):
+                kind = "cpu"
+        elif self._cpu is not None and segment.cpu0 is not None:
             cpu_seconds = self._cpu() - segment.cpu0
-            wall = now - segment.cpu_t0
             if wall > 0 and cpu_seconds >= 0.5 * wall:
                 kind = "cpu"
         top = segment.culprits.most_common(1)

@@ -163,7 +163,9 @@ def test_cpu_and_wait_are_told_apart(loop_impl: str, registry: CollectorRegistry
     kinds = {s.route: s.kind for s in log.stalls}
     assert kinds == {"/cpu": "cpu", "/other": "wait"}
     cpu = next(s for s in log.stalls if s.route == "/cpu")
-    assert cpu.cpu_seconds >= 0.5 * cpu.duration
+    wait = next(s for s in log.stalls if s.route == "/other")
+    # on a busy machine the computing thread gets only part of a core, the sleeping one none
+    assert cpu.cpu_seconds > 0.15 > wait.cpu_seconds
     assert "in cpu_bound" in cpu.culprit
 
 
