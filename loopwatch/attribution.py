@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import os
 import sys
 import sysconfig
@@ -126,6 +127,7 @@ def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
     loop.set_task_factory(factory)
 
 
+@functools.cache
 def _library_dirs() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
     dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}

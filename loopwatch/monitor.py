@@ -71,6 +71,10 @@ def _thread_cpu_clock(thread_id: int) -> Callable[[], float] | None:
     return lambda: time.clock_gettime(clock_id)
 
 
+def thread_alive(thread: threading.Thread | None) -> bool:
+    return thread is not None and thread.is_alive()
+
+
 class _Segment:
     """The loop held by one owner, from ``start`` until the owner changes or the loop frees."""
 
@@ -151,6 +155,7 @@ class Monitor:
         self._sched: Callable[[], tuple[float, float]] | None = None
         self._episode: _Episode | None = None
         self._tick_failed = False
+        self.checks = 0  # watchdog checks done; settle() waits for one more
         self._lock = threading.Lock()
         # anyio's default CapacityLimiter for this loop (the threadpool of def endpoints),
         # handed over by the middleware; read from the scrape thread, never awaited
@@ -215,14 +220,44 @@ class Monitor:
         # An empty context: the heartbeat must never look like part of a request.
         self._heartbeat = contextvars.Context().run(self.loop.create_task, self._beat())
 
-    def stop(self, timeout: float = 1.0) -> None:
-        """Stop the watchdog and the heartbeat; returns within ``timeout`` seconds."""
+    @property
+    def stalling(self) -> bool:
+        """The heartbeat is overdue right now (a hold is being watched or closed)."""
+        return self._episode is not None
+
+    def settle(self, timeout: float) -> bool:
+        """Wait until no hold is open and one full watchdog check has finished since the call,
+        so a stall that ended just now has been delivered. False on timeout."""
+        deadline = self._clock() + timeout
+        step = self.interval / 4
+        while self.running and self._clock() < deadline:
+            if self.stalling:
+                time.sleep(step)
+                continue
+            seen = self.checks
+            while self.checks == seen and self.running:
+                if self._clock() > deadline:
+                    return False
+                time.sleep(step)
+            if not self.stalling:
+                return True
+        return not self.running
+
+    def stop(self, timeout: float = 1.0, *, flush: bool = False) -> None:
+        """Stop the watchdog and the heartbeat; returns within ``timeout`` seconds.
+
+        ``flush=True``, called on the loop's thread once the loop has stopped running: the
+        hold in progress ends now and its stall is delivered before this returns (a test
+        runner uses it so a stall lands in the test that caused it)."""
         self._stop.set()
         heartbeat, self._heartbeat = self._heartbeat, None
         if heartbeat is not None and not self.loop.is_closed():
             try:
                 if self._on_loop_thread():
                     heartbeat.cancel()
+                    if not self.loop.is_running():
+                        # it finishes only if the loop runs again; closing it unrun is fine
+                        heartbeat._log_destroy_pending = False  # type: ignore[attr-defined]
                 else:
                     self.loop.call_soon_threadsafe(heartbeat.cancel)
             except RuntimeError:  # the loop closed meanwhile
@@ -230,6 +265,11 @@ class Monitor:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+        episode = self._episode
+        if flush and episode is not None and not thread_alive(thread):
+            if self.last_beat == episode.beat:
+                self.last_beat = self._clock()  # the hold ended when the loop stopped
+            self._tick()
         with self._registry_lock:
             if self._by_loop.get(self.loop) is self:
                 del self._by_loop[self.loop]
@@ -283,6 +323,7 @@ class Monitor:
                     self._tick_failed = True
                     logger.exception("loopwatch: watchdog check failed; carrying on")
                 self._episode = None
+            self.checks += 1
             self._check_heartbeat()
             now = self._clock()
             if now >= next_sync:
