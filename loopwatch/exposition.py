@@ -8,6 +8,7 @@ import gzip
 import json
 import socket
 import threading
+from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 from urllib.parse import parse_qs
@@ -34,7 +35,7 @@ def _executor() -> ThreadPoolExecutor:
         return _render_pool
 
 
-def _header(scope: dict[str, Any], name: bytes) -> str:
+def _header(scope: MutableMapping[str, Any], name: bytes) -> str:
     return ",".join(v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == name)
 
 
@@ -73,7 +74,7 @@ class MetricsApp:
         self.registry = REGISTRY if registry is None else registry
         book_for(self.registry)  # loopwatch's metrics exist even before the first request
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":  # a mounted app gets none, but a bare one might
             message = await receive()
             while message["type"] != "lifespan.shutdown":
