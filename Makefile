@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 
 # The article's benchmark measured here, with loopwatch's diagnosis beside it.
 demo: install
-	$(VENV)/bin/uvicorn demo_app.main:app --host $(HOST) --port $(PORT)
+	$(PY) -m loopwatch demo $(DEMO_ARGS)
 
 # The demo app alone, on 127.0.0.1:8000 (metrics at /metrics).
 serve: install

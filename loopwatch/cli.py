@@ -3,9 +3,9 @@ prints loopwatch's diagnosis beside it; ``loopwatch report URL`` prints the same
 any app's ``/metrics`` (or a saved exposition file).
 
 Nothing in the package imports this module. It needs only the standard library and
-prometheus_client to read a report; rich (colour, tables, progress) is used when installed and
-the output reads as plain text without a terminal; the demo also needs fastapi, uvicorn and
-httpx (``pip install 'loopwatch[demo]'``). Those are imported inside the functions that use them.
+prometheus_client; rich (colour, tables, a progress bar) is used when installed, and without a
+terminal the output is plain text. The demo app needs fastapi and uvicorn
+(``pip install 'loopwatch[demo]'``); the load generator is plain asyncio streams.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -59,7 +61,8 @@ class Output:
             from rich.console import Console
 
             is_tty = self.stream.isatty()
-            width = None if is_tty or os.environ.get("COLUMNS") else 120
+            # In a log nothing wraps: a table row stays one line, whatever COLUMNS says.
+            width = None if is_tty else 500
             self._console = Console(file=self.stream, highlight=False, width=width)
 
     @property
@@ -68,7 +71,7 @@ class Output:
 
     def line(self, text: str = "", style: str | None = None) -> None:
         if self._console is not None:
-            self._console.print(text, style=style, markup=False, soft_wrap=True)
+            self._console.print(text, style=style, markup=False, soft_wrap=not self.is_terminal)
         else:
             print(text, file=self.stream, flush=True)
 
@@ -84,20 +87,37 @@ class Output:
         right: Sequence[int] = (),
         row_styles: Sequence[str | None] = (),
     ) -> None:
-        if self._console is not None:
-            from rich import box
-            from rich.table import Table
-            from rich.text import Text
+        self.line(title, style="bold")
+        if self._console is None:
+            print(render_plain_table(headers, rows, right), file=self.stream, flush=True)
+            return
+        from rich import box
+        from rich.table import Table
+        from rich.text import Text
 
-            table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-            for i, header in enumerate(headers):
-                table.add_column(header, justify="right" if i in right else "left")
-            for i, row in enumerate(rows):
-                style = row_styles[i] if i < len(row_styles) else None
-                table.add_row(*(Text(cell) for cell in row), style=style)
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
+        for i, header in enumerate(headers):
+            table.add_column(
+                header,
+                justify="right" if i in right else "left",
+                overflow="fold",
+                no_wrap=i == 0 or i in right,  # on a narrow terminal, text columns wrap
+            )
+        for i, row in enumerate(rows):
+            style = row_styles[i] if i < len(row_styles) else None
+            table.add_row(*(Text(cell) for cell in row), style=style)
+        if self.is_terminal:
             self._console.print(table)
             return
-        print(render_plain_table(title, headers, rows, right), file=self.stream, flush=True)
+        # no padding to the console's width: trailing spaces only get in the way
+        with self._console.capture() as capture:
+            self._console.print(table)
+        lines = [line.rstrip() for line in capture.get().splitlines()]
+        while lines and not lines[-1]:
+            lines.pop()
+        while lines and not lines[0]:
+            lines.pop(0)
+        print("\n".join(lines), file=self.stream, flush=True)
 
     @contextlib.contextmanager
     def progress(self, label: str, total: int) -> Iterator[Callable[[], None]]:
@@ -133,7 +153,7 @@ class Output:
 
 
 def render_plain_table(
-    title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()
+    headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()
 ) -> str:
     """A table as plain text, for a terminal without rich."""
     widths = [len(h) for h in headers]
@@ -147,7 +167,7 @@ def render_plain_table(
         ]
         return "  ".join(parts).rstrip()
 
-    lines = [title, fmt(headers), fmt(["-" * w for w in widths])]
+    lines = [fmt(headers), fmt(["-" * w for w in widths])]
     lines += [fmt(row) for row in rows]
     return "\n".join(lines)
 
@@ -261,6 +281,10 @@ def load_snapshot(source: str, timeout: float = 5.0) -> Snapshot:
             pass  # an older loopwatch or another exporter: culprits show as "-"
         return Snapshot(url, expo, ring, ring_url if ring else None)
     path = Path(source)
+    if not path.exists() and re.fullmatch(
+        r"[\w.\-]+:\d+(/.*)?|\[[0-9a-fA-F:.]+\]:\d+(/.*)?", source
+    ):
+        return load_snapshot("http://" + source, timeout)  # host:port, as curl reads it
     if not path.is_file():
         raise CliError(
             f"{source!r} is neither an http(s) URL nor a readable file "
@@ -330,7 +354,9 @@ def _awaits_inside(path: str, function: str, line: int) -> bool | None:
 
 def fix_hint(kind: str, route: str, ring: Sequence[dict[str, Any]], code: CodeFilter) -> str:
     """One line on how to stop this route blocking the loop."""
-    if "cpu" in kind.split("+")[0]:
+    # any cpu stall: a CPU-bound function only looks like "wait" when other processes take
+    # the core from it, and a thread would not fix it either way
+    if "cpu" in kind.split("+"):
         return (
             "CPU-bound: a thread will not help under the GIL; run it in a process pool "
             "(await loop.run_in_executor(ProcessPoolExecutor(), fn))"
@@ -418,6 +444,7 @@ def print_diagnosis(out: Output, snapshot: Snapshot, rows: Sequence[RouteDiagnos
     )
     total = sum(r.blocked for r in rows)
     stalls = sum(r.stalls for r in rows)
+    out.line()
     summary = f"The event loop was blocked {total:.2f}s in {stalls} stall(s)"
     if snapshot.expo.current_stall > 0:
         summary += f"; blocked right now for {snapshot.expo.current_stall:.2f}s"
@@ -482,19 +509,19 @@ class Endpoint:
 
 
 ENDPOINTS = (
-    Endpoint("GET", "/sync", "fix", "def: time.sleep in the threadpool", "/async"),
-    Endpoint("GET", "/async", "fake-async", "async def: time.sleep on the loop"),
-    Endpoint("POST", "/my-route-sync", "fix", "def: parse_file() in the threadpool", "/my-route"),
-    Endpoint("POST", "/my-route", "fake-async", "async def: parse_file() on the loop"),
-    Endpoint("GET", "/mixed-fast", "fix", "await run_in_threadpool(parse_file)", "/mixed"),
-    Endpoint("POST", "/mixed", "fake-async", "async def: parse_file(), then await"),
-    Endpoint("GET", "/async-sleep", "async", "async def: await asyncio.sleep"),
-    Endpoint("GET", "/cpu", "fake-async", "async def: CPU-bound loop on the loop"),
+    Endpoint("GET", "/sync", "fix", "def, threadpool", "/async"),
+    Endpoint("GET", "/async", "fake-async", "async def, blocks"),
+    Endpoint("POST", "/my-route-sync", "fix", "def, threadpool", "/my-route"),
+    Endpoint("POST", "/my-route", "fake-async", "async def, blocks"),
+    Endpoint("GET", "/mixed-fast", "fix", "run_in_threadpool", "/mixed"),
+    Endpoint("POST", "/mixed", "fake-async", "async def, blocks"),
+    Endpoint("GET", "/async-sleep", "async", "async def, awaits"),
+    Endpoint("GET", "/cpu", "fake-async", "async def, CPU"),
 )
 _BY_PATH = {e.path: e for e in ENDPOINTS}
 
 # The article's published figures (ApacheBench, 300 requests, concurrency 100).
-ARTICLE = {"/sync": "60 req/s, 0.8 s", "/async": "1.98 req/s, 31 s", "/mixed-fast": "20x /mixed"}
+ARTICLE = {"/sync": "60/s, 0.8s", "/async": "1.98/s, 31s", "/mixed-fast": "20x /mixed"}
 
 
 @dataclass
@@ -530,48 +557,86 @@ def plan(
     per ``work`` seconds, so it gets as many as fit in ``budget`` seconds (0: no cap)."""
     if ep.role != "fake-async" or budget <= 0:
         return requests, concurrency, False
-    fits = max(1, int(budget / work))
+    fits = max(1, int(budget / work + 1e-9))  # 0.6 / 0.2 is 2.999...
     if fits >= requests:
         return requests, concurrency, False
     return fits, min(concurrency, fits), True
 
 
-async def drive(
-    base_url: str, ep: Endpoint, requests: int, concurrency: int, on_done: Callable[[], None]
-) -> tuple[float, int, list[float]]:
-    """Send ``requests`` requests from ``concurrency`` workers, like ``ab -n -c``; returns
-    (wall seconds, 2xx answers, latencies)."""
-    import httpx
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> tuple[int, bool]:
+    """Send one HTTP/1.1 request on a kept-alive connection and read the whole answer;
+    returns (status, whether the connection can be reused)."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip().lower()
+    if "chunked" in headers.get("transfer-encoding", ""):
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            await reader.readexactly(size + 2)  # the chunk and its CRLF
+            if size == 0:
+                break
+    elif "content-length" in headers:
+        await reader.readexactly(int(headers["content-length"]))
+    else:
+        await reader.read()  # the body runs to the end of the connection
+        return status, False
+    return status, headers.get("connection") != "close"
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    timeout = httpx.Timeout(None, connect=30.0)  # a frozen server answers late, not never
+
+async def drive(
+    host: str, port: int, ep: Endpoint, requests: int, concurrency: int, on_done: Callable[[], None]
+) -> tuple[float, int, list[float]]:
+    """Send ``requests`` requests from ``concurrency`` workers, like ``ab -n -c`` with
+    keep-alive; returns (wall seconds, 2xx answers, latencies). Plain asyncio streams: an HTTP
+    client library costs ~100 times the CPU per request, and the client shares the machine with
+    the server it measures."""
+    request = (
+        f"{ep.method} {ep.path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"User-Agent: {PROG}-demo\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
     latencies: list[float] = []
     ok = 0
     left = requests
 
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as client:
+    async def worker() -> None:
+        nonlocal ok, left
+        conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        while left > 0:
+            left -= 1
+            started = time.perf_counter()
+            try:
+                if conn is None:
+                    conn = await asyncio.wait_for(asyncio.open_connection(host, port), 30)
+                status, reuse = await _exchange(*conn, request)
+                ok += 200 <= status < 300
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    asyncio.TimeoutError, ValueError, IndexError):  # fmt: skip
+                reuse = False
+            latencies.append(time.perf_counter() - started)
+            on_done()
+            if not reuse and conn is not None:
+                conn[1].close()
+                conn = None
+        if conn is not None:
+            conn[1].close()
+            with contextlib.suppress(OSError):
+                await conn[1].wait_closed()
 
-        async def worker() -> None:
-            nonlocal ok, left
-            while left > 0:
-                left -= 1
-                started = time.perf_counter()
-                try:
-                    response = await client.request(ep.method, ep.path)
-                    ok += response.is_success
-                except httpx.HTTPError:
-                    pass
-                latencies.append(time.perf_counter() - started)
-                on_done()
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return time.perf_counter() - start, ok, latencies
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - start, ok, latencies
 
 
 def _check_demo_requirements() -> Path:
     """The directory holding ``demo_app``, after checking the demo's dependencies."""
-    missing = [m for m in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
         raise CliError(
             f"the demo needs {', '.join(missing)}: pip install 'loopwatch[demo]' "
@@ -595,6 +660,8 @@ def _free_port(host: str) -> int:
 
 def _check_port(host: str, port: int) -> None:
     with socket.socket() as sock:
+        # as uvicorn binds: a port whose last connections are in TIME_WAIT is free
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
@@ -636,7 +703,7 @@ def print_benchmark(out: Output, results: Sequence[LoadResult], args: argparse.N
     rows, styles = [], []
     for r in results:
         ep = r.endpoint
-        ran = f"{r.ok}/{r.sent} @ {r.concurrency}" + (" capped" if r.capped else "")
+        ran = f"{r.ok}/{r.sent} @ {r.concurrency}" + ("*" if r.capped else "")
         if r.failed:
             ran += f", {r.failed} failed"
         twin = by_path.get(ep.twin or "")
@@ -662,8 +729,8 @@ def print_benchmark(out: Output, results: Sequence[LoadResult], args: argparse.N
         title,
         [
             "endpoint",
-            "what it does",
-            "ok/sent @ conc.",
+            "what",
+            "ran",
             "req/s",
             "time/req",
             "latency",
@@ -675,18 +742,41 @@ def print_benchmark(out: Output, results: Sequence[LoadResult], args: argparse.N
         row_styles=styles,
     )
     out.line(
-        "time/req is ApacheBench's 'Time per request (mean)' = concurrency x wall time / "
-        "requests; latency is the mean measured time of one request."
+        "ran: answered OK / sent @ concurrency. time/req is ApacheBench's 'Time per request "
+        "(mean)' = concurrency x wall time / requests; latency is the mean measured time of one "
+        "request; speed-up is the fix's req/s over its fake-async twin's."
     )
     if any(r.capped for r in results):
         out.line(
-            f"capped: a fake-async endpoint serves one request per {args.work_seconds:g}s, so it "
+            f"* capped: a fake-async endpoint serves one request per {args.work_seconds:g}s, so it "
             f"got as many as fit in --budget {args.budget:g}s (--budget 0 runs them all); its "
             "req/s does not depend on the count."
         )
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt here, so the demo server is stopped on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_demo(args: argparse.Namespace, out: Output) -> int:
+    with _terminate_as_interrupt():
+        return _run_demo(args, out)
+
+
+def _run_demo(args: argparse.Namespace, out: Output) -> int:
     root = _check_demo_requirements()
     host = "127.0.0.1"
     if args.port:
@@ -709,7 +799,7 @@ def run_demo(args: argparse.Namespace, out: Output) -> int:
         "--no-access-log",
     ]
     out.line(
-        f"Starting the demo app: {' '.join(command[1:])} (DEMO_WORK_SECONDS={args.work_seconds:g})"
+        f"Starting the demo app: python {' '.join(command[1:])} (DEMO_WORK_SECONDS={args.work_seconds:g})"
     )
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -724,7 +814,7 @@ def run_demo(args: argparse.Namespace, out: Output) -> int:
                     args.requests, args.concurrency, args.work_seconds, args.budget, ep
                 )
                 with out.progress(f"{ep.method} {ep.path}", n) as advance:
-                    wall, ok, latencies = asyncio.run(drive(base, ep, n, c, advance))
+                    wall, ok, latencies = asyncio.run(drive(host, port, ep, n, c, advance))
                 results.append(
                     LoadResult(ep, args.requests, n, ok, n - ok, c, wall, latencies, capped)
                 )
