@@ -14,12 +14,14 @@ import asyncio
 import collections
 import contextvars
 import dataclasses
+import inspect
 import logging
 import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable
+from types import CodeType, FrameType
 from typing import Any, ClassVar
 
 from loopwatch.attribution import (
@@ -71,6 +73,26 @@ def _thread_cpu_clock(thread_id: int) -> Callable[[], float] | None:
     return lambda: time.clock_gettime(clock_id)
 
 
+_CORO_FLAGS = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+def _loop_entry_codes() -> frozenset[CodeType]:
+    """Called from a task on the loop: the Python frame that called into a C event loop
+    (uvloop's ``run_until_complete``) is where an idle uvloop thread's stack ends."""
+    frames = []
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    coroutines = [i for i, f in enumerate(frames) if f.f_code.co_flags & _CORO_FLAGS]
+    if not coroutines or coroutines[-1] + 1 >= len(frames):
+        return frozenset()
+    caller = frames[coroutines[-1] + 1]
+    if caller.f_code.co_filename.endswith(("events.py", "base_events.py")):
+        return frozenset()  # a pure-Python loop: it idles in its selector instead
+    return frozenset({caller.f_code})
+
+
 def thread_alive(thread: threading.Thread | None) -> bool:
     return thread is not None and thread.is_alive()
 
@@ -82,6 +104,7 @@ class _Segment:
         "cpu0",
         "cpu_t0",
         "culprits",
+        "idle",
         "in_flight",
         "key",
         "next_long",
@@ -99,6 +122,7 @@ class _Segment:
         self.cpu0 = cpu0
         self.cpu_t0 = now
         self.sched0: tuple[float, float] | None = None
+        self.idle = True  # every stack sample so far shows the loop waiting, not running code
         self.culprits: collections.Counter[tuple[str, int, str] | None] = collections.Counter()
         self.stack: str | None = None
         self.next_long = long_stall
@@ -153,6 +177,7 @@ class Monitor:
         self._loop_thread_id: int | None = None
         self._cpu: Callable[[], float] | None = None
         self._sched: Callable[[], tuple[float, float]] | None = None
+        self._idle_codes: frozenset[CodeType] = frozenset()
         self._episode: _Episode | None = None
         self._tick_failed = False
         self.checks = 0  # watchdog checks done; settle() waits for one more
@@ -208,6 +233,7 @@ class Monitor:
         self._loop_thread_id = threading.get_ident()
         self._cpu = _thread_cpu_clock(self._loop_thread_id)
         self._sched = _thread_schedstat(threading.get_native_id())
+        self._idle_codes = _loop_entry_codes()
         install_task_factory(self.loop)
         self._start_heartbeat()
         self._thread = threading.Thread(target=self._run, name="loopwatch-watchdog", daemon=True)
@@ -406,6 +432,8 @@ class Monitor:
         if frame is None:
             return
         segment.culprits[self._filter.culprit(frame)] += 1
+        if segment.idle and not self._is_idle(frame):
+            segment.idle = False
         if segment.stack is None and age >= self.threshold:
             segment.stack = format_stack(frame)
         if age >= segment.next_long:
@@ -418,9 +446,20 @@ class Monitor:
                 format_culprit(self._filter.culprit(frame)), format_stack(frame),
             )  # fmt: skip
 
+    def _is_idle(self, frame: FrameType) -> bool:
+        """The loop is waiting for I/O (in its selector, or inside a C loop's run call), not
+        running a callback: a late heartbeat then means the process was paused or starved."""
+        code = frame.f_code
+        return code in self._idle_codes or (
+            code.co_name == "select" and code.co_filename.endswith("selectors.py")
+        )
+
     def _close(self, segment: _Segment, end: float, now: float) -> None:
         duration = end - segment.start
         if duration < self.threshold:
+            return
+        if segment.key is _BACKGROUND_KEY and segment.idle and segment.culprits:
+            logger.debug("loopwatch: %.3fs late heartbeat with the loop idle: not code", duration)
             return
         kind = "wait"
         cpu_seconds = 0.0

@@ -4,10 +4,13 @@ stalls exactly once, and the threadpool gauges."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.servers import serve_process
@@ -57,3 +60,21 @@ def test_two_workers_one_scrape_counts_every_stall_once(tmp_path: Path) -> None:
     assert samples(text, "loopwatch_requests_in_flight") == {(): 0.0}
     pool = samples(text, "loopwatch_threadpool_size")
     assert pool == {(): 80.0}  # two workers, anyio's default 40 threads each
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_paused_process_is_not_blamed_on_code(loop: str) -> None:
+    # SIGSTOP freezes the whole process (a container freeze, a VM pause): the loop was idle,
+    # no code held it, so there is no stall to report.
+    with serve_process("tests.workers_app:app", args=("--loop", loop)) as (url, proc):
+        httpx.get(f"{url}/pid", timeout=5)
+        time.sleep(0.3)
+        for _ in range(2):
+            os.kill(proc.pid, signal.SIGSTOP)
+            time.sleep(0.5)
+            os.kill(proc.pid, signal.SIGCONT)
+            time.sleep(0.3)
+        httpx.get(f"{url}/block/real", timeout=10)  # and a real blocker still is
+        time.sleep(0.3)
+        stalls = httpx.get(f"{url}/metrics/stalls", timeout=5).json()
+    assert [(s["route"], s["kind"]) for s in stalls] == [("/block/{name}", "wait")]
