@@ -23,7 +23,7 @@ demo: install
 serve: install
 	$(VENV)/bin/uvicorn demo_app.main:app --host $(HOST) --port $(PORT)
 
-LINTED := loopwatch tests demo_app grafana
+LINTED := loopwatch tests demo_app grafana benchmarks
 
 test: install
 	$(PY) -m ruff check $(LINTED)
@@ -41,6 +41,17 @@ lint: install
 	$(PY) -m ruff check $(LINTED)
 	$(PY) -m ruff format --check $(LINTED)
 	$(PY) -m mypy
+
+# Figures for BENCHMARKS.md (~7 min on 2 cores), in a venv of its own so that httptools
+# (uvicorn[standard]) never reaches the test venv; apt-get install wrk for the real load generator.
+BENCH_VENV ?= .venv-bench
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q -e '.[bench]'
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-* .pytest_cache .mypy_cache .ruff_cache

@@ -11,7 +11,6 @@ task is created.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import functools
 import os
@@ -49,13 +48,14 @@ _task_owners: weakref.WeakKeyDictionary[asyncio.Task[Any], RequestRecord] = (
 class RequestRecord:
     """One request (or websocket) in flight, as the watchdog needs to see it."""
 
-    __slots__ = ("__weakref__", "method", "pending", "root_path", "route", "scope")
+    __slots__ = ("__weakref__", "done", "method", "pending", "root_path", "route", "scope")
 
     def __init__(self, method: str, scope: Any, root_path: str) -> None:
         self.method = method
         self.scope = scope
         self.root_path = root_path
-        self.route: str | None = None  # set once, when the request is finished
+        self.route: str | None = None  # set once, by finish()
+        self.done = False  # the app returned; the route can be read from the scope any time
         # stalls that ended before the request was routed; the middleware flushes them
         self.pending: list[Any] | None = None
 
@@ -69,6 +69,7 @@ class RequestRecord:
             return None
 
     def finish(self) -> str:
+        self.done = True
         route = self.current_route()
         self.route = route if route is not None else UNMATCHED
         return self.route
@@ -83,9 +84,10 @@ def bind_request(record: RequestRecord) -> contextvars.Token[RequestRecord | Non
 
 
 def unbind_request(token: contextvars.Token[RequestRecord | None]) -> None:
-    # a reset from another context (a server that moved the request) is harmless
-    with contextlib.suppress(ValueError):
+    try:  # noqa: SIM105 - not contextlib.suppress: this runs once per request
         _current_request.reset(token)
+    except ValueError:  # a reset from another context (a server that moved the request)
+        pass
 
 
 def current_request() -> RequestRecord | None:

@@ -108,7 +108,7 @@ class LoopWatchMiddleware:
 
         path = scope.get("path", "")
         if (
-            "loopwatch.record" in scope  # an outer loopwatch (a mounted app's) already counts it
+            "loopwatch" in scope  # an outer loopwatch (a mounted app's) already counts it
             or self._is_metrics_mount(scope)
             or path in self._exact
             or path.startswith(self._prefixes)
@@ -121,12 +121,26 @@ class LoopWatchMiddleware:
             self._bind(loop)
         monitor = self._monitor
         shard = self._shard
-        assert monitor is not None and shard is not None  # set by _bind
+        if monitor is None or shard is None:  # pragma: no cover - set by _bind
+            raise RuntimeError("loopwatch: monitor not bound")
 
         record = RequestRecord(method, scope, scope.get("root_path", ""))
-        scope["loopwatch.record"] = record
+        scope["loopwatch"] = True  # a marker, not the record: no reference cycle per request
         token = bind_request(record)
         monitor.in_flight += 1
+        if not self.request_metrics:
+            # stall attribution only: no status, no clock, no route unless a stall needs it
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                record.done = True
+                monitor.in_flight -= 1
+                if record.pending:
+                    record.finish()
+                    monitor.flush_pending(record)
+                unbind_request(token)
+            return
+
         shard.in_flight += 1
         status = "500"  # what the server answers if the app raises before responding
         started = time.perf_counter()
@@ -149,8 +163,7 @@ class LoopWatchMiddleware:
             route = record.finish()
             monitor.in_flight -= 1
             shard.in_flight -= 1
-            if self.request_metrics:
-                shard.count_request(method, route, status, elapsed)
+            shard.count_request(method, route, status, elapsed)
             if record.pending:
                 monitor.flush_pending(record)
             unbind_request(token)

@@ -505,8 +505,8 @@ class Monitor:
                 self.deliver(dataclasses.replace(stall, route=record.finish()))
 
     def _hold_until_routed(self, record: RequestRecord, stall: Stall) -> None:
-        if record.route is not None:
-            self.deliver(dataclasses.replace(stall, route=record.route))
+        if record.route is not None or record.done:
+            self.deliver(dataclasses.replace(stall, route=record.finish()))
         elif record.pending is None:
             record.pending = [stall]
         else:

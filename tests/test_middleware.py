@@ -332,3 +332,37 @@ def test_threadpool_gauges_show_a_saturated_pool(registry: CollectorRegistry) ->
         assert values["loopwatch_threadpool_busy_threads"] == 40
         assert values["loopwatch_threadpool_waiting_tasks"] >= 10  # def endpoints queueing
         eventually(lambda: sample(registry, "loopwatch_threadpool_busy_threads") == 0, timeout=5)
+
+
+def test_request_metrics_off_still_routes_a_stall_before_routing(
+    registry: CollectorRegistry,
+) -> None:
+    from starlette.requests import Request
+
+    log = StallLog()
+    app = FastAPI()
+
+    @app.middleware("http")
+    async def slow_auth(request: Request, call_next: object) -> object:
+        time.sleep(0.4)  # before routing: held until the request is routed
+        return await call_next(request)  # type: ignore[operator]
+
+    @app.get("/orders/{order_id}")
+    async def order(order_id: int) -> dict[str, int]:
+        return {"order_id": order_id}
+
+    app.add_middleware(LoopWatchMiddleware, registry=registry, on_stall=log, request_metrics=False)
+    with serve(app) as url:
+        assert httpx.get(f"{url}/orders/3", timeout=10).status_code == 200
+        [stall] = log.wait_for(1)
+    assert (stall.method, stall.route) == ("GET", "/orders/{order_id}")
+    assert (
+        sample(
+            registry,
+            "loopwatch_stall_duration_seconds_count",
+            method="GET",
+            route="/orders/{order_id}",
+            kind="wait",
+        )
+        == 1
+    )
