@@ -4,8 +4,10 @@ answers from its own thread while the event loop is frozen."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import gzip
 import json
+import logging
 import socket
 import threading
 from collections.abc import MutableMapping
@@ -18,10 +20,12 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 
 from loopwatch.config import ConfigError, Settings
-from loopwatch.metrics import book_for, scrape_registry
+from loopwatch.metrics import book_for, multiprocess_dir, scrape_registry
 from loopwatch.stall import recent_stalls
 
 __all__ = ["MetricsServer", "metrics_app"]
+
+logger = logging.getLogger("loopwatch")
 
 _render_pool: ThreadPoolExecutor | None = None
 _render_pool_lock = threading.Lock()
@@ -162,8 +166,11 @@ class MetricsServer:
         self._thread.start()
 
     @classmethod
-    def acquire(cls, settings: Settings, registry: CollectorRegistry) -> MetricsServer:
-        """Start (or share) the server for these settings; bind errors name the option."""
+    def acquire(cls, settings: Settings, registry: CollectorRegistry) -> MetricsServer | None:
+        """Start (or share) the server for these settings; bind errors name the option.
+
+        In multiprocess mode every worker asks for the same port: the first one binds it and
+        serves all workers' figures, the others get None and carry on."""
         if settings.metrics_port is None:
             raise ConfigError("metrics_port", None, settings.source("metrics_port"), "a port")
         key = (settings.metrics_host, settings.metrics_port, id(registry))
@@ -173,6 +180,12 @@ class MetricsServer:
                 try:
                     server = cls(settings.metrics_host, settings.metrics_port, registry)
                 except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE and multiprocess_dir():
+                        logger.info(
+                            "loopwatch: metrics port %s is served by another worker",
+                            settings.metrics_port,
+                        )
+                        return None
                     raise ConfigError(
                         "metrics_port",
                         settings.metrics_port,

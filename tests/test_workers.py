@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import serve_process
+from tests.servers import free_port, serve_process
 
 
 def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -26,7 +26,8 @@ def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
 
 
 def test_two_workers_one_scrape_counts_every_stall_once(tmp_path: Path) -> None:
-    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    side_port = free_port()
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "LOOPWATCH_METRICS_PORT": str(side_port)}
     with serve_process("tests.workers_app:app", args=("--workers", "2"), env=env) as (url, _):
 
         async def blocked(client: httpx.AsyncClient, name: str, delay: float) -> int:
@@ -50,6 +51,11 @@ def test_two_workers_one_scrape_counts_every_stall_once(tmp_path: Path) -> None:
         assert len(set(pids)) == 2, f"both workers must have blocked: {pids}"
         time.sleep(1.5)  # each worker mirrors its figures within a second
         text = httpx.get(f"{url}/metrics", timeout=10).text
+        # the side port, bound by whichever worker started first, shows the same aggregate
+        side = httpx.get(f"http://127.0.0.1:{side_port}/metrics", timeout=10).text
+    assert samples(side, "loopwatch_stall_duration_seconds_count") == samples(
+        text, "loopwatch_stall_duration_seconds_count"
+    )
     stalls = samples(text, "loopwatch_stall_duration_seconds_count")
     key = (("kind", "wait"), ("method", "GET"), ("route", "/block/{name}"))
     assert stalls.get(key) == 6, stalls
