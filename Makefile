@@ -23,7 +23,7 @@ demo: install
 serve: install
 	$(VENV)/bin/uvicorn demo_app.main:app --host $(HOST) --port $(PORT)
 
-LINTED := loopwatch tests demo_app grafana benchmarks
+LINTED := loopwatch tests demo_app grafana benchmarks scripts
 
 test: install
 	$(PY) -m ruff check $(LINTED)
@@ -36,6 +36,10 @@ test: install
 # Dashboard lint, promtool checks and the real-Prometheus end-to-end run alone.
 test-e2e: install
 	$(PY) -m pytest tests/test_grafana.py tests/test_e2e_prometheus.py $(PYTEST_ARGS)
+
+# Every CPython found (3.10-3.13) and the FastAPI/Starlette matrix, each in .venv-matrix/<name>.
+test-matrix: install
+	$(PY) scripts/test_matrix.py $(MATRIX_ARGS)
 
 lint: install
 	$(PY) -m ruff check $(LINTED)

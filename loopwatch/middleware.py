@@ -205,9 +205,9 @@ class LoopWatchMiddleware:
     def _is_metrics_mount(self, scope: Scope) -> bool:
         """``/metrics`` itself for a ``metrics_app()`` mounted at ``/metrics``: answer it
         directly instead of Starlette's redirect to ``/metrics/``; never count it."""
-        app = scope.get("app")
-        if app is None:
-            return False
+        # Starlette puts itself in scope["app"]; an app wrapped directly
+        # (LoopWatchMiddleware(app)) is self.app
+        app = scope.get("app") or self.app
         mounts = self._metrics_mounts.get(id(app))
         if mounts is None:
             mounts = self._metrics_mounts[id(app)] = _find_metrics_mounts(app)

@@ -308,13 +308,18 @@ class Monitor:
     async def _beat(self) -> None:
         clock, interval, lag, sleep = self._clock, self.interval, self.lag, asyncio.sleep
         expected = clock() + interval
-        while True:
-            await sleep(interval)
-            now = clock()
-            late = now - expected
-            lag.observe(late if late > 0.0 else 0.0)
-            self.last_beat = now
-            expected = now + interval
+        try:
+            while True:
+                await sleep(interval)
+                now = clock()
+                late = now - expected
+                lag.observe(late if late > 0.0 else 0.0)
+                self.last_beat = now
+                expected = now + interval
+        finally:
+            # cancelled as the loop shuts down: running this proves the loop is free again,
+            # so the watchdog can still close (and report) a stall that ended just now
+            self.last_beat = clock()
 
     def threadpool_stats(self) -> tuple[int, int, int] | None:
         """(size, busy threads, waiting tasks) of the loop's default threadpool, if known."""
@@ -358,6 +363,11 @@ class Monitor:
                 next_sync = now + (0.1 if self._episode is not None else 1.0)
                 self._sync_mirrors()
         self._stop.set()
+        if self._episode is not None and self.loop.is_closed():
+            try:  # the loop closed right after a stall: deliver it, as the next check would
+                self._tick()
+            except Exception:
+                logger.debug("loopwatch: last check after the loop closed failed", exc_info=True)
         self._sync_mirrors()
         if self.loop.is_closed():
             self._forget()

@@ -166,8 +166,9 @@ def test_cpu_and_wait_are_told_apart(loop_impl: str, registry: CollectorRegistry
     assert kinds == {"/cpu": "cpu", "/other": "wait"}
     cpu = next(s for s in log.stalls if s.route == "/cpu")
     wait = next(s for s in log.stalls if s.route == "/other")
-    # on a busy machine the computing thread gets only part of a core, the sleeping one none
-    assert cpu.cpu_seconds > 0.15 > wait.cpu_seconds
+    # on a busy machine the computing thread gets only part of a core (0.09 s of 0.5 s seen
+    # under heavy load), the sleeping one next to none
+    assert cpu.cpu_seconds > 0.04 > wait.cpu_seconds
     assert "in cpu_bound" in cpu.culprit
 
 

@@ -366,3 +366,32 @@ def test_request_metrics_off_still_routes_a_stall_before_routing(
         )
         == 1
     )
+
+
+def test_a_stall_right_before_the_loop_closes_is_still_reported(
+    registry: CollectorRegistry,
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    async def block(request: Request) -> PlainTextResponse:
+        time.sleep(0.4)
+        return PlainTextResponse("x")
+
+    log = StallLog()
+    inner = Starlette(routes=[Route("/block", block), Mount("/metrics", metrics_app(registry))])
+    # wrapped directly, not with add_middleware: scope["app"] is not set at this layer
+    app = LoopWatchMiddleware(inner, registry=registry, on_stall=log)
+
+    async def one_request_then_shutdown() -> int:
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            await client.get("/block")
+            return (await client.get("/metrics", follow_redirects=False)).status_code
+
+    for _ in range(3):  # asyncio.run closes the loop the moment the request is done
+        assert asyncio.run(one_request_then_shutdown()) == 200
+    log.wait_for(3)
+    assert log.routes() == ["/block"] * 3
