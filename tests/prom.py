@@ -23,7 +23,7 @@ from prometheus_client.metrics_core import Metric
 
 from loopwatch.metrics import LoopwatchCollector
 from loopwatch.stats import StatsBook
-from tests.servers import free_port
+from tests.servers import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "grafana"
@@ -242,9 +242,4 @@ def run_prometheus(config: Mapping[str, Any], workdir: Path) -> Iterator[Prometh
             time.sleep(0.1)
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
