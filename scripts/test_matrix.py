@@ -383,6 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"   {run.status} {run.counts} in {run.seconds:.0f}s", flush=True)
     print_table(runs)
     print(f"\nmatrix finished in {time.monotonic() - started:.0f}s")
+    passed = sum(r.counts.get("passed", 0) for r in runs)
+    failed = sum(r.counts.get("failed", 0) + r.counts.get("errors", 0) for r in runs)
+    print(f"matrix: {passed} passed, {failed} failed")  # the closing line CI reads
     bad = [r for r in runs if not r.status.startswith("ok") and r.status != "missing"]
     missing = [r for r in runs if r.status == "missing"]
     if missing and require_all:
