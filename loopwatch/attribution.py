@@ -75,19 +75,31 @@ class RequestRecord:
         return self.route
 
 
-def bind_request(record: RequestRecord) -> contextvars.Token[RequestRecord | None]:
+Binding = tuple[contextvars.Token["RequestRecord | None"], "asyncio.Task[Any] | None", Any]
+
+
+def bind_request(record: RequestRecord) -> Binding:
+    """Make ``record`` the current request of this task and of the tasks it spawns."""
+    task = previous = None
     if not HAS_TASK_CONTEXT:
         task = asyncio.current_task()
         if task is not None:
+            previous = _task_owners.get(task)
             _task_owners[task] = record
-    return _current_request.set(record)
+    return _current_request.set(record), task, previous
 
 
-def unbind_request(token: contextvars.Token[RequestRecord | None]) -> None:
+def unbind_request(binding: Binding) -> None:
+    token, task, previous = binding
     try:  # noqa: SIM105 - not contextlib.suppress: this runs once per request
         _current_request.reset(token)
     except ValueError:  # a reset from another context (a server that moved the request)
         pass
+    if task is not None:  # Python < 3.12: the task no longer runs for this request
+        if previous is None:
+            _task_owners.pop(task, None)
+        else:
+            _task_owners[task] = previous
 
 
 def current_request() -> RequestRecord | None:

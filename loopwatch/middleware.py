@@ -107,6 +107,9 @@ class LoopWatchMiddleware:
             return
 
         path = scope.get("path", "")
+        root = scope.get("root_path")
+        if root and path.startswith(root):  # servers include root_path in path (ASGI spec)
+            path = path[len(root) :]
         if (
             "loopwatch" in scope  # an outer loopwatch (a mounted app's) already counts it
             or self._is_metrics_mount(scope)
@@ -126,7 +129,7 @@ class LoopWatchMiddleware:
 
         record = RequestRecord(method, scope, scope.get("root_path", ""))
         scope["loopwatch"] = True  # a marker, not the record: no reference cycle per request
-        token = bind_request(record)
+        binding = bind_request(record)
         monitor.in_flight += 1
         if not self.request_metrics:
             # stall attribution only: no status, no clock, no route unless a stall needs it
@@ -138,7 +141,7 @@ class LoopWatchMiddleware:
                 if record.pending:
                     record.finish()
                     monitor.flush_pending(record)
-                unbind_request(token)
+                unbind_request(binding)
             return
 
         shard.in_flight += 1
@@ -150,8 +153,12 @@ class LoopWatchMiddleware:
             mtype = message["type"]
             if mtype == "http.response.start" or mtype == "websocket.http.response.start":
                 status = _STATUSES.get(message.get("status", 0), "other")
+                if record.pending:  # stalls from before routing: routed by now
+                    monitor.flush_pending(record)
             elif mtype == "websocket.accept":
                 status = "101"
+                if record.pending:
+                    monitor.flush_pending(record)
             elif mtype == "websocket.close" and status == "500":
                 status = "403"  # closed before accepting: the server answers 403
             await send(message)
@@ -166,7 +173,7 @@ class LoopWatchMiddleware:
             shard.count_request(method, route, status, elapsed)
             if record.pending:
                 monitor.flush_pending(record)
-            unbind_request(token)
+            unbind_request(binding)
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         monitor = Monitor.for_loop(loop, self.settings)
@@ -180,9 +187,13 @@ class LoopWatchMiddleware:
         self._loop = loop
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
         async def receive_and_start() -> Message:
+            nonlocal started
             message: Message = await receive()
             if message.get("type") == "lifespan.startup":
+                started = True
                 if self.metrics_server is None and self.settings.metrics_port is not None:
                     self.metrics_server = MetricsServer.acquire(self.settings, self.registry)
                 self._bind(asyncio.get_running_loop())
@@ -191,7 +202,10 @@ class LoopWatchMiddleware:
         try:
             await self.app(scope, receive_and_start, send)
         finally:
-            self.close()
+            # An app that ignores lifespan returns at once: keep the side port and let the
+            # first request start the monitor. After a real start-up, this is the shutdown.
+            if started:
+                self.close()
 
     def close(self) -> None:
         """Stop this instance's share of the monitor and the side-port server."""

@@ -34,7 +34,7 @@ from loopwatch.attribution import (
     owner_of,
 )
 from loopwatch.config import Settings
-from loopwatch.stall import BACKGROUND, Stall, remember
+from loopwatch.stall import BACKGROUND, UNMATCHED, Stall, remember
 from loopwatch.stats import LAG_BUCKETS, HistogramData, Shard, StatsBook
 
 __all__ = ["Monitor", "StallCallback"]
@@ -244,7 +244,10 @@ class Monitor:
             return
         self.last_beat = self._clock()
         # An empty context: the heartbeat must never look like part of a request.
-        self._heartbeat = contextvars.Context().run(self.loop.create_task, self._beat())
+        heartbeat = contextvars.Context().run(self.loop.create_task, self._beat())
+        # a loop may close without running it again (shutdown): that is not an error
+        heartbeat._log_destroy_pending = False  # type: ignore[attr-defined]
+        self._heartbeat = heartbeat
 
     @property
     def stalling(self) -> bool:
@@ -281,9 +284,6 @@ class Monitor:
             try:
                 if self._on_loop_thread():
                     heartbeat.cancel()
-                    if not self.loop.is_running():
-                        # it finishes only if the loop runs again; closing it unrun is fine
-                        heartbeat._log_destroy_pending = False  # type: ignore[attr-defined]
                 else:
                     self.loop.call_soon_threadsafe(heartbeat.cancel)
             except RuntimeError:  # the loop closed meanwhile
@@ -296,6 +296,8 @@ class Monitor:
             if self.last_beat == episode.beat:
                 self.last_beat = self._clock()  # the hold ended when the loop stopped
             self._tick()
+        if not thread_alive(thread):
+            self._forget()  # a stopped monitor is never restarted: fold its figures away
         with self._registry_lock:
             if self._by_loop.get(self.loop) is self:
                 del self._by_loop[self.loop]
@@ -401,7 +403,10 @@ class Monitor:
     def _check_heartbeat(self) -> None:
         heartbeat = self._heartbeat
         if heartbeat is not None and heartbeat.done() and not self._stop.is_set():
-            logger.warning("loopwatch: the heartbeat task ended; restarting it")
+            if heartbeat.cancelled():  # often the loop shutting down (asyncio.run)
+                logger.info("loopwatch: the heartbeat task was cancelled; restarting it")
+            else:
+                logger.warning("loopwatch: the heartbeat task ended; restarting it")
             self._heartbeat = None
             try:
                 self.loop.call_soon_threadsafe(self._start_heartbeat)
@@ -524,6 +529,8 @@ class Monitor:
     def _hold_until_routed(self, record: RequestRecord, stall: Stall) -> None:
         if record.route is not None or record.done:
             self.deliver(dataclasses.replace(stall, route=record.finish()))
+        elif (route := record.current_route()) is not None:  # routed meanwhile
+            self.deliver(dataclasses.replace(stall, route=route))
         elif record.pending is None:
             record.pending = [stall]
         else:
@@ -532,8 +539,9 @@ class Monitor:
     def flush_pending(self, record: RequestRecord) -> None:
         """Called by the middleware on the loop when a request with held stalls finishes."""
         pending, record.pending = record.pending, None
+        route = record.route or record.current_route() or UNMATCHED
         for stall in pending or ():
-            self.deliver(dataclasses.replace(stall, route=record.route or stall.route))
+            self.deliver(dataclasses.replace(stall, route=route))
 
     # -- reporting ----------------------------------------------------------------------
 
@@ -545,8 +553,7 @@ class Monitor:
             logger.debug("loop thread stack during the stall:\n%s", stall.stack)
         for book, shard in list(self.books.items()):
             book.observe_stall(shard, stall.method, stall.route, stall.kind, stall.duration)
-            if book.mirror is not None:
-                book.mirror()
+        self._sync_mirrors()  # multiprocess mode: other workers' scrapes see it now
         for callback in list(self.callbacks):
             try:
                 callback(stall)

@@ -105,12 +105,25 @@ def _walk_mounts(routes: list[Any], prefix: str, out: list[tuple[str, bool]], de
     if depth > 16:
         return
     for route in routes:
-        children = _child_routes(route)
         path = getattr(route, "path", None)
-        if children and isinstance(path, str) and hasattr(route, "app"):
-            template = prefix + path
+        if not isinstance(path, str) or not hasattr(route, "app") or hasattr(route, "endpoint"):
+            continue  # not a Mount
+        children = _child_routes(route)
+        template = prefix + path
+        if children or "{" in path:  # a parametric mount of a plain ASGI app counts too
             out.append((template, "{" in path))
-            _walk_mounts(children, template, out, depth + 1)
+        _walk_mounts(children, template, out, depth + 1)
+
+
+def _template_regex(template: str) -> str:
+    """``/t/{tenant}/files/{rest:path}`` -> a regex for concrete prefixes of that template."""
+    out, last = [], 0
+    for match in _PARAM.finditer(template):
+        out.append(re.escape(template[last : match.start()]))
+        out.append(".+" if match.group(2) == ":path" else "[^/]+")
+        last = match.end()
+    out.append(re.escape(template[last:]))
+    return "".join(out)
 
 
 def _parametric_mounts(router: Any) -> list[tuple[re.Pattern[str], str]]:
@@ -122,11 +135,7 @@ def _parametric_mounts(router: Any) -> list[tuple[re.Pattern[str], str]]:
         pass
     found: list[tuple[str, bool]] = []
     _walk_mounts(_child_routes(router), "", found, 0)
-    table = [
-        (re.compile(_PARAM.sub("[^/]+", re.escape(t).replace(r"\{", "{").replace(r"\}", "}"))), t)
-        for t, parametric in found
-        if parametric or "{" in t
-    ]
+    table = [(re.compile(_template_regex(t)), t) for t, parametric in found if "{" in t]
     with _tables_lock, contextlib.suppress(TypeError):
         _parametric[router] = table
     return table

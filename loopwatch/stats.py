@@ -110,16 +110,15 @@ class StatsBook:
 
     def retire(self, shard: Shard) -> None:
         """Fold a finished loop's shard into one kept shard, so a test suite that starts a
-        loop per request does not grow the list; counters never go backwards."""
-        with self._lock:
+        loop per request does not grow the list. Under the same lock as ``totals``, so no
+        scrape sees the counts missing (a counter going backwards) or twice."""
+        with self._lock, self.stall_lock:
             if shard not in self.shards:
                 return
-            self.shards.remove(shard)
             if self._retired is None:
                 self._retired = Shard()
                 self.shards.append(self._retired)
             keep = self._retired
-        with self.stall_lock:
             for key, n in shard.requests.copy().items():
                 keep.requests[key] = keep.requests.get(key, 0) + n
             for lkey, h in shard.latency.copy().items():
@@ -127,16 +126,20 @@ class StatsBook:
             for skey, h in shard.stalls.copy().items():
                 keep.stalls.setdefault(skey, HistogramData(h.bounds)).merge(h)
             keep.lag.merge(shard.lag)
-            keep.in_flight += shard.in_flight
+            self.shards.remove(shard)
 
     def snapshot(self) -> list[Shard]:
         with self._lock:
             return list(self.shards)
 
     def totals(self) -> Totals:
+        with self._lock:  # consistent with retire(): every count exactly once
+            return self._totals()
+
+    def _totals(self) -> Totals:
         out = Totals()
         seen_lag: set[int] = set()
-        for shard in self.snapshot():
+        for shard in self.shards:
             if id(shard.lag) not in seen_lag:  # a monitor's lag is shared by its shards
                 seen_lag.add(id(shard.lag))
                 out.lag.merge(shard.lag)

@@ -395,3 +395,99 @@ def test_a_stall_right_before_the_loop_closes_is_still_reported(
         assert asyncio.run(one_request_then_shutdown()) == 200
     log.wait_for(3)
     assert log.routes() == ["/block"] * 3
+
+
+def test_side_port_survives_an_app_that_ignores_lifespan(registry: CollectorRegistry) -> None:
+    async def plain_app(scope: dict[str, object], receive: object, send: object) -> None:
+        if scope["type"] != "http":
+            return  # very common: no lifespan support at all
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
+
+    app = LoopWatchMiddleware(plain_app, registry=registry, metrics_port=0)  # type: ignore[arg-type]
+    assert app.metrics_server is not None
+    port = app.metrics_server.port
+    with serve(app, lifespan="auto") as url:
+        assert httpx.get(f"{url}/x").text == "ok"
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 200
+    app.close()
+
+
+def test_exclude_is_relative_to_root_path(registry: CollectorRegistry) -> None:
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {}
+
+    @app.get("/work")
+    async def work() -> dict[str, str]:
+        return {}
+
+    app.add_middleware(LoopWatchMiddleware, registry=registry, exclude=["/health"])
+    with serve(app, root_path="/api") as url:  # behind a proxy that strips /api
+        assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.get(f"{url}/work").status_code == 200
+    assert {s["route"] for s in series(registry, "loopwatch_requests_total")} == {"/work"}
+
+
+def test_lifespan_cycles_do_not_grow_the_aggregates(registry: CollectorRegistry) -> None:
+    from loopwatch.metrics import book_for
+
+    app = small_app(registry)
+    for _ in range(10):
+        with TestClient(app) as client:
+            client.get("/ok")
+    assert len(book_for(registry).shards) <= 2  # folded into one kept shard
+    assert (
+        sample(registry, "loopwatch_requests_total", method="GET", route="/ok", status="200") == 10
+    )
+
+
+def test_a_finished_request_does_not_own_its_task_afterwards(registry: CollectorRegistry) -> None:
+    # ASGITransport runs the app in the caller's task; blocking there after the request is
+    # background code, on every Python (3.10/3.11 keep task owners in a table)
+    log = StallLog()
+    app = small_app(registry, on_stall=log)
+
+    async def request_then_block() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            await client.get("/ok")
+            time.sleep(0.3)  # no request in flight now
+            await client.get("/ok")
+
+    asyncio.run(request_then_block())
+    [stall] = log.wait_for(1)
+    assert stall.route == "<background>"
+
+
+def test_stalls_before_routing_are_reported_when_the_response_starts(
+    registry: CollectorRegistry,
+) -> None:
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+
+    log = StallLog()
+    app = FastAPI()
+
+    @app.middleware("http")
+    async def slow_auth(request: Request, call_next: object) -> object:
+        time.sleep(0.4)  # before routing
+        return await call_next(request)  # type: ignore[operator]
+
+    @app.get("/events/{topic}")
+    async def events(topic: str) -> StreamingResponse:
+        async def stream():  # type: ignore[no-untyped-def]
+            for _ in range(40):
+                yield b"tick\n"
+                await asyncio.sleep(0.05)
+
+        return StreamingResponse(stream())
+
+    app.add_middleware(LoopWatchMiddleware, registry=registry, on_stall=log)
+    with serve(app) as url, httpx.stream("GET", f"{url}/events/news", timeout=10) as response:
+        next(response.iter_bytes())
+        # the stream runs 2 s more; the stall is known long before it ends
+        [stall] = log.wait_for(1, timeout=1.5)
+        assert stall.route == "/events/{topic}"

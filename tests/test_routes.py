@@ -185,3 +185,18 @@ def test_label_matches_starlette_dispatch(
         assert labels == {response.text}  # Starlette's choice, as the endpoint knows it
     else:
         assert labels == {UNMATCHED}
+
+
+def test_parametric_mount_of_a_plain_asgi_app_is_one_series() -> None:
+    registry = CollectorRegistry()
+
+    async def files(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"f"})
+
+    app = Starlette(routes=[Mount("/tenants/{tenant}", app=files)])
+    app.add_middleware(LoopWatchMiddleware, registry=registry)
+    with TestClient(app) as client:
+        for tenant in ("a1", "b2", "c3"):
+            assert client.get(f"/tenants/{tenant}/x/y").text == "f"
+    assert labels_of(app, registry) == {"/tenants/{tenant}/{path}"}
