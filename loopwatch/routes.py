@@ -157,7 +157,12 @@ def _legacy_template(router: Any, endpoint: Any) -> str | None:
             if ep is not None and isinstance(path, str):
                 table.setdefault(ep, path)  # relative: the mount prefix comes from root_path
             elif ep is None:
-                pending.extend(_child_routes(route))
+                children = _child_routes(route)
+                pending.extend(children)
+                app = getattr(route, "app", None)
+                if not children and app is not None and isinstance(path, str):
+                    # a Mount of a plain ASGI app: old Starlette's scope names the app
+                    table.setdefault(app, "/{path}")
         with _tables_lock, contextlib.suppress(TypeError):
             _legacy[router] = table
     return table.get(endpoint)

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from starlette.responses import StreamingResponse
 from starlette.testclient import TestClient
 
 from loopwatch import UNMATCHED, LoopWatchMiddleware, metrics_app
@@ -44,8 +45,6 @@ def small_app(registry: CollectorRegistry, **options: object) -> FastAPI:
 
     @app.get("/slow-body")
     async def slow_body() -> object:
-        from starlette.responses import StreamingResponse
-
         async def chunks():  # type: ignore[no-untyped-def]
             for _ in range(50):
                 yield b"x" * 1024
@@ -466,7 +465,6 @@ def test_stalls_before_routing_are_reported_when_the_response_starts(
     registry: CollectorRegistry,
 ) -> None:
     from starlette.requests import Request
-    from starlette.responses import StreamingResponse
 
     log = StallLog()
     app = FastAPI()
@@ -476,7 +474,7 @@ def test_stalls_before_routing_are_reported_when_the_response_starts(
         time.sleep(0.4)  # before routing
         return await call_next(request)  # type: ignore[operator]
 
-    @app.get("/events/{topic}")
+    @app.get("/events/{topic}", response_model=None)
     async def events(topic: str) -> StreamingResponse:
         async def stream():  # type: ignore[no-untyped-def]
             for _ in range(40):
