@@ -61,6 +61,14 @@ HELP = {
 }
 
 
+# The threadpool gauges, in the order of Totals.threadpool: (name suffix, HELP key).
+_POOL_GAUGES = (
+    ("size", "pool_size"),
+    ("busy_threads", "pool_busy"),
+    ("waiting_tasks", "pool_waiting"),
+)
+
+
 def multiprocess_dir() -> str | None:
     """prometheus_client's multiprocess directory, when several workers share metrics."""
     # prometheus_client still honours the old lower-case name too
@@ -151,9 +159,8 @@ class LoopwatchCollector(Collector):
 
         if t is None or t.threadpool is not None:
             pool = t.threadpool if t is not None else None
-            for name, index in (("size", 0), ("busy_threads", 1), ("waiting_tasks", 2)):
-                key = {"size": "pool_size", "busy_threads": "pool_busy"}.get(name, "pool_waiting")
-                family = GaugeMetricFamily(f"loopwatch_threadpool_{name}", HELP[key])
+            for index, (name, help_key) in enumerate(_POOL_GAUGES):
+                family = GaugeMetricFamily(f"loopwatch_threadpool_{name}", HELP[help_key])
                 if pool is not None:
                     family.add_metric([], pool[index])
                 yield family
@@ -220,8 +227,7 @@ class _MultiprocessMirror:
         self.pool = [
             Gauge(f"loopwatch_threadpool_{n}", HELP[h], multiprocess_mode="livesum",
                   registry=no_registry)
-            for n, h in (("size", "pool_size"), ("busy_threads", "pool_busy"),
-                         ("waiting_tasks", "pool_waiting"))
+            for n, h in _POOL_GAUGES
         ]  # fmt: skip
 
     @staticmethod

@@ -128,10 +128,6 @@ class StatsBook:
             keep.lag.merge(shard.lag)
             self.shards.remove(shard)
 
-    def snapshot(self) -> list[Shard]:
-        with self._lock:
-            return list(self.shards)
-
     def totals(self) -> Totals:
         with self._lock:  # consistent with retire(): every count exactly once
             return self._totals()
