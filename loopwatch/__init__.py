@@ -9,7 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from loopwatch.config import ConfigError, Settings
-from loopwatch.stall import BACKGROUND, UNMATCHED, Stall, clear_recent_stalls, recent_stalls
+from loopwatch.stall import (
+    BACKGROUND,
+    SERVER,
+    UNMATCHED,
+    Stall,
+    clear_recent_stalls,
+    recent_stalls,
+)
 
 if TYPE_CHECKING:
     from loopwatch.exposition import MetricsServer, metrics_app
@@ -20,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKGROUND",
+    "SERVER",
     "UNMATCHED",
     "ConfigError",
     "LoopWatchMiddleware",

@@ -48,7 +48,17 @@ _task_owners: weakref.WeakKeyDictionary[asyncio.Task[Any], RequestRecord] = (
 class RequestRecord:
     """One request (or websocket) in flight, as the watchdog needs to see it."""
 
-    __slots__ = ("__weakref__", "done", "method", "pending", "root_path", "route", "scope")
+    __slots__ = (
+        "__weakref__",
+        "booked",
+        "busy",
+        "done",
+        "method",
+        "pending",
+        "root_path",
+        "route",
+        "scope",
+    )  # fmt: skip
 
     def __init__(self, method: str, scope: Any, root_path: str) -> None:
         self.method = method
@@ -58,6 +68,10 @@ class RequestRecord:
         self.done = False  # the app returned; the route can be read from the scope any time
         # stalls that ended before the request was routed; the middleware flushes them
         self.pending: list[Any] | None = None
+        # loop time: seconds the loop ran this request's code (written on the loop thread
+        # by the accounting hook), and how much of it is booked (by the watchdog)
+        self.busy = 0.0
+        self.booked = 0.0
 
     def current_route(self) -> str | None:
         """The final route if finished, else what the scope says so far (None: not routed)."""

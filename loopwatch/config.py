@@ -63,6 +63,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "metrics_host": ("LOOPWATCH_METRICS_HOST", str),
     "request_metrics": ("LOOPWATCH_REQUEST_METRICS", _parse_bool),
     "exclude": ("LOOPWATCH_EXCLUDE", _parse_paths),
+    "loop_time": ("LOOPWATCH_LOOP_TIME", _parse_bool),
 }
 
 _ENV_EXPECTED = {
@@ -73,6 +74,7 @@ _ENV_EXPECTED = {
     "metrics_host": "an IP address or host name",
     "request_metrics": "one of 1/0, true/false, yes/no, on/off",
     "exclude": "comma-separated paths starting with '/'",
+    "loop_time": "one of 1/0, true/false, yes/no, on/off",
 }
 
 
@@ -87,6 +89,7 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     request_metrics: bool = True
     exclude: tuple[str, ...] = ("/metrics",)
+    loop_time: bool = True
     # where each value came from, for error messages raised later (e.g. a busy port)
     sources: Mapping[str, str] | None = None
 
@@ -165,6 +168,8 @@ class Settings:
                     raise self._fail("metrics_host", "an IP address or host name") from None
         if not isinstance(self.request_metrics, bool):
             raise self._fail("request_metrics", "True or False")
+        if not isinstance(self.loop_time, bool):
+            raise self._fail("loop_time", "True or False")
         if isinstance(self.exclude, str) or not all(
             isinstance(p, str) and p.startswith("/") for p in self.exclude
         ):

@@ -56,6 +56,8 @@ HELP = {
     "it; grows while a stall lasts.",
     "stall_count": "Event loop stalls by the route whose code held the loop, counted as the "
     "hold crosses the threshold.",
+    "busy": "Seconds the event loop thread ran code, by the route of the request it ran for "
+    "(<background>: outside requests, <server>: the server's own protocol work).",
     "in_progress": "Age of the event loop stall in progress, by the route holding the loop; "
     "present only while a stall lasts.",
     "requests": "Requests served, by route template and status.",
@@ -182,6 +184,14 @@ class LoopwatchCollector(Collector):
             current.add_metric([], t.current_stall)
         yield current
 
+        if t is None or t.busy is not None:
+            busy = CounterMetricFamily(
+                "loopwatch_event_loop_busy_seconds", HELP["busy"], labels=["method", "route"]
+            )
+            for bkey, seconds in sorted(t.busy.items()) if t and t.busy else ():
+                busy.add_metric(list(bkey), seconds)
+            yield busy
+
         if t is None or t.threadpool is not None:
             pool = t.threadpool if t is not None else None
             for index, (name, help_key) in enumerate(_POOL_GAUGES):
@@ -246,6 +256,10 @@ class _MultiprocessMirror:
             multiprocess_mode="livemax", registry=no_registry,
         )  # fmt: skip
         self._in_progress_keys: set[tuple[str, str]] = set()
+        self.busy = Counter(
+            "loopwatch_event_loop_busy_seconds", HELP["busy"], ["method", "route"],
+            registry=no_registry,
+        )  # fmt: skip
         self.current = Gauge(
             "loopwatch_current_stall_seconds", HELP["current"], multiprocess_mode="livemax",
             registry=no_registry,
@@ -288,6 +302,8 @@ class _MultiprocessMirror:
             for pkey, age in t.in_progress.items():
                 self.in_progress.labels(*pkey).set(age)
             self._in_progress_keys = set(t.in_progress)
+            for bkey, seconds in (t.busy or {}).items():
+                self.busy.labels(*bkey)._value.set(seconds)
             self.current.set(t.current_stall)
             if self.book.request_metrics:
                 for rkey, n in t.requests.items():

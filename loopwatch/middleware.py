@@ -61,6 +61,7 @@ class LoopWatchMiddleware:
         request_metrics: bool | None = None,
         exclude: Iterable[str] | None = None,
         long_stall: float | None = None,
+        loop_time: bool | None = None,
     ) -> None:
         self.app = app
         self.settings = Settings.resolve(
@@ -73,6 +74,7 @@ class LoopWatchMiddleware:
             if exclude is not None and not isinstance(exclude, str)
             else exclude,
             long_stall=long_stall,
+            loop_time=loop_time,
         )
         if on_stall is not None and not callable(on_stall):
             raise ConfigError("on_stall", on_stall, "argument", "a callable taking a Stall")
@@ -134,14 +136,19 @@ class LoopWatchMiddleware:
         record = RequestRecord(method, scope, scope.get("root_path", ""))
         scope["loopwatch"] = True  # a marker, not the record: no reference cycle per request
         binding = bind_request(record)
-        monitor.in_flight += 1
+        monitor.requests.add(record)
+        accountant = monitor.accountant
+        if accountant is not None:
+            accountant.bound = record  # this callback runs it: its loop time is the request's
         if not self.request_metrics:
             # stall attribution only: no status, no clock, no route unless a stall needs it
             try:
                 await self.app(scope, receive, send)
             finally:
                 record.done = True
-                monitor.in_flight -= 1
+                monitor.requests.discard(record)
+                if accountant is not None:
+                    accountant.finished.append(record)
                 if record.pending:
                     record.finish()
                     monitor.flush_pending(record)
@@ -172,7 +179,9 @@ class LoopWatchMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             route = record.finish()
-            monitor.in_flight -= 1
+            monitor.requests.discard(record)
+            if accountant is not None:
+                accountant.finished.append(record)
             shard.in_flight -= 1
             shard.count_request(method, route, status, elapsed)
             if record.pending:

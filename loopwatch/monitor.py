@@ -24,6 +24,7 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any, ClassVar, NamedTuple
 
+from loopwatch.accounting import Accountant, start_accounting
 from loopwatch.attribution import (
     CodeFilter,
     FrameSource,
@@ -186,7 +187,10 @@ class Monitor:
         self._filter = code_filter or CodeFilter()
         self.lag = HistogramData(LAG_BUCKETS)
         self.last_beat = clock()
-        self.in_flight = 0  # requests in flight on this loop, kept by the middleware
+        # requests in flight on this loop, kept by the middleware
+        self.requests: set[RequestRecord] = set()
+        # loop time per request (accounting), when on
+        self.accountant: Accountant | None = None
         self.books: dict[StatsBook, Shard] = {}
         self.callbacks: list[StallCallback] = []
         self._failed_callbacks: set[int] = set()
@@ -257,6 +261,8 @@ class Monitor:
         self._sched = _thread_schedstat(threading.get_native_id())
         self._idle_codes = _loop_entry_codes()
         install_task_factory(self.loop)
+        if self.settings.loop_time:
+            self.accountant = start_accounting(self.loop, self._book_busy)
         self._start_heartbeat()
         self._thread = threading.Thread(target=self._run, name="loopwatch-watchdog", daemon=True)
         self._thread.start()
@@ -270,6 +276,10 @@ class Monitor:
         # a loop may close without running it again (shutdown): that is not an error
         heartbeat._log_destroy_pending = False  # type: ignore[attr-defined]
         self._heartbeat = heartbeat
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.requests)
 
     @property
     def stalling(self) -> bool:
@@ -318,6 +328,7 @@ class Monitor:
             if self.last_beat == episode.beat:
                 self.last_beat = self._clock()  # the hold ended when the loop stopped
             self._tick()
+        self._stop_accounting()
         if not thread_alive(thread):
             self._forget()  # a stopped monitor is never restarted: fold its figures away
         with self._registry_lock:
@@ -363,6 +374,19 @@ class Monitor:
         age = self._clock() - self.last_beat
         return age if age > self.threshold else 0.0
 
+    def _book_busy(self, key: tuple[str, str], seconds: float) -> None:
+        for book, shard in list(self.books.items()):
+            book.book_busy(shard, key, seconds)
+
+    def flush_loop_time(self) -> bool | None:
+        """Book the loop time up to now (before a scrape). None when not accounted, else
+        whether the server's own work is told apart."""
+        accountant = self.accountant
+        if accountant is None:
+            return None
+        accountant.drain(list(self.requests))
+        return accountant.sees_server
+
     def stall_in_progress(self) -> tuple[tuple[str, str], float] | None:
         """((method, route), age) of the stall being booked right now, if any."""
         live = self._live
@@ -380,12 +404,18 @@ class Monitor:
         # at most the difference.
         relaxed = max(interval, min(self.threshold / 4, 2.5 * interval))
         wait = interval
-        next_sync = 0.0
+        next_sync = next_drain = 0.0
         while not self._stop.wait(wait):
             if self.loop.is_closed():
                 break
             try:
                 self._tick()
+                accountant = self.accountant
+                if accountant is not None:
+                    accountant.check()
+                    if self._clock() >= next_drain:
+                        next_drain = self._clock() + 0.25
+                        accountant.drain(list(self.requests))
             except Exception:
                 if not self._tick_failed:  # once, not 100 times a second
                     self._tick_failed = True
@@ -407,9 +437,18 @@ class Monitor:
                 self._tick()
             except Exception:
                 logger.debug("loopwatch: last check after the loop closed failed", exc_info=True)
+        self._stop_accounting()
         self._sync_mirrors()
         if self.loop.is_closed():
             self._forget()
+
+    def _stop_accounting(self) -> None:
+        """Remove the loop-time hook and book what it measured last."""
+        accountant = self.accountant
+        if accountant is None:
+            return
+        accountant.stop()
+        accountant.drain(list(self.requests))
 
     def _forget(self) -> None:
         """The loop is gone: drop it from the registry and fold its aggregates away."""

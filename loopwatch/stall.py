@@ -11,6 +11,7 @@ __all__ = ["BACKGROUND", "UNMATCHED", "Stall", "clear_recent_stalls", "recent_st
 # Fixed label placeholders: label values are route templates or one of these, never raw input.
 UNMATCHED = "<unmatched>"
 BACKGROUND = "<background>"
+SERVER = "<server>"  # the server's own protocol work (loop time only)
 
 RING_SIZE = 256
 

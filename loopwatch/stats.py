@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from loopwatch.stall import BACKGROUND
+from loopwatch.stall import BACKGROUND, SERVER
 
 __all__ = [
     "LAG_BUCKETS",
@@ -32,6 +32,8 @@ STALL_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 # Code outside any request: its stall counters exist from start-up.
 ZERO_KEY = ("-", BACKGROUND)
+# The server's own protocol work (loop time only)
+SERVER_KEY = ("-", SERVER)
 
 REQUEST_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -71,6 +73,8 @@ class Shard:
         self.stalls: dict[tuple[str, str, str], HistogramData] = {}
         # (method, route) -> [stalls, seconds], booked while a stall lasts (not when it ends)
         self.stall_time: dict[tuple[str, str], list[float]] = {}
+        # (method, route) -> seconds the loop ran its code (loop time), under stall_lock
+        self.busy: dict[tuple[str, str], float] = {}
 
     def count_request(self, method: str, route: str, status: str, seconds: float) -> None:
         key = (method, route, status)
@@ -92,6 +96,8 @@ class Totals:
         self.stall_time: dict[tuple[str, str], list[float]] = {}
         # (method, route) -> age of the stall in progress, only while one lasts
         self.in_progress: dict[tuple[str, str], float] = {}
+        # (method, route) -> loop time; None when no loop is accounted
+        self.busy: dict[tuple[str, str], float] | None = None
         self.requests: dict[tuple[str, str, str], int] = {}
         self.latency: dict[tuple[str, str], HistogramData] = {}
         self.in_flight = 0
@@ -140,6 +146,8 @@ class StatsBook:
             for skey, h in shard.stalls.copy().items():
                 keep.stalls.setdefault(skey, HistogramData(h.bounds)).merge(h)
             _add_stall_time(keep.stall_time, shard.stall_time)
+            for bkey, seconds in shard.busy.copy().items():
+                keep.busy[bkey] = keep.busy.get(bkey, 0.0) + seconds
             keep.lag.merge(shard.lag)
             self.shards.remove(shard)
 
@@ -149,6 +157,14 @@ class StatsBook:
 
     def _totals(self) -> Totals:
         out = Totals()
+        accounted = server = False
+        for monitor in list(self.monitors):  # book their loop time up to now first
+            sees = monitor.flush_loop_time()
+            if sees is not None:
+                accounted = True
+                server = server or sees
+        if accounted or any(shard.busy for shard in self.shards):
+            out.busy = {}
         seen_lag: set[int] = set()
         for shard in self.shards:
             if id(shard.lag) not in seen_lag:  # a monitor's lag is shared by its shards
@@ -162,11 +178,19 @@ class StatsBook:
                 out.stalls.setdefault(skey, HistogramData(h.bounds)).merge(h)
             with self.stall_lock:
                 _add_stall_time(out.stall_time, shard.stall_time)
+                if out.busy is not None:
+                    for bkey, seconds in shard.busy.items():
+                        out.busy[bkey] = out.busy.get(bkey, 0.0) + seconds
             for method, route, _ in shard.requests.copy():  # a route seen is a route known
                 out.stall_time.setdefault((method, route), [0, 0.0])
             out.in_flight += shard.in_flight
         for key in list(self.declared):
             out.stall_time.setdefault(key, [0, 0.0])
+        if out.busy is not None:  # the same zero series, and the server's own work
+            for key in out.stall_time:
+                out.busy.setdefault(key, 0.0)
+            if server:
+                out.busy.setdefault(SERVER_KEY, 0.0)
         for monitor in list(self.monitors):
             out.current_stall = max(out.current_stall, monitor.current_stall_seconds())
             live = monitor.stall_in_progress()
@@ -200,6 +224,11 @@ class StatsBook:
                 entry = shard.stall_time[(method, route)] = [0, 0.0]
             entry[0] += stalls
             entry[1] += seconds
+
+    def book_busy(self, shard: Shard, key: tuple[str, str], seconds: float) -> None:
+        """Loop time of (method, route), booked by the watchdog or a scrape."""
+        with self.stall_lock:
+            shard.busy[key] = shard.busy.get(key, 0.0) + seconds
 
 
 def _add_stall_time(

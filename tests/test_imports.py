@@ -13,6 +13,7 @@ def test_public_surface_is_pinned() -> None:
     assert loopwatch.__all__ == sorted(loopwatch.__all__, key=lambda n: (not n.isupper(), n))
     assert set(loopwatch.__all__) == {
         "BACKGROUND",
+        "SERVER",
         "UNMATCHED",
         "ConfigError",
         "LoopWatchMiddleware",

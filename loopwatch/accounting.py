@@ -1,0 +1,491 @@
+"""Loop time per owner: how long the loop thread ran code, and for which request.
+
+Every callback the loop runs (a task step, an I/O callback, a timer) is timed on the loop
+thread and charged to its owner: the request bound in its context (``attribution``), the
+server's own protocol work (``<server>``: reading and parsing bytes, accepting connections,
+flushing writes) or anything else (``<background>``). The sum over owners is the loop's busy
+time, so its rate is the loop utilization (Node's ELU).
+
+One hook per kind of loop, chosen at start:
+
+- ``HandleHook``, pure-Python asyncio loops (any version): every callback, each task step
+  included, runs through ``asyncio.events.Handle._run``; the hook wraps it, once per process,
+  and times only the loops it was asked to.
+- ``MonitoringHook``, any loop (uvloop) on 3.12+: ``sys.monitoring`` local events on the top
+  coroutine code object of each task time every task step. The server's own callbacks in C
+  are not seen.
+- ``SamplingHook``, uvloop on 3.10/3.11: no exact hook exists; the watchdog samples the
+  loop's current task every check. Biased: it misses steps shorter than the sampling period.
+
+Threads: the hook writes on the loop thread only (``RequestRecord.busy``, ``Accountant``'s
+own floats); ``Accountant.drain`` reads them from the watchdog or a scrape, under a lock,
+and books the difference per route. A callback still running is booked as it lasts, so a
+hold of seconds shows in ``rate()`` while it happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from types import CodeType
+from typing import Any
+
+from loopwatch.attribution import RequestRecord, _current_request, owner_of
+from loopwatch.stall import BACKGROUND, SERVER, UNMATCHED
+
+__all__ = ["Accountant", "BusySink", "start_accounting"]
+
+logger = logging.getLogger("loopwatch")
+
+BACKGROUND_KEY = ("-", BACKGROUND)
+SERVER_KEY = ("-", SERVER)
+
+# books seconds for (method, route); the monitor passes one that writes its shards
+BusySink = Callable[[tuple[str, str], float], None]
+
+# a callback that is a method of one of these is the server's own protocol work
+_SERVER_TYPES: tuple[type, ...] = (
+    asyncio.BaseTransport,
+    asyncio.BaseProtocol,
+    asyncio.AbstractEventLoop,
+)
+
+# a callback still running is booked live once it is this old (shorter ones at their end)
+LIVE_AFTER = 0.05
+
+
+class Accountant:
+    """Loop time of one event loop, per owner. The hook writes; ``drain`` books."""
+
+    # hot-path fields, written by the hook on the loop thread
+    start: float | None  # perf_counter() when the running callback started, None between
+    owner: RequestRecord | None  # the running callback's request, if its context had one
+    bound: RequestRecord | None  # a request the running callback bound (its first step)
+    server_running: bool  # the running callback, if ownerless, is the server's
+    background: float  # seconds of ownerless callbacks
+    server: float
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sink: BusySink, kind: str) -> None:
+        self.loop = loop
+        self.kind = kind  # "handle", "monitoring" or "sampling": what the hook can see
+        self.exact = kind != "sampling"
+        self.sees_server = kind == "handle"
+        self.start = None
+        self.owner = None
+        self.bound = None
+        self.server_running = False
+        self.background = 0.0
+        self.server = 0.0
+        # finished requests whose last seconds are not booked yet (append: loop thread)
+        self.finished: collections.deque[RequestRecord] = collections.deque()
+        self._sink = sink
+        self._lock = threading.Lock()
+        self._booked_background = 0.0
+        self._booked_server = 0.0
+        # the running callback as far as the live booking got: (its start, booked until)
+        self._live: tuple[float, float] | None = None
+        self._hook: _Hook | None = None
+        self._last_sample = time.perf_counter()
+
+    # -- booking (watchdog or scrape thread) ---------------------------------------------
+
+    def check(self) -> None:
+        """Every watchdog check: sample (sampling hook), and book a long-running callback's
+        time so far, so a hold of seconds shows while it lasts."""
+        hook = self._hook
+        if hook is not None and not self.exact:
+            with self._lock:
+                hook.sample(self)
+        start = self.start
+        if start is not None and time.perf_counter() - start >= LIVE_AFTER:
+            with self._lock:
+                self._book_running()
+
+    def drain(self, in_flight: list[RequestRecord]) -> None:
+        """Book what the loop ran since the last drain, per route (from the watchdog about
+        four times a second, and before a scrape)."""
+        with self._lock:
+            self._book_running()
+            finished = self.finished
+            while finished:
+                self._book_record(finished.popleft(), final=True)
+            for record in in_flight:
+                self._book_record(record, final=False)
+            background = self.background
+            if background > self._booked_background:
+                self._sink(BACKGROUND_KEY, background - self._booked_background)
+                self._booked_background = background
+            server = self.server
+            if server > self._booked_server:
+                self._sink(SERVER_KEY, server - self._booked_server)
+                self._booked_server = server
+
+    def _book_record(self, record: RequestRecord, final: bool) -> None:
+        busy = record.busy
+        delta = busy - record.booked
+        if delta <= 0.0:  # nothing new, or the live booking is ahead of the hook
+            return
+        route = record.current_route()
+        if route is None:
+            if not (final or record.done):
+                return  # not routed yet: booked once it is
+            route = UNMATCHED
+        self._sink((record.method, route), delta)
+        record.booked = busy
+
+    def _book_running(self) -> None:
+        """A callback that has run for a while is booked as it lasts, ahead of the hook."""
+        start = self.start
+        if start is None:
+            self._live = None
+            return
+        now = time.perf_counter()
+        if now - start < LIVE_AFTER:
+            return
+        owner = self.owner or self.bound
+        server = self.server_running
+        if self.start is not start:
+            return  # it ended meanwhile: the hook has its exact time
+        live = self._live
+        since = live[1] if live is not None and live[0] == start else start
+        seconds = now - since
+        if owner is not None:
+            route = owner.current_route()
+            if route is None:
+                return  # not routed yet: the hook's time is booked once it is
+            self._sink((owner.method, route), seconds)
+            owner.booked += seconds
+        elif server:
+            self._sink(SERVER_KEY, seconds)
+            self._booked_server += seconds
+        else:
+            self._sink(BACKGROUND_KEY, seconds)
+            self._booked_background += seconds
+        self._live = (start, now)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        hook, self._hook = self._hook, None
+        if hook is not None:
+            hook.remove(self)
+
+
+class _Hook:
+    kind = ""
+
+    def add(self, accountant: Accountant) -> bool:
+        raise NotImplementedError
+
+    def remove(self, accountant: Accountant) -> None:
+        raise NotImplementedError
+
+    def sample(self, accountant: Accountant) -> None:
+        pass
+
+
+def _charge(acct: Accountant, owner: RequestRecord | None, seconds: float) -> None:
+    """End of a callback, on the loop thread: add its time to its owner."""
+    if owner is not None:
+        owner.busy += seconds
+        if owner.done:  # work after the request ended (a task it spawned): book it too
+            acct.finished.append(owner)
+    elif acct.server_running:
+        acct.server += seconds
+    else:
+        acct.background += seconds
+
+
+# -- pure-Python asyncio: Handle._run ---------------------------------------------------
+
+
+class HandleHook(_Hook):
+    """Wraps ``asyncio.events.Handle._run`` once per process while any loop is accounted;
+    other loops pay one dict lookup per callback. Removed when the last loop stops, unless
+    something wrapped it after us (then it passes through and says so)."""
+
+    kind = "handle"
+
+    def __init__(self) -> None:
+        self._loops: dict[asyncio.AbstractEventLoop, Accountant] = {}
+        self._original: Callable[[asyncio.Handle], None] | None = None
+        self._wrapper: Callable[[asyncio.Handle], None] | None = None
+        self._lock = threading.Lock()
+
+    def add(self, accountant: Accountant) -> bool:
+        with self._lock:
+            if self._wrapper is None:
+                self._install()
+            self._loops[accountant.loop] = accountant
+        return True
+
+    def remove(self, accountant: Accountant) -> None:
+        with self._lock:
+            if self._loops.get(accountant.loop) is accountant:
+                del self._loops[accountant.loop]
+            if self._loops or self._wrapper is None:
+                return
+            if asyncio.events.Handle._run is self._wrapper:
+                asyncio.events.Handle._run = self._original  # type: ignore[assignment,method-assign]
+                self._wrapper = self._original = None
+            else:  # another tool wrapped it after us: ours stays, as a pass-through
+                logger.info("loopwatch: Handle._run was wrapped after loopwatch; leaving a no-op")
+
+    def _install(self) -> None:
+        original = asyncio.events.Handle._run
+        loops = self._loops
+        perf_counter = time.perf_counter
+        var = _current_request
+        server_types = _SERVER_TYPES
+
+        def _run(self: asyncio.Handle) -> None:
+            acct = loops.get(self._loop)  # type: ignore[attr-defined]
+            if acct is None or acct.start is not None:  # not ours, or a nested run
+                return original(self)
+            owner = self._context.get(var)  # type: ignore[attr-defined]
+            acct.owner = owner
+            acct.bound = None
+            if owner is None:
+                acct.server_running = isinstance(
+                    getattr(self._callback, "__self__", None),  # type: ignore[attr-defined]
+                    server_types,
+                )
+            start = acct.start = perf_counter()
+            try:
+                original(self)
+            finally:
+                seconds = perf_counter() - start
+                acct.start = None
+                _charge(acct, owner or acct.bound, seconds)
+
+        _run.__loopwatch__ = True  # type: ignore[attr-defined]
+        _run.__wrapped__ = original  # type: ignore[attr-defined]
+        self._original = original
+        self._wrapper = _run
+        asyncio.events.Handle._run = _run  # type: ignore[method-assign]
+
+
+# -- any loop on 3.12+: sys.monitoring ------------------------------------------------------
+
+
+class MonitoringHook(_Hook):
+    """Times each task step with ``sys.monitoring`` local events on the top coroutine code
+    object of each task (registered by the task factory as tasks are created). A step starts
+    when that frame starts or resumes and ends when it yields, returns or unwinds. A frame
+    of the same code awaited inside another step nests (a depth count), and does not end it.
+    Takes a free tool id; if none is free, gives up and says so."""
+
+    kind = "monitoring"
+
+    EVENTS_LOCAL = 0
+    NAME = "loopwatch"
+
+    def __init__(self) -> None:
+        self._loops: dict[int, Accountant] = {}  # loop thread id -> accountant
+        self._codes: set[CodeType] = set()
+        self._tool: int | None = None
+        self._depth: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, accountant: Accountant) -> bool:
+        mon = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
+        with self._lock:
+            if self._tool is None:
+                tool = next((t for t in range(6) if mon.get_tool(t) is None), None)
+                if tool is None:
+                    logger.warning(
+                        "loopwatch: no free sys.monitoring tool id (all 6 in use); "
+                        "loop time is not measured on this loop"
+                    )
+                    return False
+                mon.use_tool_id(tool, self.NAME)
+                ev = mon.events
+                mon.register_callback(tool, ev.PY_START, self._on_start)
+                mon.register_callback(tool, ev.PY_RESUME, self._on_start)
+                mon.register_callback(tool, ev.PY_YIELD, self._on_end)
+                mon.register_callback(tool, ev.PY_RETURN, self._on_end)
+                mon.register_callback(tool, ev.PY_UNWIND, self._on_unwind)
+                mon.set_events(tool, ev.PY_UNWIND)  # not a local event: global, rare
+                self._tool = tool
+            self._loops[threading.get_ident()] = accountant
+            self._depth[threading.get_ident()] = 0
+        return True
+
+    def remove(self, accountant: Accountant) -> None:
+        mon = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
+        with self._lock:
+            for ident, acct in list(self._loops.items()):
+                if acct is accountant:
+                    del self._loops[ident]
+                    self._depth.pop(ident, None)
+            if self._loops or self._tool is None:
+                return
+            tool, self._tool = self._tool, None
+            for code in self._codes:
+                mon.set_local_events(tool, code, 0)
+            self._codes.clear()
+            mon.set_events(tool, 0)
+            for event in (
+                mon.events.PY_START,
+                mon.events.PY_RESUME,
+                mon.events.PY_YIELD,
+                mon.events.PY_RETURN,
+                mon.events.PY_UNWIND,
+            ):
+                mon.register_callback(tool, event, None)
+            mon.free_tool_id(tool)
+
+    def watch_task(self, task: Any) -> None:
+        """Called by the task factory on the loop thread for each new task."""
+        tool = self._tool
+        if tool is None:
+            return
+        code = getattr(task.get_coro(), "cr_code", None)
+        if code is None or code in self._codes:
+            return
+        self._codes.add(code)
+        ev = sys.monitoring.events  # type: ignore[attr-defined,unused-ignore]
+        sys.monitoring.set_local_events(  # type: ignore[attr-defined,unused-ignore]
+            tool, code, ev.PY_START | ev.PY_RESUME | ev.PY_YIELD | ev.PY_RETURN
+        )
+
+    def _on_start(self, code: CodeType, offset: int) -> None:
+        ident = threading.get_ident()
+        acct = self._loops.get(ident)
+        if acct is None:
+            return
+        if acct.start is not None:  # the same code awaited inside a running step
+            self._depth[ident] += 1
+            return
+        owner = _current_request.get()
+        acct.owner = owner
+        acct.bound = None
+        acct.server_running = False
+        acct.start = time.perf_counter()
+
+    def _on_end(self, code: CodeType, offset: int, value: object) -> None:
+        ident = threading.get_ident()
+        acct = self._loops.get(ident)
+        if acct is None:
+            return
+        depth = self._depth.get(ident, 0)
+        if depth:
+            self._depth[ident] = depth - 1
+            return
+        start = acct.start
+        if start is None:
+            return
+        seconds = time.perf_counter() - start
+        acct.start = None
+        _charge(acct, acct.owner or acct.bound, seconds)
+
+    def _on_unwind(self, code: CodeType, offset: int, exc: BaseException) -> None:
+        if code in self._codes:
+            self._on_end(code, offset, None)
+
+
+# -- uvloop on 3.10/3.11: sampling ----------------------------------------------------------
+
+
+class SamplingHook(_Hook):
+    """No exact hook: the watchdog asks the loop's current task at every check and charges
+    the time since the previous check to its owner. Steps shorter than the check period are
+    mostly missed, longer ones over- or under-counted by up to one period."""
+
+    kind = "sampling"
+
+    def add(self, accountant: Accountant) -> bool:
+        return True
+
+    def remove(self, accountant: Accountant) -> None:
+        pass
+
+    def sample(self, accountant: Accountant) -> None:
+        now = time.perf_counter()
+        elapsed = now - accountant._last_sample
+        accountant._last_sample = now
+        try:
+            task = asyncio.current_task(accountant.loop)
+        except RuntimeError:
+            return
+        if task is None:
+            return
+        owner = owner_of(task)
+        if owner is not None:
+            owner.busy += elapsed  # no other writer on this loop: the hook is this thread
+        else:
+            accountant.background += elapsed
+
+
+_handle_hook = HandleHook()
+_monitoring_hook: MonitoringHook | None = None
+_sampling_hook = SamplingHook()
+_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Accountant] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _is_pure_python_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    return isinstance(loop, asyncio.BaseEventLoop)
+
+
+def monitoring_hook() -> MonitoringHook | None:
+    global _monitoring_hook
+    if sys.version_info < (3, 12):
+        return None
+    if _monitoring_hook is None:
+        _monitoring_hook = MonitoringHook()
+    return _monitoring_hook
+
+
+def _watch_tasks(loop: asyncio.AbstractEventLoop, hook: MonitoringHook) -> None:
+    """Register the top coroutine of every task: those running now, and each new one
+    through a task factory that chains to the loop's own."""
+    for task in asyncio.all_tasks(loop):
+        hook.watch_task(task)
+    previous = loop.get_task_factory()
+    if getattr(previous, "_loopwatch_watch", False):
+        return
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        if previous is not None:
+            task = previous(loop, coro, **kwargs)
+        else:
+            task = asyncio.Task(coro, loop=loop, **kwargs)
+        if isinstance(task, asyncio.Task):
+            hook.watch_task(task)
+        return task
+
+    factory._loopwatch_watch = True  # type: ignore[attr-defined]
+    loop.set_task_factory(factory)
+
+
+def start_accounting(
+    loop: asyncio.AbstractEventLoop, sink: BusySink, *, force: str | None = None
+) -> Accountant | None:
+    """Start timing ``loop`` (call on its thread); None if no hook can run here."""
+    hook: _Hook | None
+    if force == "sampling":
+        hook = _sampling_hook
+    elif force == "monitoring" or (force is None and not _is_pure_python_loop(loop)):
+        hook = monitoring_hook() or _sampling_hook
+    else:
+        hook = _handle_hook
+    accountant = Accountant(loop, sink, hook.kind)
+    if not hook.add(accountant):
+        return None
+    accountant._hook = hook
+    if isinstance(hook, MonitoringHook):
+        _watch_tasks(loop, hook)
+    _by_loop[loop] = accountant
+    return accountant
+
+
+def accountant_for(loop: asyncio.AbstractEventLoop) -> Accountant | None:
+    return _by_loop.get(loop)
