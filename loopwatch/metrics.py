@@ -52,6 +52,12 @@ HELP = {
     "stalls": "Event loop stalls by the route whose code held the loop; _count is stalls, "
     "_sum is seconds lost.",
     "current": "Age of the event loop stall in progress, 0 when the loop is responsive.",
+    "stall_seconds": "Seconds the event loop was held by stalls, by the route whose code held "
+    "it; grows while a stall lasts.",
+    "stall_count": "Event loop stalls by the route whose code held the loop, counted as the "
+    "hold crosses the threshold.",
+    "in_progress": "Age of the event loop stall in progress, by the route holding the loop; "
+    "present only while a stall lasts.",
     "requests": "Requests served, by route template and status.",
     "latency": "Request latency as the client saw it, by route template.",
     "in_flight": "Requests being served right now.",
@@ -152,6 +158,25 @@ class LoopwatchCollector(Collector):
             stalls.add_metric(list(skey), _buckets(h.bounds, h.counts), h.total)
         yield stalls
 
+        stall_seconds = CounterMetricFamily(
+            "loopwatch_stall_seconds", HELP["stall_seconds"], labels=["method", "route"]
+        )
+        stall_count = CounterMetricFamily(
+            "loopwatch_stalls", HELP["stall_count"], labels=["method", "route"]
+        )
+        for tkey, (count, seconds) in sorted(t.stall_time.items()) if t else ():
+            stall_seconds.add_metric(list(tkey), seconds)
+            stall_count.add_metric(list(tkey), count)
+        yield stall_seconds
+        yield stall_count
+
+        in_progress = GaugeMetricFamily(
+            "loopwatch_stall_in_progress_seconds", HELP["in_progress"], labels=["method", "route"]
+        )
+        for pkey, age in sorted(t.in_progress.items()) if t else ():
+            in_progress.add_metric(list(pkey), age)
+        yield in_progress
+
         current = GaugeMetricFamily("loopwatch_current_stall_seconds", HELP["current"])
         if t is not None:
             current.add_metric([], t.current_stall)
@@ -208,6 +233,19 @@ class _MultiprocessMirror:
             "loopwatch_stall_duration_seconds", HELP["stalls"], ["method", "route", "kind"],
             buckets=STALL_BUCKETS, registry=no_registry,
         )  # fmt: skip
+        self.stall_seconds = Counter(
+            "loopwatch_stall_seconds", HELP["stall_seconds"], ["method", "route"],
+            registry=no_registry,
+        )  # fmt: skip
+        self.stall_count = Counter(
+            "loopwatch_stalls", HELP["stall_count"], ["method", "route"], registry=no_registry
+        )
+        # a file-backed gauge cannot drop a series: a finished stall's stays, at 0
+        self.in_progress = Gauge(
+            "loopwatch_stall_in_progress_seconds", HELP["in_progress"], ["method", "route"],
+            multiprocess_mode="livemax", registry=no_registry,
+        )  # fmt: skip
+        self._in_progress_keys: set[tuple[str, str]] = set()
         self.current = Gauge(
             "loopwatch_current_stall_seconds", HELP["current"], multiprocess_mode="livemax",
             registry=no_registry,
@@ -242,6 +280,14 @@ class _MultiprocessMirror:
             self._set_histogram(self.lag, t.lag)
             for skey, h in t.stalls.items():
                 self._set_histogram(self.stalls.labels(*skey), h)
+            for tkey, (count, seconds) in t.stall_time.items():
+                self.stall_count.labels(*tkey)._value.set(count)
+                self.stall_seconds.labels(*tkey)._value.set(seconds)
+            for pkey in self._in_progress_keys - t.in_progress.keys():
+                self.in_progress.labels(*pkey).set(0)
+            for pkey, age in t.in_progress.items():
+                self.in_progress.labels(*pkey).set(age)
+            self._in_progress_keys = set(t.in_progress)
             self.current.set(t.current_stall)
             if self.book.request_metrics:
                 for rkey, n in t.requests.items():

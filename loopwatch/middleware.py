@@ -18,6 +18,7 @@ from loopwatch.config import ConfigError, Settings
 from loopwatch.exposition import MetricsServer
 from loopwatch.metrics import book_for, resolve_registry
 from loopwatch.monitor import Monitor, StallCallback
+from loopwatch.routes import declared_routes
 from loopwatch.stats import Shard
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ _METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
 _STATUSES = {code: str(code) for code in range(100, 600)}
+_LABELS = _METHODS | {"WS"}
 
 
 class LoopWatchMiddleware:
@@ -83,6 +85,7 @@ class LoopWatchMiddleware:
         self._exact = frozenset(self.settings.exclude)
         self._prefixes = tuple(p.rstrip("/") + "/" for p in self.settings.exclude)
         self._metrics_mounts: dict[int, frozenset[str]] = {}
+        self._declared_apps: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._monitor: Monitor | None = None
         self._shard: Shard | None = None
@@ -122,6 +125,7 @@ class LoopWatchMiddleware:
         loop = asyncio.get_running_loop()
         if loop is not self._loop or self._monitor is None or not self._monitor.running:
             self._bind(loop)
+            self._declare(scope.get("app") or self.app)  # lifespan off: at the first request
         monitor = self._monitor
         shard = self._shard
         if monitor is None or shard is None:  # pragma: no cover - set by _bind
@@ -186,6 +190,15 @@ class LoopWatchMiddleware:
         self._monitor = monitor
         self._loop = loop
 
+    def _declare(self, app: Any) -> None:
+        """Zero series for the app's routes, read from its route table once per app."""
+        if id(app) in self._declared_apps:
+            return
+        self._declared_apps.add(id(app))
+        self.book.declared.update(
+            (method, route) for method, route in declared_routes(app) if method in _LABELS
+        )
+
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
@@ -197,6 +210,7 @@ class LoopWatchMiddleware:
                 if self.metrics_server is None and self.settings.metrics_port is not None:
                     self.metrics_server = MetricsServer.acquire(self.settings, self.registry)
                 self._bind(asyncio.get_running_loop())
+                self._declare(scope.get("app") or self.app)
             return message
 
         try:

@@ -22,7 +22,7 @@ import time
 import weakref
 from collections.abc import Callable
 from types import CodeType, FrameType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from loopwatch.attribution import (
     CodeFilter,
@@ -45,6 +45,15 @@ StallCallback = Callable[[Stall], Any]
 
 # owner key of code that runs outside any request (callbacks, startup tasks)
 _BACKGROUND_KEY = object()
+_BACKGROUND_STALL = ("-", BACKGROUND)
+
+
+class _Booked(NamedTuple):
+    """What the watchdog booked of a stall while it lasted: under which (method, route)
+    (None: nothing yet), and how many seconds."""
+
+    key: tuple[str, str] | None
+    seconds: float
 
 
 def _thread_schedstat(native_id: int) -> Callable[[], tuple[float, float]] | None:
@@ -101,12 +110,16 @@ class _Segment:
     """The loop held by one owner, from ``start`` until the owner changes or the loop frees."""
 
     __slots__ = (
+        "booked_until",
+        "confirmed",
+        "counted",
         "cpu0",
         "cpu_t0",
         "culprits",
         "idle",
         "in_flight",
         "key",
+        "live_key",
         "next_long",
         "record",
         "sched0",
@@ -127,6 +140,13 @@ class _Segment:
         self.stack: str | None = None
         self.next_long = long_stall
         self.in_flight = 0
+        # Live booking: once the hold is known to be a stall (``confirmed``), the watchdog
+        # books its seconds every check up to ``booked_until``, under ``live_key``
+        # (method, route), and the close books the rest.
+        self.confirmed = False
+        self.counted = False
+        self.booked_until = start
+        self.live_key: tuple[str, str] | None = None
 
 
 class _Episode:
@@ -179,6 +199,8 @@ class Monitor:
         self._sched: Callable[[], tuple[float, float]] | None = None
         self._idle_codes: frozenset[CodeType] = frozenset()
         self._episode: _Episode | None = None
+        # ((method, route), start) of the stall being booked live, for the in-progress gauge
+        self._live: tuple[tuple[str, str], float] | None = None
         self._tick_failed = False
         self.checks = 0  # watchdog checks done; settle() waits for one more
         self._lock = threading.Lock()
@@ -341,6 +363,13 @@ class Monitor:
         age = self._clock() - self.last_beat
         return age if age > self.threshold else 0.0
 
+    def stall_in_progress(self) -> tuple[tuple[str, str], float] | None:
+        """((method, route), age) of the stall being booked right now, if any."""
+        live = self._live
+        if live is None or not self.running:
+            return None
+        return live[0], self._clock() - live[1]
+
     # -- watchdog (own thread) ----------------------------------------------------------
 
     def _run(self) -> None:
@@ -362,6 +391,7 @@ class Monitor:
                     self._tick_failed = True
                     logger.exception("loopwatch: watchdog check failed; carrying on")
                 self._episode = None
+                self._live = None
             self.checks += 1
             wait = interval if self._episode is not None else relaxed
             self._check_heartbeat()
@@ -448,6 +478,39 @@ class Monitor:
         age = now - segment.start
         if age >= self.threshold / 2:
             self._sample_stack(segment, age, now)
+        if age >= self.threshold:
+            self._book_live(segment, age, now)
+
+    def _book_live(self, segment: _Segment, age: float, now: float) -> None:
+        """Book the stall's seconds while it lasts, so ``rate()`` shows a freeze as it
+        happens. The same tests as ``_close`` decide first that the hold is a stall."""
+        if not segment.confirmed:
+            if segment.key is _BACKGROUND_KEY and segment.idle and segment.culprits:
+                return  # a paused or starved process idle in its selector: no code
+            sched, sched0 = self._sched, segment.sched0
+            if (
+                sched is not None
+                and sched0 is not None
+                and age - (sched()[1] - sched0[1]) < (self.threshold)
+            ):
+                return  # so far mostly CPU starvation
+            segment.confirmed = True
+        record = segment.record
+        if record is None:
+            key = _BACKGROUND_STALL
+        else:
+            route = record.current_route()
+            if route is None:
+                return  # not routed yet: its stall is booked when it is delivered
+            key = (record.method, route)
+        stalls = 0 if segment.counted else 1
+        segment.counted = True
+        seconds = now - segment.booked_until
+        segment.booked_until = now
+        segment.live_key = key
+        self._live = (key, segment.start)
+        for book, shard in list(self.books.items()):
+            book.book_stall_time(shard, key[0], key[1], stalls, seconds)
 
     def _sample_stack(self, segment: _Segment, age: float, now: float) -> None:
         frame = self._frames().get(self._loop_thread_id or 0)
@@ -477,10 +540,13 @@ class Monitor:
         )
 
     def _close(self, segment: _Segment, end: float, now: float) -> None:
+        if self._live is not None and self._live[1] == segment.start:
+            self._live = None
         duration = end - segment.start
-        if duration < self.threshold:
+        confirmed = segment.confirmed  # booked live already: a stall whatever comes next
+        if duration < self.threshold and not confirmed:
             return
-        if segment.key is _BACKGROUND_KEY and segment.idle and segment.culprits:
+        if segment.key is _BACKGROUND_KEY and segment.idle and segment.culprits and not confirmed:
             logger.debug("loopwatch: %.3fs late heartbeat with the loop idle: not code", duration)
             return
         kind = "wait"
@@ -488,7 +554,7 @@ class Monitor:
         wall = now - segment.cpu_t0  # the part of the segment the CPU figures cover
         if self._sched is not None and segment.sched0 is not None:
             on_cpu, starved = (b - a for a, b in zip(segment.sched0, self._sched(), strict=True))
-            if duration - starved < self.threshold:
+            if duration - starved < self.threshold and not confirmed:
                 # runnable but not scheduled: the machine was busy, the code did not block
                 logger.debug("loopwatch: %.3fs hold was CPU starvation, not a stall", duration)
                 return
@@ -511,14 +577,16 @@ class Monitor:
             requests_in_flight=max(segment.in_flight, self.in_flight),
             cpu_seconds=cpu_seconds,
         )
+        # what the live booking already counted, so the stall is booked once in all
+        booked = _Booked(segment.live_key, segment.booked_until - segment.start)
         record = segment.record
         if record is None:
-            self.deliver(stall)
+            self.deliver(stall, booked=booked)
             return
         stall = dataclasses.replace(stall, method=record.method)
         route = record.current_route()
         if route is not None:
-            self.deliver(dataclasses.replace(stall, route=route))
+            self.deliver(dataclasses.replace(stall, route=route), booked=booked)
         else:
             # Blocked before routing (another middleware): wait for the route it will match.
             try:
@@ -545,14 +613,22 @@ class Monitor:
 
     # -- reporting ----------------------------------------------------------------------
 
-    def deliver(self, stall: Stall) -> None:
-        """Send a finished stall to the ring, the log, the metrics and the callbacks."""
+    def deliver(self, stall: Stall, *, booked: _Booked | None = None) -> None:
+        """Send a finished stall to the ring, the log, the metrics and the callbacks.
+        ``booked``: what the watchdog already counted of it while it lasted."""
         remember(stall)
         logger.warning("%s", stall.describe())
         if stall.stack and logger.isEnabledFor(logging.DEBUG):
             logger.debug("loop thread stack during the stall:\n%s", stall.stack)
+        key = (stall.method, stall.route)
+        if booked is None or booked.key is None:
+            stalls, seconds = 1, stall.duration
+        else:
+            # the rest of it, under the route it was booked for while it lasted
+            key, stalls, seconds = booked.key, 0, max(0.0, stall.duration - booked.seconds)
         for book, shard in list(self.books.items()):
             book.observe_stall(shard, stall.method, stall.route, stall.kind, stall.duration)
+            book.book_stall_time(shard, key[0], key[1], stalls, seconds)
         self._sync_mirrors()  # multiprocess mode: other workers' scrapes see it now
         for callback in list(self.callbacks):
             try:

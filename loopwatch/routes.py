@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["route_template"]
+__all__ = ["declared_routes", "route_template"]
 
 _PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(:[a-zA-Z_][a-zA-Z0-9_]*)?}")
 
@@ -166,3 +166,49 @@ def _legacy_template(router: Any, endpoint: Any) -> str | None:
         with _tables_lock, contextlib.suppress(TypeError):
             _legacy[router] = table
     return table.get(endpoint)
+
+
+_MAX_DECLARED = 10_000
+
+
+def declared_routes(app: Any) -> set[tuple[str, str]]:
+    """(method, template) of every route an app declares, read once at start-up so that the
+    per-route stall counters exist at 0 before a route's first stall. Starlette and FastAPI
+    route tables (``Mount``, ``include_router``); a route whose methods are not declared (a
+    class endpoint, a mounted plain ASGI app) is left to its first request."""
+    out: set[tuple[str, str]] = set()
+    # a framework's object misbehaving costs only the zero series
+    with contextlib.suppress(Exception):
+        _walk_declared(_child_routes(app), "", out, 0)
+    return out
+
+
+def _walk_declared(routes: list[Any], prefix: str, out: set[tuple[str, str]], depth: int) -> None:
+    if depth > 16:
+        return
+    for route in routes:
+        if len(out) >= _MAX_DECLARED:
+            return
+        original = getattr(route, "original_router", None)
+        if original is not None:  # FastAPI 0.137+: include_router keeps the router whole
+            context = getattr(route, "include_context", None)
+            extra = getattr(context, "prefix", "")
+            _walk_declared(_child_routes(original), prefix + (extra or ""), out, depth + 1)
+            continue
+        if not hasattr(route, "endpoint"):  # a Mount: its path is the prefix alone
+            mount = getattr(route, "path", None)
+            if isinstance(mount, str):
+                _walk_declared(_child_routes(route), prefix + mount, out, depth + 1)
+            continue
+        path = getattr(route, "path_format", None) or getattr(route, "path", None)
+        if not isinstance(path, str):
+            continue
+        methods = getattr(route, "methods", None)
+        if methods is None:
+            if "websocket" in type(route).__name__.lower():
+                out.add(("WS", prefix + path))
+            continue
+        for method in methods:
+            if method == "HEAD" and "GET" in methods:
+                continue  # served by the GET route; one zero series is enough
+            out.add((method, prefix + path))

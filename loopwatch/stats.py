@@ -13,6 +13,8 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from loopwatch.stall import BACKGROUND
+
 __all__ = [
     "LAG_BUCKETS",
     "REQUEST_BUCKETS",
@@ -23,11 +25,14 @@ __all__ = [
 ]
 
 LAG_BUCKETS: tuple[float, ...] = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 STALL_BUCKETS: tuple[float, ...] = (
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
+# Code outside any request: its stall counters exist from start-up.
+ZERO_KEY = ("-", BACKGROUND)
+
 REQUEST_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
@@ -64,6 +69,8 @@ class Shard:
         self.in_flight = 0
         # written under StatsBook.stall_lock (stalls are rare; two threads may report them)
         self.stalls: dict[tuple[str, str, str], HistogramData] = {}
+        # (method, route) -> [stalls, seconds], booked while a stall lasts (not when it ends)
+        self.stall_time: dict[tuple[str, str], list[float]] = {}
 
     def count_request(self, method: str, route: str, status: str, seconds: float) -> None:
         key = (method, route, status)
@@ -81,6 +88,10 @@ class Totals:
     def __init__(self) -> None:
         self.lag = HistogramData(LAG_BUCKETS)
         self.stalls: dict[tuple[str, str, str], HistogramData] = {}
+        # (method, route) -> [stalls, seconds]; every known route is present, at 0 if need be
+        self.stall_time: dict[tuple[str, str], list[float]] = {}
+        # (method, route) -> age of the stall in progress, only while one lasts
+        self.in_progress: dict[tuple[str, str], float] = {}
         self.requests: dict[tuple[str, str, str], int] = {}
         self.latency: dict[tuple[str, str], HistogramData] = {}
         self.in_flight = 0
@@ -96,6 +107,9 @@ class StatsBook:
         self.shards: list[Shard] = []
         self.monitors: weakref.WeakSet[Any] = weakref.WeakSet()  # live ones, for the stall gauge
         self.request_metrics = False
+        # (method, route) pairs the app declares (its route table, read at start-up): their
+        # stall counters exist at 0 before the first stall, so rate() counts that one too
+        self.declared: set[tuple[str, str]] = {ZERO_KEY}
         self._retired: Shard | None = None
         # multiprocess mode: writes the totals where other workers' scrapes can read them
         self.mirror: Callable[[], None] | None = None
@@ -125,6 +139,7 @@ class StatsBook:
                 keep.latency.setdefault(lkey, HistogramData(h.bounds)).merge(h)
             for skey, h in shard.stalls.copy().items():
                 keep.stalls.setdefault(skey, HistogramData(h.bounds)).merge(h)
+            _add_stall_time(keep.stall_time, shard.stall_time)
             keep.lag.merge(shard.lag)
             self.shards.remove(shard)
 
@@ -145,9 +160,19 @@ class StatsBook:
                 out.latency.setdefault(lkey, HistogramData(h.bounds)).merge(h)
             for skey, h in shard.stalls.copy().items():
                 out.stalls.setdefault(skey, HistogramData(h.bounds)).merge(h)
+            with self.stall_lock:
+                _add_stall_time(out.stall_time, shard.stall_time)
+            for method, route, _ in shard.requests.copy():  # a route seen is a route known
+                out.stall_time.setdefault((method, route), [0, 0.0])
             out.in_flight += shard.in_flight
+        for key in list(self.declared):
+            out.stall_time.setdefault(key, [0, 0.0])
         for monitor in list(self.monitors):
             out.current_stall = max(out.current_stall, monitor.current_stall_seconds())
+            live = monitor.stall_in_progress()
+            if live is not None:
+                key, age = live
+                out.in_progress[key] = max(out.in_progress.get(key, 0.0), age)
             pool = monitor.threadpool_stats()
             if pool is not None:
                 prev = out.threadpool or (0, 0, 0)
@@ -163,3 +188,24 @@ class StatsBook:
             if hist is None:
                 hist = shard.stalls[key] = HistogramData(STALL_BUCKETS)
             hist.observe(seconds)
+
+    def book_stall_time(
+        self, shard: Shard, method: str, route: str, stalls: int, seconds: float
+    ) -> None:
+        """Count stalls and seconds held as they happen (the watchdog calls this every check
+        while a stall lasts), so rate() shows a freeze while it lasts, never as a spike."""
+        with self.stall_lock:
+            entry = shard.stall_time.get((method, route))
+            if entry is None:
+                entry = shard.stall_time[(method, route)] = [0, 0.0]
+            entry[0] += stalls
+            entry[1] += seconds
+
+
+def _add_stall_time(
+    into: dict[tuple[str, str], list[float]], source: dict[tuple[str, str], list[float]]
+) -> None:
+    for key, (stalls, seconds) in source.items():
+        entry = into.setdefault(key, [0, 0.0])
+        entry[0] += stalls
+        entry[1] += seconds

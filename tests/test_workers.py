@@ -63,6 +63,13 @@ def test_two_workers_one_scrape_counts_every_stall_once(tmp_path: Path) -> None:
     assert requests[(("method", "GET"), ("route", "/block/{name}"), ("status", "200"))] == 6
     seconds = samples(text, "loopwatch_stall_duration_seconds_sum")[key]
     assert 6 * 0.45 <= seconds <= 6 * 0.6
+    # the live counters add up over workers too, and agree with the histogram
+    route = (("method", "GET"), ("route", "/block/{name}"))
+    assert samples(text, "loopwatch_stalls_total")[route] == 6
+    assert samples(text, "loopwatch_stall_seconds_total")[route] == pytest.approx(seconds, abs=1e-6)
+    assert (
+        samples(text, "loopwatch_stalls_total")[(("method", "-"), ("route", "<background>"))] == 0
+    )
     assert samples(text, "loopwatch_requests_in_flight") == {(): 0.0}
     pool = samples(text, "loopwatch_threadpool_size")
     assert pool == {(): 80.0}  # two workers, anyio's default 40 threads each
@@ -83,4 +90,8 @@ def test_a_paused_process_is_not_blamed_on_code(loop: str) -> None:
         httpx.get(f"{url}/block/real", timeout=10)  # and a real blocker still is
         time.sleep(0.3)
         stalls = httpx.get(f"{url}/metrics/stalls", timeout=5).json()
+        text = httpx.get(f"{url}/metrics", timeout=5).text
     assert [(s["route"], s["kind"]) for s in stalls] == [("/block/{name}", "wait")]
+    # nor is the pause booked while it lasts: only the real blocker's seconds are counted
+    booked = {k: v for k, v in samples(text, "loopwatch_stall_seconds_total").items() if v}
+    assert list(booked) == [(("method", "GET"), ("route", "/block/{name}"))], booked

@@ -1,0 +1,210 @@
+"""Live stall counters: seconds booked while a stall lasts, and zero series from start-up, so
+that ``rate()``/``increase()`` see a freeze as it happens and count a route's first stall."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+
+import httpx
+import pytest
+from fastapi import APIRouter, FastAPI, WebSocket
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.endpoints import HTTPEndpoint
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+from starlette.testclient import TestClient
+
+from loopwatch import BACKGROUND, LoopWatchMiddleware, metrics_app
+from loopwatch.routes import declared_routes
+from tests.helpers import StallLog, sample, series
+from tests.servers import free_port, serve
+
+
+def routed_app(registry: CollectorRegistry, **options: object) -> FastAPI:
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    api = APIRouter(prefix="/api")
+
+    @api.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    v2 = APIRouter(prefix="/v2")
+
+    @v2.post("/orders/{order_id}")
+    async def order(order_id: str) -> dict[str, str]:
+        return {"id": order_id}
+
+    api.include_router(v2)
+    app.include_router(api)
+
+    @app.get("/block")
+    async def block(seconds: float = 1.5) -> dict[str, str]:
+        time.sleep(seconds)
+        return {}
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.close()
+
+    async def hello(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("hello")
+
+    class Things(HTTPEndpoint):  # methods undeclared: known from its first request
+        async def get(self, request: Request) -> PlainTextResponse:
+            return PlainTextResponse("things")
+
+    app.mount(
+        "/t/{tenant}",
+        Starlette(routes=[Route("/hello", hello), Mount("/deep", routes=[Route("/x", hello)])]),
+    )
+    app.router.routes.append(Route("/things", Things))
+    app.add_middleware(LoopWatchMiddleware, registry=registry, **options)  # type: ignore[arg-type]
+    app.mount("/metrics", metrics_app(registry))
+    return app
+
+
+EXPECTED = {
+    ("-", BACKGROUND),
+    ("GET", "/api/items/{item_id}"),
+    ("POST", "/api/v2/orders/{order_id}"),
+    ("GET", "/block"),
+    ("WS", "/ws"),
+    ("GET", "/t/{tenant}/hello"),
+    ("GET", "/t/{tenant}/deep/x"),
+}
+
+
+def stall_series(registry: CollectorRegistry, name: str) -> set[tuple[str, str]]:
+    return {(s["method"], s["route"]) for s in series(registry, name)}
+
+
+def test_every_declared_route_has_zero_series_from_start_up(registry: CollectorRegistry) -> None:
+    with TestClient(routed_app(registry)):  # lifespan start-up, no request yet
+        for name in ("loopwatch_stall_seconds_total", "loopwatch_stalls_total"):
+            assert stall_series(registry, name) == EXPECTED
+            assert all(sample(registry, name, method=m, route=r) == 0 for m, r in EXPECTED)
+        assert series(registry, "loopwatch_stall_in_progress_seconds") == []
+
+
+def test_declared_templates_are_the_ones_requests_are_counted_under(
+    registry: CollectorRegistry,
+) -> None:
+    app = routed_app(registry)
+    declared = declared_routes(app)
+    with TestClient(app) as client:
+        assert client.get("/api/items/7").status_code == 200
+        assert client.post("/api/v2/orders/abc").status_code == 200
+        assert client.get("/block", params={"seconds": 0}).status_code == 200
+        assert client.get("/t/acme/hello").status_code == 200
+        assert client.get("/t/acme/deep/x").status_code == 200
+        with client.websocket_connect("/ws"):
+            pass
+        assert client.get("/things").status_code == 200
+    counted = {(s["method"], s["route"]) for s in series(registry, "loopwatch_requests_total")}
+    assert declared == EXPECTED - {("-", BACKGROUND)}
+    assert declared <= counted
+    # a route the table does not declare methods for gets its zero series once requested
+    assert ("GET", "/things") in stall_series(registry, "loopwatch_stall_seconds_total")
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+BLOCK = (("method", "GET"), ("route", "/block"))
+
+
+def test_stall_seconds_grow_while_the_stall_lasts(
+    loop_impl: str, registry: CollectorRegistry
+) -> None:
+    port = free_port()
+    log = StallLog()
+    app = routed_app(registry, metrics_port=port, threshold=0.25, on_stall=log)
+    with serve(app, loop=loop_impl) as url:
+        before = _scrape(port)
+        assert before[("loopwatch_stalls_total", BLOCK)] == 0
+        blocker = threading.Thread(target=httpx.get, args=(f"{url}/block",), kwargs={"timeout": 10})
+        started = time.monotonic()
+        blocker.start()
+        readings: list[tuple[float, float, float | None]] = []
+        while blocker.is_alive():  # the 1.5 s stall is in progress
+            now = _scrape(port)
+            readings.append(
+                (
+                    time.monotonic() - started,
+                    now[("loopwatch_stall_seconds_total", BLOCK)],
+                    now.get(("loopwatch_stall_in_progress_seconds", BLOCK)),
+                )
+            )
+            time.sleep(0.1)
+        blocker.join()
+        log.wait_for(1)
+        after = _scrape(port)
+    during = [r for r in readings if r[1] > 0]
+    assert len(during) >= 4, readings  # booked while the loop was frozen...
+    booked = [r[1] for r in during]
+    assert booked == sorted(booked) and booked[-1] - booked[0] > 0.4, readings  # ...growing
+    assert all(r[2] is not None and r[2] >= r[1] - 0.05 for r in during), readings
+    # never faster than the wall clock: rate() of one loop stays within 0..1
+    for (t0, b0, _), (t1, b1, _) in itertools.pairwise(during):
+        assert b1 - b0 <= (t1 - t0) + 0.05, readings
+    stall = log.stalls[0]
+    assert after[("loopwatch_stalls_total", BLOCK)] == 1
+    assert after[("loopwatch_stall_seconds_total", BLOCK)] == pytest.approx(
+        stall.duration, abs=1e-6
+    )
+    hist_sum = after[("loopwatch_stall_duration_seconds_sum", (("kind", stall.kind), *BLOCK))]
+    assert hist_sum == pytest.approx(stall.duration, abs=1e-6)
+    assert ("loopwatch_stall_in_progress_seconds", BLOCK) not in after
+    assert after[("loopwatch_current_stall_seconds", ())] == 0
+
+
+def test_a_short_first_stall_is_counted_from_zero(
+    loop_impl: str, registry: CollectorRegistry
+) -> None:
+    log = StallLog()
+    app = routed_app(registry, threshold=0.25, on_stall=log)
+    with serve(app, loop=loop_impl) as url:
+        # present at 0 (not merely absent) before the stall
+        labels = {"method": "GET", "route": "/block"}
+        assert registry.get_sample_value("loopwatch_stalls_total", labels) == 0
+        httpx.get(f"{url}/block", params={"seconds": 0.4}, timeout=10)
+        stall = log.wait_for(1)[0]
+    assert sample(registry, "loopwatch_stalls_total", method="GET", route="/block") == 1
+    seconds = sample(registry, "loopwatch_stall_seconds_total", method="GET", route="/block")
+    assert seconds == pytest.approx(stall.duration, abs=1e-6)
+    assert 0.38 <= seconds <= 0.6
+
+
+def test_background_stall_is_booked_under_background(
+    loop_impl: str, registry: CollectorRegistry
+) -> None:
+    log = StallLog()
+    app = routed_app(registry, threshold=0.25, on_stall=log)
+
+    @app.get("/later")
+    async def later() -> dict[str, str]:
+        # runs outside any request once the request is over: background code
+        asyncio.get_running_loop().call_later(0.05, lambda: time.sleep(0.5))
+        return {}
+
+    with serve(app, loop=loop_impl) as url:
+        httpx.get(f"{url}/later", timeout=5)
+        stall = log.wait_for(1)[0]
+    assert stall.route == BACKGROUND
+    assert sample(registry, "loopwatch_stalls_total", method="-", route=BACKGROUND) == 1
+    assert sample(
+        registry, "loopwatch_stall_seconds_total", method="-", route=BACKGROUND
+    ) == pytest.approx(stall.duration, abs=1e-6)
