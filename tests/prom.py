@@ -32,6 +32,10 @@ DASHBOARD = GRAFANA / "loopwatch-dashboard.json"
 # Grafana's built-in variables the dashboard may use without defining them.
 BUILTIN_VARIABLES = frozenset({"__rate_interval", "__interval", "__range", "__interval_ms"})
 
+# Series Prometheus itself writes for every target and alert: the dashboard and the rules may
+# use them beside loopwatch's own (scrape health, firing alerts).
+PROMETHEUS_SERIES = frozenset({"up", "scrape_duration_seconds", "ALERTS"})
+
 
 def require_tool(name: str) -> str:
     """The path of ``name``; skips the test when it is missing, fails under ``CI=true``."""

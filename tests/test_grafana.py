@@ -22,6 +22,7 @@ from tests.prom import (
     BUILTIN_VARIABLES,
     DASHBOARD,
     GRAFANA,
+    PROMETHEUS_SERIES,
     all_panels,
     exported_metric_names,
     load_dashboard,
@@ -64,6 +65,14 @@ def _exprs() -> list[tuple[str, str]]:
     return out
 
 
+def _annotation_exprs() -> list[tuple[str, str]]:
+    return [
+        (f"annotation {a['name']!r}", a["expr"])
+        for a in DASHBOARD_JSON["annotations"]["list"]
+        if a.get("expr")
+    ]
+
+
 def _rule_exprs() -> list[tuple[str, str]]:
     rules = yaml.safe_load((GRAFANA / "alerts.yml").read_text())
     return [
@@ -93,6 +102,9 @@ def test_metric_names_extracts_the_selected_series(expr: str, names: set[str]) -
 
 def test_exported_names_come_from_the_collector() -> None:
     assert EXPORTED["loopwatch_stall_duration_seconds_sum"] == "histogram"
+    assert EXPORTED["loopwatch_stall_seconds_total"] == "counter"
+    assert EXPORTED["loopwatch_stalls_total"] == "counter"
+    assert EXPORTED["loopwatch_stall_in_progress_seconds"] == "gauge"
     assert EXPORTED["loopwatch_requests_total"] == "counter"
     assert EXPORTED["loopwatch_current_stall_seconds"] == "gauge"
     assert all(name.startswith("loopwatch_") for name in EXPORTED)
@@ -142,18 +154,20 @@ def test_every_query_panel_explains_what_to_do() -> None:
 
 
 def test_every_query_uses_only_metrics_loopwatch_exports() -> None:
-    for where, expr in [*_exprs(), *_rule_exprs()]:
+    for where, expr in [*_exprs(), *_annotation_exprs(), *_rule_exprs()]:
         names = metric_names(substitute(expr, LINT_VALUES))
         assert names, f"{where} selects no metric: {expr}"
-        unknown = names - EXPORTED.keys()
+        unknown = names - EXPORTED.keys() - PROMETHEUS_SERIES
         assert not unknown, f"{where} uses {sorted(unknown)}, not exported by loopwatch: {expr}"
 
 
 def test_every_dashboard_query_is_scoped_to_job_and_instance() -> None:
-    # each selector of a loopwatch metric carries both matchers, so that one dashboard serves
-    # many services and instances without mixing them
-    selector = re.compile(r"(loopwatch_\w+)(\{[^}]*\})?")
-    for where, expr in _exprs():
+    # each selector of a loopwatch metric (or of Prometheus' own series about the target)
+    # carries both matchers, so that one dashboard serves many services and instances
+    # without mixing them
+    names = "|".join(sorted(PROMETHEUS_SERIES))
+    selector = re.compile(rf"\b(loopwatch_\w+|{names})\b(\{{[^}}]*\}})?")
+    for where, expr in [*_exprs(), *_annotation_exprs()]:
         if where.startswith("variable"):
             continue
         for match in selector.finditer(expr):
@@ -185,13 +199,156 @@ def test_instance_variable_allows_many_instances() -> None:
 def test_worst_routes_table_ranks_by_seconds_blocked() -> None:
     (table,) = [p for p in PANELS if p["type"] == "table"]
     first = table["targets"][0]
-    assert first["instant"] and first["format"] == "table"
-    assert (
-        first["expr"].startswith("topk($top,")
-        and "loopwatch_stall_duration_seconds_sum" in (first["expr"])
-    )
+    assert all(t["instant"] and t["format"] == "table" for t in table["targets"])
+    # ranked on the live counter, and only routes that held the loop within the range: a
+    # route that stalled only before it has an increase of 0 and no row
+    assert re.fullmatch(
+        r"topk\(\$top, sum by \(method, route\) \(increase\("
+        r"loopwatch_stall_seconds_total\{[^}]*\}\[\$__range\]\)\) > 0\)",
+        first["expr"],
+    ), first["expr"]
+    dropped = [t for t in table["transformations"] if t["id"] == "filterByValue"]
+    assert dropped[0]["options"]["filters"][0]["fieldName"] == "Value #A"
     sort = [t for t in table["transformations"] if t["id"] == "sortBy"]
     assert sort and sort[0]["options"]["sort"][0]["desc"] is True
+
+
+# A time-series (range) panel runs its query at every step: a bare topk() picks its top N
+# again at each one, so a panel of "top 1" shows several series and a stacked total is no
+# longer the loop's blocked share. Each topk must rank over the whole range, evaluated once
+# at its end: `X and on (method, route) topk($top, ... increase(X[$__range] @ end()) ...)`.
+_TOPK = re.compile(r"\b(topk|bottomk)\s*\(")
+
+
+def _call_argument(expr: str, open_paren: int) -> str:
+    depth = 0
+    for i in range(open_paren, len(expr)):
+        depth += {"(": 1, ")": -1}.get(expr[i], 0)
+        if depth == 0:
+            return expr[open_paren + 1 : i]
+    raise ValueError(f"unbalanced parentheses in {expr!r}")
+
+
+def range_topk_problems(panel: dict[str, Any]) -> list[str]:
+    """Why ``panel``'s topk/bottomk calls would pick a different set at every step."""
+    problems = []
+    for target in panel["targets"]:
+        if target.get("instant"):
+            continue  # one evaluation: one set
+        for match in _TOPK.finditer(target["expr"]):
+            argument = _call_argument(target["expr"], match.end() - 1)
+            if not re.search(r"\[\$__range\]\s*@\s*end\(\)", argument):
+                problems.append(
+                    f"{panel['title']!r} target {target['refId']}: {match.group(1)} in a range "
+                    f"query must rank increase(...[$__range] @ end()): {target['expr']}"
+                )
+            elif not re.search(r"\band\s+on\s*\([^)]*\)\s*$", target["expr"][: match.start()]):
+                problems.append(
+                    f"{panel['title']!r} target {target['refId']}: use the fixed set as a "
+                    f"filter, `X and on (...) {match.group(1)}(...)`: {target['expr']}"
+                )
+    return problems
+
+
+@pytest.mark.parametrize(
+    ("expr", "instant", "flagged"),
+    [
+        ("topk($top, sum by (route) (rate(x[$__rate_interval])))", False, True),
+        ("topk($top, sum by (route) (increase(x[$__range])))", False, True),
+        ("topk(5, sum by (route) (increase(x[$__range] @ end())))", False, True),
+        (
+            "rate(x[1m]) and on (route) topk(5, sum by (route) (increase(x[$__range] @ end())))",
+            False,
+            False,
+        ),
+        ("topk($top, sum by (route) (increase(x[$__range])))", True, False),
+    ],
+)
+def test_topk_lint_rejects_a_bare_topk_in_a_range_panel(
+    expr: str, instant: bool, flagged: bool
+) -> None:
+    panel = {"title": "t", "targets": [{"refId": "A", "expr": expr, "instant": instant}]}
+    assert bool(range_topk_problems(panel)) is flagged
+
+
+def test_range_panels_rank_topk_over_the_whole_range() -> None:
+    problems = [problem for panel in PANELS for problem in range_topk_problems(panel)]
+    assert problems == []
+    assert sum(1 for p in PANELS if "topk" in str(p["targets"])) >= 3
+
+
+_ZERO_FALLBACK = re.compile(r"\bor\s+(on\s*\(\s*\)\s*)?vector\(0\)\s*$")
+
+
+def test_every_stat_shows_zero_and_its_last_value() -> None:
+    stats = [p for p in PANELS if p["type"] == "stat"]
+    assert len(stats) >= 4
+    for panel in stats:
+        # "No data" before the first stall would read as "unknown", not "none"; and the
+        # newest point, not the last non-null one, so a target that stopped answering does
+        # not keep showing its last healthy value
+        assert panel["options"]["reduceOptions"]["calcs"] == ["last"], panel["title"]
+        for target in panel["targets"]:
+            assert _ZERO_FALLBACK.search(target["expr"]), (panel["title"], target["expr"])
+            # `or vector(0)` next to labelled series would add a 0 beside them all the time
+            if "by (" in target["expr"].split(" or ")[0]:
+                assert "or on () vector(0)" in target["expr"], (panel["title"], target["expr"])
+
+
+def test_share_panels_are_clamped_with_a_minimum_interval() -> None:
+    shares = [p for p in PANELS if p["fieldConfig"]["defaults"].get("unit") == "percentunit"]
+    assert len(shares) >= 4
+    for panel in shares:
+        for target in panel["targets"]:
+            assert target["expr"].startswith("clamp_max("), (panel["title"], target["expr"])
+        # a rate over fewer than a few scrapes jumps; Grafana never goes below this
+        assert panel.get("interval") == "15s", panel["title"]
+
+
+def test_live_panels_read_the_live_counters_not_the_histogram() -> None:
+    # the histogram's series is born holding its first stall and grows only when a stall
+    # ends; panels on it must say so
+    for panel in PANELS:
+        exprs = " ".join(t["expr"] for t in panel["targets"])
+        if "loopwatch_stall_duration_seconds" in exprs:
+            assert (
+                "when it ends" in panel["description"]
+                or "once it is over" in (panel["description"])
+            ), panel["title"]
+    live = [
+        "Share of time the loop is blocked, by instance",
+        "Stalls per second",
+        "Seconds blocked per second by route (top $top)",
+        "Stalls per second by route (top $top)",
+    ]
+    for title in live:
+        (panel,) = [p for p in PANELS if p["title"] == title]
+        exprs = " ".join(t["expr"] for t in panel["targets"])
+        assert "loopwatch_stall_duration_seconds" not in exprs, panel["title"]
+        assert re.search(r"loopwatch_stalls?_(seconds_)?total", exprs), panel["title"]
+
+
+def test_scrape_health_and_stall_tiles_per_instance_link_to_stalls() -> None:
+    by_title = {p["title"]: p for p in PANELS}
+    up = by_title["Targets up, by instance"]["targets"][0]["expr"]
+    duration = by_title["Scrape duration, by instance"]["targets"][0]["expr"]
+    assert up.startswith("max by (instance) (up{"), up
+    assert duration.startswith("max by (instance) (scrape_duration_seconds{"), duration
+    tiles = by_title["Stall in progress, by instance"]
+    assert tiles["targets"][0]["legendFormat"] == "{{instance}}"
+    # a target that does not answer shows as such, in red, not as its last 0
+    assert "(max by (instance) (up{" in tiles["targets"][0]["expr"]
+    (mapping,) = tiles["fieldConfig"]["defaults"]["mappings"]
+    assert mapping["options"]["result"]["color"] == "red"
+    for panel in (tiles, by_title["Targets up, by instance"]):
+        urls = [link["url"] for link in panel["fieldConfig"]["defaults"]["links"]]
+        assert "http://${__field.labels.instance}/stalls" in urls, panel["title"]
+
+
+def test_firing_loopwatch_alerts_are_annotations() -> None:
+    (annotation,) = [a for a in DASHBOARD_JSON["annotations"]["list"] if a.get("expr")]
+    assert annotation["enable"] and annotation["datasource"]["uid"] == "${datasource}"
+    assert annotation["expr"].startswith('ALERTS{alertname=~"Loopwatch.*", alertstate="firing"')
 
 
 # -- provisioning and docker compose (Docker itself does not run here) ----------------------
@@ -275,7 +432,7 @@ def _promtool(*args: str, stdin: bytes | None = None) -> subprocess.CompletedPro
 def test_promtool_check_rules() -> None:
     result = _promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 4 rules found" in result.stdout
+    assert "SUCCESS: 5 rules found" in result.stdout
 
 
 def test_promtool_test_rules() -> None:
@@ -284,16 +441,52 @@ def test_promtool_test_rules() -> None:
     assert "SUCCESS" in result.stdout
 
 
-def test_promtool_test_rules_catches_a_broken_rule(tmp_path: Path) -> None:
-    # the unit tests can fail: with the route threshold raised they must
+_OLD_LAG_RULE = """histogram_quantile(0.99,
+            sum by (job, instance, le) (rate(loopwatch_event_loop_lag_seconds_bucket[5m]))
+          ) > 0.1"""
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "alert"),
+    [
+        # the threshold raised: nothing fires
+        (") > 10\n", ") > 1000\n", "LoopwatchRouteBlocksEventLoop"),
+        # the rules before issue 11: the histogram misses a route's first stall and a freeze
+        # that has not ended
+        (
+            "increase(loopwatch_stall_seconds_total[5m])",
+            "increase(loopwatch_stall_duration_seconds_sum[5m])",
+            "LoopwatchRouteBlocksEventLoop",
+        ),
+        (
+            "rate(loopwatch_stall_seconds_total[5m])",
+            "rate(loopwatch_stall_duration_seconds_sum[5m])",
+            "LoopwatchEventLoopFrozen",
+        ),
+        # the lag p99 counts heartbeats: a loop blocked a third of the time stays below 1 ms
+        (
+            """clamp_max(
+            sum by (job, instance) (rate(loopwatch_event_loop_lag_seconds_sum[5m])), 1
+          ) > 0.1""",
+            _OLD_LAG_RULE,
+            "LoopwatchEventLoopLagHigh",
+        ),
+        # without the fallback on the loop-wide gauge
+        ("\n          or on (job, instance)\n", "\n          and on (job, instance)\n", None),
+        ("up == 0\n", "up == 2\n", "LoopwatchTargetDown"),
+    ],
+)
+def test_promtool_test_rules_catches_a_broken_rule(
+    tmp_path: Path, old: str, new: str, alert: str | None
+) -> None:
+    # the unit tests can fail: with each rule as it was, or broken, they must
     rules = (GRAFANA / "alerts.yml").read_text()
-    broken = rules.replace(") > 10\n", ") > 1000\n", 1)
-    assert broken != rules
-    (tmp_path / "alerts.yml").write_text(broken)
+    assert rules.count(old) == 1, old
+    (tmp_path / "alerts.yml").write_text(rules.replace(old, new))
     (tmp_path / "alerts_test.yml").write_text((GRAFANA / "alerts_test.yml").read_text())
     result = _promtool("test", "rules", str(tmp_path / "alerts_test.yml"))
-    assert result.returncode != 0
-    assert "LoopwatchRouteBlocksEventLoop" in result.stdout + result.stderr
+    assert result.returncode != 0, result.stdout
+    assert (alert or "LoopwatchLongStallInProgress") in result.stdout + result.stderr
 
 
 def test_promtool_check_config() -> None:

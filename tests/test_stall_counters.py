@@ -156,7 +156,10 @@ def test_stall_seconds_grow_while_the_stall_lasts(
     assert len(during) >= 4, readings  # booked while the loop was frozen...
     booked = [r[1] for r in during]
     assert booked == sorted(booked) and booked[-1] - booked[0] > 0.4, readings  # ...growing
-    assert all(r[2] is not None and r[2] >= r[1] - 0.05 for r in during), readings
+    # the route's stall in progress is shown with it (a reading after the stall ended, as
+    # the response is still on its way, has the final count and no gauge)
+    live = [r for r in during if r[2] is not None]
+    assert len(live) >= 3 and all(r[2] >= r[1] - 0.05 for r in live), readings
     # never faster than the wall clock: rate() of one loop stays within 0..1
     for (t0, b0, _), (t1, b1, _) in itertools.pairwise(during):
         assert b1 - b0 <= (t1 - t0) + 0.05, readings
