@@ -91,6 +91,7 @@ class Accountant:
         # the running callback as far as the live booking got: (its start, booked until)
         self._live: tuple[float, float] | None = None
         self._hook: _Hook | None = None
+        self._undo: Callable[[], None] | None = None  # restores the task factory
         self._last_sample = time.perf_counter()
 
     # -- booking (watchdog or scrape thread) ---------------------------------------------
@@ -175,6 +176,9 @@ class Accountant:
         hook, self._hook = self._hook, None
         if hook is not None:
             hook.remove(self)
+        undo, self._undo = self._undo, None
+        if undo is not None:
+            undo()
 
 
 class _Hook:
@@ -311,7 +315,9 @@ class MonitoringHook(_Hook):
                 mon.register_callback(tool, ev.PY_YIELD, self._on_end)
                 mon.register_callback(tool, ev.PY_RETURN, self._on_end)
                 mon.register_callback(tool, ev.PY_UNWIND, self._on_unwind)
-                mon.set_events(tool, ev.PY_UNWIND)  # not a local event: global, rare
+                mon.register_callback(tool, ev.PY_THROW, self._on_throw)
+                # not local events: global, and rare (exceptions, cancellation)
+                mon.set_events(tool, ev.PY_UNWIND | ev.PY_THROW)
                 self._tool = tool
             self._loops[threading.get_ident()] = accountant
             self._depth[threading.get_ident()] = 0
@@ -337,6 +343,7 @@ class MonitoringHook(_Hook):
                 mon.events.PY_YIELD,
                 mon.events.PY_RETURN,
                 mon.events.PY_UNWIND,
+                mon.events.PY_THROW,
             ):
                 mon.register_callback(tool, event, None)
             mon.free_tool_id(tool)
@@ -388,6 +395,10 @@ class MonitoringHook(_Hook):
     def _on_unwind(self, code: CodeType, offset: int, exc: BaseException) -> None:
         if code in self._codes:
             self._on_end(code, offset, None)
+
+    def _on_throw(self, code: CodeType, offset: int, exc: BaseException) -> None:
+        if code in self._codes:  # a task step that starts by throwing (cancellation)
+            self._on_start(code, offset)
 
 
 # -- uvloop on 3.10/3.11: sampling ----------------------------------------------------------
@@ -444,14 +455,12 @@ def monitoring_hook() -> MonitoringHook | None:
     return _monitoring_hook
 
 
-def _watch_tasks(loop: asyncio.AbstractEventLoop, hook: MonitoringHook) -> None:
+def _watch_tasks(loop: asyncio.AbstractEventLoop, hook: MonitoringHook) -> Callable[[], None]:
     """Register the top coroutine of every task: those running now, and each new one
-    through a task factory that chains to the loop's own."""
+    through a task factory that chains to the loop's own. Returns what undoes it."""
     for task in asyncio.all_tasks(loop):
         hook.watch_task(task)
     previous = loop.get_task_factory()
-    if getattr(previous, "_loopwatch_watch", False):
-        return
 
     def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
         if previous is not None:
@@ -462,8 +471,13 @@ def _watch_tasks(loop: asyncio.AbstractEventLoop, hook: MonitoringHook) -> None:
             hook.watch_task(task)
         return task
 
-    factory._loopwatch_watch = True  # type: ignore[attr-defined]
     loop.set_task_factory(factory)
+
+    def undo() -> None:
+        if loop.get_task_factory() is factory and not loop.is_closed():
+            loop.set_task_factory(previous)
+
+    return undo
 
 
 def start_accounting(
@@ -482,7 +496,7 @@ def start_accounting(
         return None
     accountant._hook = hook
     if isinstance(hook, MonitoringHook):
-        _watch_tasks(loop, hook)
+        accountant._undo = _watch_tasks(loop, hook)
     _by_loop[loop] = accountant
     return accountant
 

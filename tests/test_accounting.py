@@ -1,0 +1,312 @@
+"""Loop time per route (``loopwatch_event_loop_busy_seconds_total``): against work the app
+measured itself, on a real uvicorn, asyncio and uvloop; booked while a long hold lasts; and
+invisible to the app and to other tools (task introspection, task factories, other loops,
+``sys.monitoring`` users), with nothing left behind once stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from loopwatch import BACKGROUND, SERVER, LoopWatchMiddleware, Monitor
+from loopwatch.accounting import accountant_for
+from tests.helpers import eventually, sample, series
+from tests.servers import free_port, serve
+
+BUSY = "loopwatch_event_loop_busy_seconds_total"
+EXACT = sys.version_info >= (3, 12)  # uvloop has an exact hook only with sys.monitoring
+
+
+def hook_kind(loop_impl: str) -> str:
+    if loop_impl == "asyncio":
+        return "handle"
+    return "monitoring" if EXACT else "sampling"
+
+
+class Truth:
+    """What the app knows it did: seconds of loop time each route spent in its own code."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def burn(self, route: str, seconds: float) -> None:
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            pass
+        self.seconds[route] = self.seconds.get(route, 0.0) + time.perf_counter() - started
+
+
+def work_app(
+    registry: CollectorRegistry, truth: Truth, lifespan: Any = None, **options: object
+) -> FastAPI:
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None, lifespan=lifespan)
+
+    @app.get("/slices")
+    async def slices(ms: float = 5.0) -> dict[str, str]:
+        for _ in range(4):  # four slices, each well under any stall threshold
+            truth.burn("/slices", ms / 1000)
+            await asyncio.sleep(0)
+        return {}
+
+    @app.get("/hold")
+    async def hold(seconds: float = 0.1) -> dict[str, str]:
+        truth.burn("/hold", seconds)
+        return {}
+
+    @app.get("/await")
+    async def awaits() -> dict[str, str]:
+        await asyncio.sleep(0.02)
+        return {}
+
+    @app.get("/introspect")
+    async def introspect() -> dict[str, object]:
+        task = asyncio.current_task()
+        assert task is not None
+        coro = task.get_coro()
+        return {
+            "coro": type(coro).__name__,
+            "qualname": getattr(coro, "__qualname__", ""),
+            "factory": repr(asyncio.get_running_loop().get_task_factory()),
+        }
+
+    app.add_middleware(LoopWatchMiddleware, registry=registry, threshold=0.5, **options)  # type: ignore[arg-type]
+    return app
+
+
+def busy(registry: CollectorRegistry, route: str, method: str = "GET") -> float:
+    return sample(registry, BUSY, method=method, route=route)
+
+
+async def _drive(url: str, paths: list[str], concurrency: int = 4) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(path: str) -> None:
+            async with gate:
+                assert (await client.get(path)).status_code == 200
+
+        await asyncio.gather(*(one(p) for p in paths))
+
+
+def test_route_loop_time_matches_the_work_it_did(
+    loop_impl: str, registry: CollectorRegistry
+) -> None:
+    truth = Truth()
+    app = work_app(registry, truth)
+    # exact hooks: 40 requests x 4 slices of 5 ms; sampling: holds longer than its period
+    paths = ["/slices?ms=5", "/await"] * 40 if hook_kind(loop_impl) != "sampling" else []
+    paths += ["/hold?seconds=0.06", "/await"] * 10
+    with serve(app, loop=loop_impl) as url:
+        asyncio.run(_drive(url, paths))
+        eventually(lambda: busy(registry, "/hold") > 0, what="busy seconds booked")
+        time.sleep(0.4)  # the watchdog books every 0.25 s
+    awaited = busy(registry, "/await")
+    for route, known in truth.seconds.items():
+        measured = busy(registry, route)
+        # the route's framework work (routing, validation, serialisation) is its loop time
+        # too: at most what the pure-await route, with the same framework work, got
+        framework = awaited * len([p for p in paths if p.startswith(route)]) / 40
+        low, high = (0.95, 1.25) if hook_kind(loop_impl) != "sampling" else (0.5, 1.6)
+        assert low * known <= measured <= high * known + framework, (route, measured, known)
+    # a route that only awaits costs the loop little: far less than a route that computes
+    assert awaited < 0.5 * sum(truth.seconds.values()), (awaited, truth.seconds)
+
+
+def test_a_long_hold_is_booked_while_it_lasts(loop_impl: str, registry: CollectorRegistry) -> None:
+    port = free_port()
+    truth = Truth()
+    app = work_app(registry, truth, metrics_port=port)
+    readings: list[float] = []
+    with serve(app, loop=loop_impl) as url:
+        holder = threading.Thread(
+            target=httpx.get, args=(f"{url}/hold",), kwargs={"params": {"seconds": 1.5}}
+        )
+        holder.start()
+        while holder.is_alive():
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+            for line in text.splitlines():
+                if line.startswith(BUSY + '{method="GET",route="/hold"}'):
+                    readings.append(float(line.split()[1]))
+            time.sleep(0.1)
+        holder.join()
+        time.sleep(0.4)
+    during = [r for r in readings if r > 0]
+    assert len(during) >= 4 and during == sorted(during), readings  # grew as it lasted
+    assert during[-1] - during[0] > 0.4, readings
+    assert busy(registry, "/hold") == pytest.approx(truth.seconds["/hold"], rel=0.1, abs=0.05)
+
+
+def test_utilization_sums_every_owner(registry: CollectorRegistry) -> None:
+    truth = Truth()
+    app = work_app(registry, truth)
+    with serve(app) as url:
+        started = time.perf_counter()
+        asyncio.run(_drive(url, ["/hold?seconds=0.05"] * 20))
+        wall = time.perf_counter() - started
+        time.sleep(0.4)
+    owners = {(s["method"], s["route"]) for s in series(registry, BUSY)}
+    assert {("-", BACKGROUND), ("-", SERVER), ("GET", "/hold")} <= owners
+    total = sum(sample(registry, BUSY, method=m, route=r) for m, r in owners)
+    assert truth.seconds["/hold"] <= total <= wall + 0.5  # utilization within 0..1
+    assert busy(registry, SERVER, "-") > 0  # the server's own protocol work is told apart
+
+
+def test_zero_series_before_any_request(registry: CollectorRegistry) -> None:
+    app = work_app(registry, Truth())
+    with serve(app):
+        time.sleep(0.3)
+        for route in ("/slices", "/hold", "/await", "/introspect"):
+            assert registry.get_sample_value(BUSY, {"method": "GET", "route": route}) == 0
+
+
+def test_the_app_sees_its_own_tasks_unchanged(loop_impl: str, registry: CollectorRegistry) -> None:
+    app = work_app(registry, Truth())
+    with serve(app, loop=loop_impl) as url:
+        seen = httpx.get(f"{url}/introspect", timeout=5).json()
+    assert seen["coro"] == "coroutine"
+    assert seen["qualname"].endswith("run_asgi")  # uvicorn's own coroutine, not a wrapper
+
+
+def test_an_app_task_factory_keeps_working(loop_impl: str, registry: CollectorRegistry) -> None:
+    truth = Truth()
+    made: list[str] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: object, **kwargs: object) -> object:
+        made.append(getattr(coro, "__qualname__", "?"))
+        return asyncio.Task(coro, loop=loop, **kwargs)  # type: ignore[arg-type]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        asyncio.get_running_loop().set_task_factory(factory)  # type: ignore[arg-type]
+        yield
+
+    app = work_app(registry, truth, lifespan=lifespan)
+
+    @app.get("/spawn")
+    async def spawn() -> dict[str, str]:
+        async def child() -> None:
+            truth.burn("/spawn", 0.05)
+
+        await asyncio.get_running_loop().create_task(child(), name="the-child")
+        return {}
+
+    with serve(app, loop=loop_impl) as url:
+        for _ in range(3):
+            assert httpx.get(f"{url}/spawn", timeout=5).status_code == 200
+        time.sleep(0.4)
+    assert sum(name.endswith("spawn.<locals>.child") for name in made) == 3  # its factory made them
+    if hook_kind(loop_impl) != "sampling":
+        assert busy(registry, "/spawn") >= 0.9 * truth.seconds["/spawn"]
+
+
+@pytest.fixture
+def other_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
+
+
+def test_other_loops_are_not_accounted(
+    registry: CollectorRegistry, other_loop: asyncio.AbstractEventLoop
+) -> None:
+    ran = threading.Event()
+    app = work_app(registry, Truth())
+    with serve(app) as url:
+        httpx.get(f"{url}/await", timeout=5)
+        other_loop.call_soon_threadsafe(lambda: (time.sleep(0.2), ran.set()))
+        assert ran.wait(5)
+        assert accountant_for(other_loop) is None
+        assert other_loop.get_task_factory() is None
+        time.sleep(0.4)
+    total = sum(sample(registry, BUSY, **s) for s in series(registry, BUSY))
+    assert total < 0.19  # the other loop's 0.2 s is not this app's loop time
+
+
+def test_stopping_leaves_no_hook_behind(loop_impl: str, registry: CollectorRegistry) -> None:
+    original_run = asyncio.events.Handle._run
+    tools = _tools()
+    app = work_app(registry, Truth())
+    with serve(app, loop=loop_impl) as url:
+        httpx.get(f"{url}/await", timeout=5)
+        if loop_impl == "asyncio":
+            assert asyncio.events.Handle._run is not original_run
+        elif EXACT:
+            assert "loopwatch" in _tools().values()
+    assert asyncio.events.Handle._run is original_run
+    assert _tools() == tools
+    assert [m for m in Monitor._by_loop.values() if m.accountant is not None] == []
+
+
+def test_loop_time_off(loop_impl: str, registry: CollectorRegistry) -> None:
+    original_run = asyncio.events.Handle._run
+    app = work_app(registry, Truth(), loop_time=False)
+    with serve(app, loop=loop_impl) as url:
+        httpx.get(f"{url}/hold", params={"seconds": 0.05}, timeout=5)
+        assert asyncio.events.Handle._run is original_run
+        assert "loopwatch" not in _tools().values()
+    assert series(registry, BUSY) == []
+
+
+def _tools() -> dict[int, str]:
+    if not EXACT:
+        return {}
+    mon = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
+    return {t: name for t in range(6) if (name := mon.get_tool(t)) is not None}
+
+
+@pytest.mark.skipif(not EXACT, reason="sys.monitoring is Python 3.12+")
+def test_sys_monitoring_users_keep_working_and_a_full_table_is_survived(
+    registry: CollectorRegistry,
+) -> None:
+    mon = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
+    taken = [t for t in range(6) if mon.get_tool(t) is None]
+    calls: list[str] = []
+
+    def probe() -> None:
+        pass
+
+    # a debugger-like user of one id, watching a function the app calls
+    debugger = taken[0]
+    mon.use_tool_id(debugger, "debugger")
+    mon.register_callback(debugger, mon.events.PY_START, lambda code, off: calls.append("start"))
+    mon.set_local_events(debugger, probe.__code__, mon.events.PY_START)
+    try:
+        app = work_app(registry, Truth())
+
+        @app.get("/probe")
+        async def call_probe() -> dict[str, str]:
+            probe()
+            return {}
+
+        with serve(app, loop="uvloop") as url:
+            httpx.get(f"{url}/probe", timeout=5)
+            assert calls == ["start"]  # its events still arrive
+        assert mon.get_tool(debugger) == "debugger"  # and its id is still its own
+        # every other id taken: loopwatch says so and the app runs without loop time
+        for tool in taken[1:]:
+            mon.use_tool_id(tool, "other")
+        registry2 = CollectorRegistry()
+        app2 = work_app(registry2, Truth())
+        with serve(app2, loop="uvloop") as url:
+            assert httpx.get(f"{url}/hold", params={"seconds": 0.01}).status_code == 200
+        assert series(registry2, BUSY) == []
+    finally:
+        mon.set_local_events(debugger, probe.__code__, 0)
+        mon.register_callback(debugger, mon.events.PY_START, None)
+        for tool in taken:
+            if mon.get_tool(tool) is not None:
+                mon.free_tool_id(tool)
