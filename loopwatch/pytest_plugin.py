@@ -315,8 +315,30 @@ class _Watch:
         self.thread_name = thread.name
         self.on_main = thread.ident == guard.main_thread
 
+        # the lag the monitor's heartbeat had accumulated when this run was last settled
+        self._settled_lag = monitor.lag.total
+
     def on_stall(self, stall: Stall) -> None:
         self.guard.charge(self, stall)
+
+    def quiet(self) -> bool:
+        """Nothing to settle: no hold is open or in progress, and none has ended since the
+        last settle (the heartbeat has not been late by anything near the threshold), so no
+        stall can be on its way. Checked without waiting for a watchdog check, which would
+        cost a phase up to one check interval."""
+        monitor = self.monitor
+        # last_beat before the lag: the heartbeat records a late beat's lag, then the beat
+        # (the monitor's clock is time.monotonic; the watchdog's own test of a late beat)
+        fresh = time.monotonic() - monitor.last_beat <= monitor.interval * 1.5
+        late = monitor.lag.total - self._settled_lag
+        return fresh and late < (monitor.threshold - monitor.interval) / 2 and not monitor.stalling
+
+    def settle(self, timeout: float) -> bool:
+        lag = self.monitor.lag.total
+        if not self.monitor.settle(timeout):
+            return False
+        self._settled_lag = lag
+        return True
 
     def owner_text(self) -> str:
         owner = self.owner
@@ -428,15 +450,35 @@ class _Guard:
                 self._live.discard(watch)
 
     def settle(self, timeout: float = SETTLE_SECONDS) -> None:
-        """Wait (bounded) until loops running in other threads have reported what blocked
-        them so far, so a stall lands in the phase during which it happened."""
+        """Wait (bounded) until the loops in other threads whose stalls are charged to the
+        running test have reported what blocked them so far, so a stall lands in the phase
+        during which it happened. Loops owned by wider fixtures or other tests are not waited
+        for: their stalls go to the end of the run whenever they arrive."""
         deadline = time.monotonic() + timeout
-        with self._lock:
-            watches = [w for w in self._live if not w.on_main and w.own]
-        for watch in watches:
+        for watch in self.settling():
+            if watch.quiet():
+                continue
             left = deadline - time.monotonic()
-            if left <= 0 or not watch.monitor.settle(left):
+            if left <= 0 or not watch.settle(left):
                 return
+
+    def settling(self) -> list[_Watch]:
+        """The live watches a phase end has to settle."""
+        now = self._context
+        with self._lock:
+            return [w for w in self._live if not w.on_main and self._charges_to_test(w, now)]
+
+    @staticmethod
+    def _charges_to_test(watch: _Watch, now: _Context | None) -> bool:
+        """A loop in another thread belongs to the running test (so its stalls are charged to
+        the test's current phase) if it started during that test, outside wider fixtures."""
+        owner = watch.owner
+        return (
+            owner is not None
+            and now is not None
+            and owner.nodeid == now.nodeid
+            and owner.fixture_scope in (None, "function")
+        )
 
     # charging stalls (watchdog thread, or the loop's thread) ---------------------------
 
@@ -462,12 +504,7 @@ class _Guard:
         owner, now = watch.owner, self._context
         if watch.on_main:
             context = owner  # a loop on pytest's thread runs within one phase
-        elif (
-            owner is not None
-            and now is not None
-            and owner.nodeid == now.nodeid
-            and owner.fixture_scope in (None, "function")
-        ):
+        elif self._charges_to_test(watch, now):
             context = now
         else:
             context = None
