@@ -27,7 +27,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -625,13 +625,31 @@ class _Guard:
             context.allow,
         )
         try:
-            return (yield)
+            result = yield
         finally:
             self._fixtures.pop()
             name, scope = self._fixtures[-1] if self._fixtures else (None, None)
             self._context = _Context(
                 context.nodeid, context.phase, name, scope, context.threshold, context.allow
             )
+        # Finalizers run last-in first-out: this one runs just before the fixture's own
+        # teardown (registered during its setup), and after the teardown of the fixtures that
+        # depend on it (registered on it when they were set up, later).
+        fixturedef.addfinalizer(functools.partial(self._tearing_down, fixturedef))
+        return result
+
+    def _tearing_down(self, fixturedef: pytest.FixtureDef[Any]) -> None:
+        context = self._context
+        if context is not None:
+            self._context = replace(
+                context, fixture=fixturedef.argname, fixture_scope=fixturedef.scope
+            )
+
+    def pytest_fixture_post_finalizer(self, fixturedef: pytest.FixtureDef[Any]) -> None:
+        """The fixture's teardown is over (pytest calls this once its finalizers ran)."""
+        context = self._context
+        if context is not None and context.fixture == fixturedef.argname:
+            self._context = replace(context, fixture=None, fixture_scope=None)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(

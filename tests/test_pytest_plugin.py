@@ -302,6 +302,94 @@ async def test_uses_slow_fixture(slow_resource):
     result.stdout.fnmatch_lines([f"report written to {report}"])
 
 
+FIXTURE_SUITE = """
+import asyncio
+import time
+
+import pytest
+import pytest_asyncio
+
+
+def block_in_a_loop():
+    async def main():
+        time.sleep(0.3)
+
+    asyncio.run(main())
+
+
+@pytest_asyncio.fixture
+async def async_teardown():
+    yield
+    time.sleep(0.3)  # ASYNC TEARDOWN
+
+
+@pytest.fixture
+def inner():
+    yield
+    block_in_a_loop()
+
+
+@pytest.fixture
+def outer(inner):  # torn down before inner
+    yield
+    block_in_a_loop()
+
+
+@pytest.fixture(scope="module")
+def per_module():
+    block_in_a_loop()
+    yield
+    block_in_a_loop()
+
+
+@pytest.mark.asyncio
+async def test_async_fixture(async_teardown):
+    pass
+
+
+def test_nested_fixtures(outer):
+    pass
+
+
+def test_module_fixture(per_module):
+    pass
+"""
+
+
+def test_fixture_setup_and_teardown_stalls_name_the_fixture(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_suite=FIXTURE_SUITE)
+    report = suite.path / "report.json"
+    result = run(suite, "--loopwatch", f"--loopwatch-report={report}")
+    assert outcomes(result) == {
+        "test_async_fixture": "FAILED",
+        "test_nested_fixtures": "FAILED",
+        "test_module_fixture": "FAILED",
+    }
+    charged = [(s["test"].split("::")[1], s["phase"], s["fixture"]) for s in stalls(report)]
+    assert charged == [
+        ("test_async_fixture", "teardown", "async_teardown"),
+        ("test_nested_fixtures", "teardown", "outer"),
+        ("test_nested_fixtures", "teardown", "inner"),
+        ("test_module_fixture", "setup", "per_module"),
+        ("test_module_fixture", "teardown", "per_module"),
+    ]
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_async_fixture*",
+            "event loop blocked for *s (threshold 0.1s) during teardown of fixture "
+            "'async_teardown' (function scope)",
+            "*culprit:  *test_suite.py:*in async_teardown",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_module_fixture*",
+            "event loop blocked for *s (threshold 0.1s) during teardown of fixture "
+            "'per_module' (module scope)",
+        ]
+    )
+
+
 def test_a_bystander_is_not_blamed_for_another_loop(suite: pytest.Pytester) -> None:
     """A session fixture's loop (in its own thread) blocks while a test runs: the test passes,
     the stall is listed at the end of the run, and the run fails."""
