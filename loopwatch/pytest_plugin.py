@@ -145,9 +145,6 @@ def _read_options(config: pytest.Config) -> _Options:
         source = "ini key loopwatch_threshold"
         threshold = _parse_seconds(ini_threshold, source)
     report = cli_report or str(config.getini("loopwatch_report")).strip() or None
-    if report is not None and hasattr(config, "workerinput"):  # pytest-xdist: one per worker
-        stem, ext = os.path.splitext(report)
-        report = f"{stem}.{config.workerinput['workerid']}{ext}"
     return _Options(True, threshold, report, source)
 
 
@@ -216,6 +213,7 @@ class _Record:
     loop_owner: str
     threshold: float
     verdict: str  # failed, allowed or below-threshold
+    worker: str | None = None  # the pytest-xdist worker that ran the loop
 
     def as_dict(self) -> dict[str, object]:
         ctx = self.context
@@ -225,6 +223,7 @@ class _Record:
             "fixture": ctx.fixture if ctx is not None else None,
             "verdict": self.verdict,
             "threshold": self.threshold,
+            "worker": self.worker,
             "loop_thread": self.loop_thread,
             "loop_owner": self.loop_owner,
             **self.stall.as_dict(),
@@ -238,16 +237,30 @@ class _Record:
             route = f"{stall.method} {stall.route}"
         during = ctx.describe() if ctx is not None else "no test (see loop)"
         stack = _fold_library_frames(stall.stack)
+        where = f" of xdist worker {self.worker}" if self.worker is not None else ""
         return [
             f"event loop blocked for {stall.duration:.3f}s (threshold {self.threshold:g}s) "
             f"during {during}",
             f"  route:    {route}",
-            f"  culprit:  {stall.culprit}",
+            f"  culprit:  {stall.culprit}{_C_CALLBACK if _blames_the_runner(stall) else ''}",
             f"  kind:     {stall.kind} ({stall.cpu_seconds:.3f}s of CPU on the loop thread)",
-            f"  loop:     thread {self.loop_thread!r}, started during {self.loop_owner}",
+            f"  loop:     thread {self.loop_thread!r}{where}, started during {self.loop_owner}",
             "  loop thread stack (innermost last):",
             *(f"    {line}" for line in stack or ["<not sampled>"]),
         ]
+
+
+_C_CALLBACK = " (the loop ran a C function as a callback: no Python frame of its own)"
+
+
+def _blames_the_runner(stall: Stall) -> bool:
+    """The innermost Python frame is the loop running a callback (asyncio's ``Handle._run``,
+    or this plugin's ``run_forever`` around a C loop): the callback itself is C code, such as
+    ``loop.call_soon_threadsafe(time.sleep, 1)``."""
+    path, _, where = stall.culprit.rpartition(":")
+    return (where.endswith(" in _run") and path.endswith(os.path.join("asyncio", "events.py"))) or (
+        where.endswith(" in run_forever") and path == __file__
+    )
 
 
 _FRAME = re.compile(r'^\s*File "(?P<path>[^"]+)", line \d+, in ')
@@ -358,6 +371,11 @@ class _Guard:
         self.report_path = options.report
         self.main_thread = threading.get_ident()
         self.records: list[_Record] = []
+        # pytest-xdist: a worker sends its stalls to the controller, which lists and reports
+        # them with its own (it runs no test, so these are all the run's stalls)
+        workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
+        self.worker: str | None = workerinput["workerid"] if workerinput is not None else None
+        self._remote: list[_RemoteStalls] = []
         self._lock = threading.Lock()
         self._live: set[_Watch] = set()
         self._windows: list[list[float]] = []
@@ -517,7 +535,9 @@ class _Guard:
             verdict = "allowed"
         else:
             verdict = "failed"
-        record = _Record(stall, context, watch.thread_name, watch.owner_text(), threshold, verdict)
+        record = _Record(
+            stall, context, watch.thread_name, watch.owner_text(), threshold, verdict, self.worker
+        )
         with self._lock:
             self.records.append(record)
 
@@ -672,29 +692,66 @@ class _Guard:
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         self.settle()
-        with self._lock:
-            stray = [r for r in self.records if r.context is None and r.verdict == "failed"]
-        if stray and session.exitstatus == pytest.ExitCode.OK:
+        if self.worker is not None:
+            # xdist sends workeroutput to the controller after every sessionfinish impl ran
+            workeroutput: dict[str, Any] = self.config.workeroutput  # type: ignore[attr-defined]
+            workeroutput[_WORKEROUTPUT_KEY] = self._remote_stalls().as_message()
+            return
+        if self._stray_count() and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
         if self.report_path is not None:
             self._write_report()
 
-    def _write_report(self) -> None:
-        assert self.report_path is not None
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: object) -> None:
+        """pytest-xdist, on the controller: a worker finished and sent its stalls."""
+        output = getattr(node, "workeroutput", None) or {}
+        message = output.get(_WORKEROUTPUT_KEY)
+        if message is not None:
+            self._remote.append(_RemoteStalls.from_message(message))
+
+    def _remote_stalls(self) -> _RemoteStalls:
+        """This process's stalls, in the form a worker sends them."""
         with self._lock:
             records = list(self.records)
+        return _RemoteStalls(
+            stalls=[record.as_dict() for record in records],
+            stray=[
+                record.lines()
+                for record in records
+                if record.context is None and record.verdict == "failed"
+            ],
+            failed_tests=sorted(self._failed_nodeids),
+        )
+
+    def _all_stalls(self) -> _RemoteStalls:
+        """Every stall of the run: this process's and, on an xdist controller, the workers'."""
+        combined = self._remote_stalls()
+        for remote in self._remote:
+            combined.stalls.extend(remote.stalls)
+            combined.stray.extend(remote.stray)
+            combined.failed_tests.extend(remote.failed_tests)
+        combined.failed_tests.sort()
+        return combined
+
+    def _stray_count(self) -> int:
+        return len(self._all_stalls().stray)
+
+    def _write_report(self) -> None:
+        assert self.report_path is not None
+        everything = self._all_stalls()
         counts = {v: 0 for v in ("failed", "allowed", "below-threshold")}
-        for record in records:
-            counts[record.verdict] += 1
+        for stall in everything.stalls:
+            counts[str(stall["verdict"])] += 1
         from loopwatch import __version__
 
         document = {
             "version": REPORT_VERSION,
             "loopwatch": __version__,
             "threshold": self.threshold,
-            "summary": {"stalls": len(records), **counts},
-            "failed_tests": sorted(self._failed_nodeids),
-            "stalls": [record.as_dict() for record in records],
+            "summary": {"stalls": len(everything.stalls), **counts},
+            "failed_tests": everything.failed_tests,
+            "stalls": everything.stalls,
         }
         directory = os.path.dirname(os.path.abspath(self.report_path))
         os.makedirs(directory, exist_ok=True)
@@ -703,26 +760,49 @@ class _Guard:
             out.write("\n")
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        with self._lock:
-            records = list(self.records)
-        stray = [r for r in records if r.context is None and r.verdict == "failed"]
-        failed = sum(r.verdict == "failed" for r in records)
-        allowed = sum(r.verdict == "allowed" for r in records)
-        if not records and self.report_path is None:
+        everything = self._all_stalls()
+        stalls = everything.stalls
+        failed = sum(s["verdict"] == "failed" for s in stalls)
+        allowed = sum(s["verdict"] == "allowed" for s in stalls)
+        if not stalls and self.report_path is None:
             return
         terminalreporter.section("loopwatch", sep="-")
         terminalreporter.line(
-            f"{len(records)} stall(s) past {self.threshold:g}s: {failed} failed, {allowed} allowed"
+            f"{len(stalls)} stall(s) past {self.threshold:g}s: {failed} failed, {allowed} allowed"
         )
-        if stray:
+        if everything.stray:
             terminalreporter.line(
                 "blocking in loops not owned by the running test (this fails the run):", red=True
             )
-            for record in stray:
-                for line in record.lines():
+            for lines in everything.stray:
+                for line in lines:
                     terminalreporter.line(line)
         if self.report_path is not None:
             terminalreporter.line(f"report written to {self.report_path}")
+
+
+_WORKEROUTPUT_KEY = "loopwatch"
+
+
+@dataclass
+class _RemoteStalls:
+    """The stalls of one process as plain data (what an xdist worker sends the controller):
+    each as its report entry, the printed lines of those that fail the run, the failed tests."""
+
+    stalls: list[dict[str, object]]
+    stray: list[list[str]]
+    failed_tests: list[str]
+
+    def as_message(self) -> dict[str, object]:
+        return {"stalls": self.stalls, "stray": self.stray, "failed_tests": self.failed_tests}
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> _RemoteStalls:
+        return cls(
+            stalls=list(message.get("stalls", [])),
+            stray=[list(lines) for lines in message.get("stray", [])],
+            failed_tests=list(message.get("failed_tests", [])),
+        )
 
 
 # -- private helpers around the core monitor -------------------------------------------

@@ -526,6 +526,87 @@ def test_own_client(client, guard):
     result.assert_outcomes(passed=6)
 
 
+UNOWNED_LOOP_SUITE = """
+import asyncio
+import threading
+import time
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def background_loop():
+    loop = {new_loop}
+    thread = threading.Thread(target=loop.run_forever, name="bg-loop")
+    thread.start()
+    while not loop.is_running():
+        time.sleep(0.01)
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
+
+
+def test_bystander(background_loop):
+    background_loop.call_soon_threadsafe(time.sleep, 0.4)  # a C function as the callback
+    time.sleep(1.0)
+
+
+@pytest.mark.asyncio
+async def test_guilty():
+    time.sleep(0.3)
+
+
+def test_innocent():
+    pass
+"""
+
+
+@pytest.mark.parametrize("xdist", [False, True], ids=["serial", "xdist"])
+@pytest.mark.parametrize(
+    "new_loop", ["asyncio.new_event_loop()", "__import__('uvloop').new_event_loop()"],
+    ids=["asyncio", "uvloop"],
+)  # fmt: skip
+def test_blocking_in_an_unowned_loop_fails_the_run(
+    suite: pytest.Pytester, new_loop: str, xdist: bool
+) -> None:
+    """Under pytest-xdist too: each worker sends its stalls to the controller, which lists the
+    unowned ones, fails the run and writes them all to its report (there is no FILE.gwN)."""
+    suite.makepyfile(test_suite=UNOWNED_LOOP_SUITE.replace("{new_loop}", new_loop))
+    report = suite.path / "report.json"
+    result = run(suite, "--loopwatch", f"--loopwatch-report={report}", *(["-n", "2"] * xdist))
+    assert outcomes(result) == {
+        "test_bystander": "PASSED",
+        "test_guilty": "FAILED",
+        "test_innocent": "PASSED",
+    }
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(
+        [
+            "2 stall(s) past 0.1s: 2 failed, 0 allowed",
+            "*blocking in loops not owned by the running test (this fails the run):*",
+            "event loop blocked for *s (threshold 0.1s) during no test (see loop)",
+            "  culprit:  * (the loop ran a C function as a callback: no Python frame of its own)",
+            "*",
+            f"  loop:     thread 'bg-loop'{' of xdist worker gw*' * xdist}, started during setup "
+            "of fixture 'background_loop' (session scope) of test_suite.py::test_bystander",
+        ]
+    )
+    document = json.loads(report.read_text())
+    assert document["summary"] == {"stalls": 2, "failed": 2, "allowed": 0, "below-threshold": 0}
+    assert document["failed_tests"] == ["test_suite.py::test_guilty"]
+    by_test = {s["test"]: s for s in document["stalls"]}
+    assert sorted(by_test, key=str) == [None, "test_suite.py::test_guilty"]
+    assert by_test[None]["loop_thread"] == "bg-loop"
+    assert by_test[None]["duration"] >= 0.3
+    workers = {s["worker"] for s in document["stalls"]}
+    if xdist:
+        assert workers and workers <= {"gw0", "gw1"}
+    else:
+        assert workers == {None}
+    assert sorted(p.name for p in suite.path.glob("report*")) == ["report.json"]
+
+
 # -- enabling ---------------------------------------------------------------------------
 
 
