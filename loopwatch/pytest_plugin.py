@@ -12,6 +12,8 @@ duration, ``cpu``/``wait`` and the loop thread's stack.
 A loop is owned by the test during whose setup, call or teardown it started running. A stall in
 a loop owned by a finished test, by a fixture wider than a function or by no test at all is not
 blamed on whichever test happens to run: it is listed at the end of the run and fails the run.
+Under pytest-xdist each worker sends its stalls to the controller, which lists them and writes
+the one report.
 """
 
 from __future__ import annotations
