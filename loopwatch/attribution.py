@@ -155,7 +155,9 @@ class CodeFilter:
     site-packages, not loopwatch. Results are cached per file name."""
 
     def __init__(self, library_dirs: tuple[str, ...] | None = None) -> None:
-        self._dirs = library_dirs if library_dirs is not None else _library_dirs()
+        # Resolved at first use, on the watchdog thread: the paths are realpath()ed, file
+        # system calls a monitor built on the loop must not make there (blockbuster).
+        self._dirs = library_dirs
         self._cache: dict[str, bool] = {}
 
     def is_app(self, filename: str) -> bool:
@@ -164,6 +166,8 @@ class CodeFilter:
             if filename.startswith("<"):  # <frozen ...>, <string>
                 known = False
             else:
+                if self._dirs is None:
+                    self._dirs = _library_dirs()
                 real = os.path.realpath(filename)
                 known = not real.startswith(self._dirs)
             if len(self._cache) < 10_000:

@@ -489,3 +489,64 @@ def test_stalls_before_routing_are_reported_when_the_response_starts(
         # the stream runs 2 s more; the stall is known long before it ends
         [stall] = log.wait_for(1, timeout=1.5)
         assert stall.route == "/events/{topic}"
+
+
+def shutdown_blocking_app(registry: CollectorRegistry, log: StallLog) -> object:
+    import contextlib
+    from collections.abc import AsyncIterator
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        time.sleep(0.4)  # flushing a cache to disk, say
+
+    async def block(request: Request) -> PlainTextResponse:
+        time.sleep(0.4)
+        return PlainTextResponse("x")
+
+    app = Starlette(routes=[Route("/block", block)], lifespan=lifespan)
+    app.add_middleware(LoopWatchMiddleware, registry=registry, on_stall=log)  # type: ignore[arg-type]
+    return app
+
+
+def test_a_stall_in_a_lifespan_shutdown_handler_is_reported(
+    loop_impl: str, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = StallLog()
+    with (
+        caplog.at_level(logging.WARNING, logger="loopwatch"),
+        serve(shutdown_blocking_app(registry, log), loop=loop_impl),
+    ):
+        pass
+    [stall] = log.stalls  # delivered by the time the server has stopped
+    assert stall.route == "<background>" and 0.34 <= stall.duration <= 0.55
+    assert "in lifespan" in stall.culprit
+    assert [r for r in caplog.records if "event loop blocked for" in r.getMessage()]
+    stalls = sample(
+        registry, "loopwatch_stall_duration_seconds_count", method="-", route="<background>",
+        kind="wait",
+    )  # fmt: skip
+    assert stalls == 1
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
+def test_a_stall_right_before_testclient_exits_is_reported_every_time(
+    use_uvloop: bool, registry: CollectorRegistry
+) -> None:
+    log = StallLog()
+    app = shutdown_blocking_app(registry, log)
+    for run in range(1, 6):
+        with TestClient(app, backend_options={"use_uvloop": use_uvloop}) as client:  # type: ignore[arg-type]
+            assert client.get("/block").text == "x"
+        # the request's stall and the shutdown handler's, each run
+        assert sorted(log.routes()) == sorted(["/block", "<background>"] * run)
+    stalls = sample(
+        registry, "loopwatch_stall_duration_seconds_count", method="GET", route="/block",
+        kind="wait",
+    )  # fmt: skip
+    assert stalls == 5

@@ -756,3 +756,75 @@ def test_the_task_factory_fallback_attributes_spawned_tasks(
         [stall] = log.wait_for(1)
     assert (stall.method, stall.route) == ("GET", "/fanout/{n}")
     assert "in enrich" in stall.culprit
+
+
+# -- loopwatch itself never blocks the loop it watches (blockbuster) -------------------------
+
+
+def spin(seconds: float) -> None:
+    """Hold the loop with pure computation: blockbuster flags time.sleep, not this."""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        pass
+
+
+def blockbuster_app(log: StallLog, registry: CollectorRegistry) -> Starlette:
+    async def ok(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def cpu(request: Request) -> Response:
+        spin(BLOCK)
+        return PlainTextResponse("spun")
+
+    app = Starlette(routes=[Route("/ok", ok), Route("/cpu", cpu)])
+    app.add_middleware(LoopWatchMiddleware, registry=registry, on_stall=log)  # type: ignore[arg-type]
+    return app
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
+def test_blockbuster_sees_no_blocking_call_from_loopwatch_under_testclient(
+    use_uvloop: bool,
+) -> None:
+    from blockbuster import blockbuster_ctx
+
+    registry = CollectorRegistry()
+    log = StallLog()
+    inner = blockbuster_app(log, registry)
+    errors: list[BaseException] = []
+
+    async def app(scope: Message, receive: Any, send: Any) -> None:
+        try:
+            await inner(scope, receive, send)
+        except BaseException as exc:  # TestClient swallows errors at lifespan shutdown
+            errors.append(exc)
+            raise
+
+    with blockbuster_ctx():
+        # a fresh process's first monitor: library dirs and /proc probes not computed yet
+        attribution_module._library_dirs.cache_clear()
+        with TestClient(app, backend_options={"use_uvloop": use_uvloop}) as client:
+            assert [client.get("/ok").status_code for _ in range(3)] == [200] * 3
+            assert client.get("/cpu").text == "spun"
+            [stall] = log.wait_for(1)
+    assert errors == []  # the shutdown too: stopping the watchdog does not block the loop
+    assert (stall.route, stall.kind) == ("/cpu", "cpu")
+    ok = sample(registry, "loopwatch_requests_total", method="GET", route="/ok", status="200")
+    assert ok == 3
+
+
+def test_blockbuster_sees_no_blocking_call_from_loopwatch_under_uvicorn(loop_impl: str) -> None:
+    from blockbuster import blockbuster_ctx
+
+    registry = CollectorRegistry()
+    log = StallLog()
+    app = blockbuster_app(log, registry)
+    with blockbuster_ctx():
+        attribution_module._library_dirs.cache_clear()
+        with serve(app, loop=loop_impl) as url:
+            assert httpx.get(f"{url}/ok").status_code == 200
+            assert httpx.get(f"{url}/cpu", timeout=10).text == "spun"
+            [stall] = log.wait_for(1)
+            assert httpx.get(f"{url}/ok").status_code == 200
+    assert (stall.route, stall.kind) == ("/cpu", "cpu")
+    ok = sample(registry, "loopwatch_requests_total", method="GET", route="/ok", status="200")
+    assert ok == 2
