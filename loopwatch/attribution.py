@@ -119,7 +119,10 @@ def owner_of(task: asyncio.Task[Any] | None) -> RequestRecord | None:
 
 
 def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
-    """On Python < 3.12, remember each new task's request (its context is not readable later)."""
+    """On Python < 3.12, remember each new task's request (its context is not readable later).
+
+    Called again on every request: an app that sets its own factory at start-up, without
+    chaining to the one it replaces, gets it wrapped (and still called) from then on."""
     if HAS_TASK_CONTEXT:
         return
     previous = loop.get_task_factory()
@@ -134,7 +137,10 @@ def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
         context = kwargs.get("context")
         record = context.get(_current_request) if context is not None else _current_request.get()
         if record is not None:
-            _task_owners[task] = record  # type: ignore[index]
+            try:  # noqa: SIM105 - not contextlib.suppress: this runs once per task
+                _task_owners[task] = record  # type: ignore[index]
+            except TypeError:  # an app's factory returned something unhashable or unweakable
+                pass
         return task
 
     factory._loopwatch = True  # type: ignore[attr-defined]

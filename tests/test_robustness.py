@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import threading
 import time
@@ -828,3 +829,45 @@ def test_blockbuster_sees_no_blocking_call_from_loopwatch_under_uvicorn(loop_imp
     assert (stall.route, stall.kind) == ("/cpu", "cpu")
     ok = sample(registry, "loopwatch_requests_total", method="GET", route="/ok", status="200")
     assert ok == 2
+
+
+# -- trio (anyio's trio backend): not watched, passed through untouched ----------------------
+
+
+def test_on_trio_every_message_is_unchanged_and_nothing_is_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from loopwatch import middleware as middleware_module
+
+    registry = CollectorRegistry()
+
+    def build(wrapped: bool) -> tuple[Observed, Starlette]:
+        seen = Observed()
+        app = make_app(seen)
+        if wrapped:
+            app.add_middleware(LoopWatchMiddleware, registry=registry)  # type: ignore[arg-type]
+        return seen, app
+
+    def drive(app: Starlette) -> list[object]:
+        out: list[object] = []
+        with TestClient(app, backend="trio", raise_server_exceptions=False) as client:
+            for path in ("/plain", "/items/3?x=1", "/state", "/teapot", "/missing", "/boom"):
+                r = client.get(path)
+                out.append((path, r.status_code, r.text, sorted(r.headers.items())))
+            with client.websocket_connect("/ws") as ws:
+                ws.send_text("hi")
+                out.append(ws.receive_text())
+        return out
+
+    middleware_module._unmonitored_noted = False
+    bare_seen, bare = build(False)
+    expected = drive(bare)
+    seen, wrapped = build(True)
+    with caplog.at_level(logging.INFO, logger="loopwatch"):
+        assert drive(wrapped) == expected
+        assert drive(wrapped) == expected
+    assert seen.snapshot() == bare_seen.snapshot() + bare_seen.snapshot()
+    notes = [r for r in caplog.records if "does not watch" in r.getMessage()]
+    assert len(notes) == 1 and "trio" in notes[0].getMessage()
+    assert series(registry, "loopwatch_requests_total") == []
+    assert not watchdogs()
