@@ -871,3 +871,5 @@ def test_on_trio_every_message_is_unchanged_and_nothing_is_counted(
     assert len(notes) == 1 and "trio" in notes[0].getMessage()
     assert series(registry, "loopwatch_requests_total") == []
     assert not watchdogs()
+    scrapes = TestClient(metrics_app(registry), backend="trio")
+    assert scrapes.get("/").status_code == 200 and scrapes.get("/stalls").json() == []
