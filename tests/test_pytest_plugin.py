@@ -120,6 +120,7 @@ def test_only_the_guilty_test_fails(suite: pytest.Pytester) -> None:
         "test_guilty": "FAILED",
         "test_sync_innocent": "PASSED",
         "test_anyio_innocent[asyncio]": "PASSED",
+        "test_anyio_innocent[trio]": "PASSED",  # trio is a test dependency: anyio runs both
         "test_fails_and_blocks": "FAILED",
         "test_innocent_after": "PASSED",
     }
@@ -245,6 +246,7 @@ async def test_uses_slow_fixture(slow_resource):
         "test_async_endpoint": "FAILED",
         "test_sync_endpoint_is_fine": "PASSED",
         "test_cpu_endpoint_on_anyio[asyncio]": "FAILED",
+        "test_cpu_endpoint_on_anyio[trio]": "PASSED",  # not an asyncio loop: not watched
         "test_my_route_through_testclient": "FAILED",
         "test_testclient_without_lifespan_is_fine": "PASSED",
         "test_app_without_middleware": "FAILED",
