@@ -19,7 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loopwatch import BACKGROUND, LoopWatchMiddleware, metrics_app
 from loopwatch.attribution import CodeFilter
-from loopwatch.cli import fix_hint, main, render_plain_table
+from loopwatch.cli import main
+from loopwatch.cli.diagnosis import fix_hint
+from loopwatch.cli.output import render_plain_table
 from tests.servers import free_port, serve
 
 ROOT = Path(__file__).resolve().parent.parent
