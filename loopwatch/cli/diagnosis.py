@@ -9,11 +9,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from loopwatch.attribution import CodeFilter
 from loopwatch.cli.output import Output
-from loopwatch.cli.scrape import Snapshot
+from loopwatch.cli.scrape import RingStall, Snapshot
 from loopwatch.stall import BACKGROUND
 
 __all__ = ["RouteDiagnosis", "diagnose", "fix_hint", "print_diagnosis", "short_path"]
@@ -67,7 +66,7 @@ def _awaits_inside(path: str, function: str, line: int) -> bool | None:
     return None
 
 
-def fix_hint(kind: str, route: str, ring: Sequence[dict[str, Any]], code: CodeFilter) -> str:
+def fix_hint(kind: str, route: str, ring: Sequence[RingStall], code: CodeFilter) -> str:
     """One line on how to stop this route blocking the loop."""
     # any cpu stall: a CPU-bound function only looks like "wait" when other processes take
     # the core from it, and a thread would not fix it either way
@@ -79,7 +78,7 @@ def fix_hint(kind: str, route: str, ring: Sequence[dict[str, Any]], code: CodeFi
     if route == BACKGROUND:
         return "background code: await asyncio.to_thread(fn) for the blocking call"
     generic = "declare the endpoint `def`, or `await run_in_threadpool(fn)` the blocking call"
-    stacks = [str(s.get("stack", "")) for s in ring]
+    stacks = [s.stack for s in ring]
     frames = _app_frames(stacks[-1], code) if stacks else []
     if not frames:
         return generic
@@ -103,10 +102,9 @@ def diagnose(snapshot: Snapshot, code: CodeFilter | None = None) -> list[RouteDi
     """Every route seen, sorted by seconds blocked (then stalls, then requests)."""
     code = CodeFilter() if code is None else code
     expo = snapshot.expo
-    ring_by_route: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    ring_by_route: dict[tuple[str, str], list[RingStall]] = defaultdict(list)
     for stall in snapshot.stalls:
-        key = (str(stall.get("method", "-")), str(stall.get("route", "-")))
-        ring_by_route[key].append(stall)
+        ring_by_route[stall.method, stall.route].append(stall)
     rows = []
     for key in set(expo.requests) | set(expo.stalls):
         method, route = key
@@ -115,14 +113,14 @@ def diagnose(snapshot: Snapshot, code: CodeFilter | None = None) -> list[RouteDi
         blocked = sum(v[1] for v in kinds.values())
         kind = "+".join(sorted(kinds, key=lambda k: -kinds[k][1])) if kinds else "-"
         ring = ring_by_route.get(key, [])
-        worst = max((float(s.get("duration", 0.0)) for s in ring), default=None)
+        worst = max((s.duration for s in ring), default=None)
         weights: dict[str, float] = defaultdict(float)
         for s in ring:
-            weights[str(s.get("culprit", "-"))] += float(s.get("duration", 0.0))
+            weights[s.culprit] += s.duration
         top = max(weights, key=weights.__getitem__) if weights else None
         culprit = short_path(top) if top else "-"
         if stalls:
-            matching = [s for s in ring if s.get("culprit") == top]
+            matching = [s for s in ring if s.culprit == top]
             hint = fix_hint(kind, route, matching, code)
         else:
             hint = ""
@@ -164,7 +162,9 @@ def print_diagnosis(out: Output, snapshot: Snapshot, rows: Sequence[RouteDiagnos
     if snapshot.expo.current_stall > 0:
         summary += f"; blocked right now for {snapshot.expo.current_stall:.2f}s"
     out.line(summary + ".")
-    if not snapshot.stalls and stalls:
+    for note in snapshot.notes:
+        out.line(note)
+    if not snapshot.stalls and stalls and not snapshot.notes:
         out.line("(no stall ring at this source: culprits show as '-')")
     fixes = [r for r in rows if r.stalls]
     if fixes:

@@ -11,14 +11,14 @@ from loopwatch.cli.arguments import positive_int, seconds
 from loopwatch.cli.diagnosis import diagnose, print_diagnosis
 from loopwatch.cli.errors import CliError
 from loopwatch.cli.output import Output
-from loopwatch.cli.scrape import load_snapshot
+from loopwatch.cli.scrape import MAX_BODY, load_snapshot
 
 __all__ = ["add_parser", "run_report"]
 
 
 def run_report(args: argparse.Namespace, out: Output) -> int:
     if not args.watch:
-        snapshot = load_snapshot(args.source, args.timeout)
+        snapshot = load_snapshot(args.source, args.timeout, timeout_option="--timeout")
         print_diagnosis(out, snapshot, diagnose(snapshot))
         return 0
     code = CodeFilter()
@@ -26,7 +26,7 @@ def run_report(args: argparse.Namespace, out: Output) -> int:
     try:
         while True:
             try:
-                snapshot = load_snapshot(args.source, args.timeout)
+                snapshot = load_snapshot(args.source, args.timeout, timeout_option="--timeout")
             except CliError as exc:
                 if refreshes == 0:
                     raise
@@ -74,7 +74,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--timeout",
         type=seconds(0, strict=True),
         default=5.0,
-        help="seconds to wait for an answer (default 5)",
+        help="seconds for the whole read of the metrics and the stall ring (default 5); "
+        f"an answer larger than {MAX_BODY} is refused",
     )
     report.add_argument("--plain", action="store_true", help="no colour or table borders")
     report.set_defaults(run=run_report)
