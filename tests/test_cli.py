@@ -233,6 +233,22 @@ def test_demo_on_a_busy_port_says_so(capsys: pytest.CaptureFixture[str]) -> None
     assert "expected a free port" in err
 
 
+def test_demo_counts_every_stall_it_logged() -> None:
+    """The demo scrapes once the server has delivered its last stall: the stalls counted in
+    /metrics are the WARNING lines the app logged, run after run (before the fix, the last
+    stall of a run was often missing from the count: 5 stalls beside 6 WARNING lines)."""
+    for _ in range(5):
+        result = run_cli(
+            "demo", "--requests", "6", "--concurrency", "3", "--work-seconds", "0.2",
+            "--budget", "0", "--endpoints", "async", "--plain",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        stalls = re.search(r"blocked [\d.]+s in (\d+) stall\(s\)", result.stdout)
+        warnings = re.search(r"The app logged (\d+) WARNING line\(s\)", result.stdout)
+        assert stalls and warnings, result.stdout
+        assert stalls[1] == warnings[1] == "6", result.stdout  # one 0.2 s stall per request
+
+
 # ------------------------------------------------------------------------------------------
 # loopwatch report
 

@@ -26,7 +26,7 @@ from loopwatch.cli.diagnosis import diagnose, print_diagnosis
 from loopwatch.cli.errors import CliError
 from loopwatch.cli.load import Endpoint, LoadResult, drive
 from loopwatch.cli.output import Output
-from loopwatch.cli.scrape import load_snapshot
+from loopwatch.cli.scrape import Snapshot, load_snapshot
 
 __all__ = ["add_parser", "run_demo"]
 
@@ -122,6 +122,29 @@ def _stall_warnings(log: IO[bytes]) -> list[str]:
     log.seek(0)
     text = log.read().decode("utf-8", errors="replace").splitlines()
     return [line for line in text if "event loop blocked for" in line]
+
+
+def _settled_snapshot(url: str, log: IO[bytes], timeout: float) -> tuple[Snapshot, list[str]]:
+    """The app's figures and WARNING lines once the last stall of the load is in both.
+
+    The watchdog delivers a stall once the loop is free again, so the last answer (and a
+    scrape right after it) can come before that stall is logged and counted. Settled: no
+    stall in progress, as many stalls in /metrics as finished-stall lines in the log, and
+    neither changed over one more scrape; after ``timeout`` seconds, the figures as they are."""
+    deadline = time.monotonic() + timeout
+    seen: tuple[int, int] | None = None
+    while True:
+        snapshot = load_snapshot(url, timeout=30)
+        warnings = _stall_warnings(log)
+        counted = sum(int(n) for kinds in snapshot.expo.stalls.values() for n, _ in kinds.values())
+        logged = sum("(still blocked)" not in line for line in warnings)  # long-stall lines
+        now = (counted, logged)
+        if snapshot.expo.current_stall == 0 and counted == logged and now == seen:
+            return snapshot, warnings
+        if time.monotonic() >= deadline:
+            return snapshot, warnings
+        seen = now
+        time.sleep(0.2)
 
 
 def print_benchmark(out: Output, results: Sequence[LoadResult], args: argparse.Namespace) -> None:
@@ -247,9 +270,8 @@ def _run_demo(args: argparse.Namespace, out: Output) -> int:
             out.line()
             print_benchmark(out, results, args)
             out.line()
-            snapshot = load_snapshot(base + "/metrics", timeout=30)
+            snapshot, warnings = _settled_snapshot(base + "/metrics", log, timeout=5)
             print_diagnosis(out, snapshot, diagnose(snapshot))
-            warnings = _stall_warnings(log)
             if warnings:
                 out.line()
                 out.line(
