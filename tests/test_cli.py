@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -414,13 +417,18 @@ class RawServer:
     or as large as a test needs. ``routes`` maps a path to a function that writes the whole
     answer on the connection; it should end when ``stop`` is set or the client goes away."""
 
-    def __init__(self, routes: dict[str, Callable[[socket.socket, threading.Event], None]]):
+    def __init__(
+        self,
+        routes: dict[str, Callable[[socket.socket, threading.Event], None]],
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.routes = routes
+        self.tls = tls
         self.stop = threading.Event()
-        self.hits: dict[str, int] = {}
         self._sock = socket.create_server(("127.0.0.1", 0))
         self._sock.settimeout(0.1)  # closing a socket does not wake accept(): poll the stop
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._sock.getsockname()[1]}"
         self._threads = [threading.Thread(target=self._accept, daemon=True)]
 
     def __enter__(self) -> RawServer:
@@ -446,7 +454,10 @@ class RawServer:
             thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn:
+        with contextlib.suppress(OSError), contextlib.ExitStack() as stack:  # client hung up
+            conn = stack.enter_context(conn)
+            if self.tls is not None:
+                conn = stack.enter_context(self.tls.wrap_socket(conn, server_side=True))
             head = b""
             while b"\r\n\r\n" not in head:
                 data = conn.recv(65536)
@@ -454,9 +465,7 @@ class RawServer:
                     return
                 head += data
             path = head.split(b" ", 2)[1].decode()
-            self.hits[path] = self.hits.get(path, 0) + 1
-            with contextlib.suppress(OSError):  # the client hung up
-                self.routes.get(path, not_found)(conn, self.stop)
+            self.routes.get(path, not_found)(conn, self.stop)
 
 
 HEAD = "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nConnection: close\r\n{}\r\n"
@@ -574,6 +583,34 @@ def test_report_watch_survives_a_refresh_that_times_out() -> None:
         re.MULTILINE,
     ), result.stdout
     assert elapsed < 1.5 + 0.1 + 2 * 2.5
+
+
+def test_report_timeout_bounds_a_trickling_https_answer(tmp_path: Path) -> None:
+    """The same over TLS: the deadline shuts the TLS connection's socket down."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    with RawServer({"/metrics": trickle(FIXTURE.read_bytes())}, tls=tls) as server:
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "loopwatch", "report", server.url, "--timeout", "2"],
+            cwd=ROOT, capture_output=True, text=True, timeout=20,
+            env={**os.environ, "SSL_CERT_FILE": str(cert)},
+        )  # fmt: skip
+        elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"loopwatch report: error: no complete answer from {server.url}/metrics within --timeout 2s"
+    )
+    assert 2 <= elapsed < 2 + 2.5
 
 
 @pytest.mark.parametrize("announce", [None, 1 << 30], ids=["streamed", "announced-1GiB"])

@@ -4,7 +4,6 @@ file) and the stall ring served beside it at ``<metrics URL>/stalls``."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import http.client
 import json
 import math
@@ -159,14 +158,12 @@ class Deadline:
 class _TrackedConnection(http.client.HTTPConnection):
     """Hands its socket to the deadline as soon as it is connected."""
 
-    def __init__(self, *args: Any, deadline: Deadline, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._deadline = deadline
+    deadline: Deadline | None = None  # set right after construction, see _tracked()
 
     def connect(self) -> None:
         super().connect()
-        if self.sock is not None:
-            self._deadline.track(self.sock)
+        if self.deadline is not None and self.sock is not None:
+            self.deadline.track(self.sock)
 
 
 class _TrackedHTTPSConnection(http.client.HTTPSConnection, _TrackedConnection):
@@ -174,8 +171,20 @@ class _TrackedHTTPSConnection(http.client.HTTPSConnection, _TrackedConnection):
         # The plain socket tracked by the base is detached when TLS wraps it (the handshake
         # is bounded by the socket timeout only); from here on the TLS socket is tracked.
         super().connect()
-        if self.sock is not None:
-            self._deadline.track(self.sock)
+        if self.deadline is not None and self.sock is not None:
+            self.deadline.track(self.sock)
+
+
+def _tracked(
+    cls: type[_TrackedConnection], deadline: Deadline
+) -> Callable[..., http.client.HTTPConnection]:
+    # urllib builds the connection itself, with arguments that differ between Pythons
+    def connection(*args: Any, **kwargs: Any) -> http.client.HTTPConnection:
+        conn = cls(*args, **kwargs)
+        conn.deadline = deadline
+        return conn
+
+    return connection
 
 
 class _TrackedHTTPHandler(urllib.request.HTTPHandler):
@@ -184,8 +193,7 @@ class _TrackedHTTPHandler(urllib.request.HTTPHandler):
         self._deadline = deadline
 
     def do_open(self, http_class: Any, req: urllib.request.Request, **kwargs: Any) -> Any:
-        tracked = functools.partial(_TrackedConnection, deadline=self._deadline)
-        return super().do_open(tracked, req, **kwargs)
+        return super().do_open(_tracked(_TrackedConnection, self._deadline), req, **kwargs)
 
 
 class _TrackedHTTPSHandler(urllib.request.HTTPSHandler):
@@ -194,8 +202,7 @@ class _TrackedHTTPSHandler(urllib.request.HTTPSHandler):
         self._deadline = deadline
 
     def do_open(self, http_class: Any, req: urllib.request.Request, **kwargs: Any) -> Any:
-        tracked = functools.partial(_TrackedHTTPSConnection, deadline=self._deadline)
-        return super().do_open(tracked, req, **kwargs)
+        return super().do_open(_tracked(_TrackedHTTPSConnection, self._deadline), req, **kwargs)
 
 
 def _too_large(url: str) -> FetchError:
