@@ -67,6 +67,7 @@ class Outcome:
     message: str = ""
     where: str = ""  # the innermost loopwatch frame of the traceback, if any
     blockbuster: str = ""
+    apps_wrapped: int = 0
 
 
 @dataclass
@@ -216,12 +217,15 @@ def read_junit(report: Path) -> dict[str, Outcome]:
                     where = f"{path}:{line} {func}"
                 break
         result = Outcome(nodeid, props.get("backend", "none"), outcome, message, where,
-                         props.get("blockbuster", ""))  # fmt: skip
+                         props.get("blockbuster", ""), int(props.get("apps_wrapped") or 0))  # fmt: skip
         known = outcomes.get(nodeid)
+        if known is not None:  # a second record of the same test: its teardown errored
+            result.blockbuster = result.blockbuster or known.blockbuster
+            result.apps_wrapped = max(result.apps_wrapped, known.apps_wrapped)
         if known is None or rank[outcome] > rank[known.outcome]:
-            if known is not None and not result.blockbuster:
-                result.blockbuster = known.blockbuster
             outcomes[nodeid] = result
+        else:
+            known.blockbuster, known.apps_wrapped = result.blockbuster, result.apps_wrapped
     return outcomes
 
 
@@ -279,8 +283,9 @@ def compare(bare: RunResult, wrapped: RunResult, top: int) -> int:
             f"   regressions: {sum(1 for r in regressions if r.backend == backend)}")  # fmt: skip
     for result in (bare, wrapped):
         guard = Counter(o.blockbuster for o in result.outcomes.values() if o.blockbuster)
-        log(f"blockbuster in the {result.name} run: on in {guard['on']} test call(s), "
-            f"off in {guard['off']}")  # fmt: skip
+        apps = sum(o.apps_wrapped for o in result.outcomes.values())
+        log(f"{result.name} run: blockbuster on in {guard['on']} test call(s), off in "
+            f"{guard['off']}; {apps} app(s) wrapped in LoopWatchMiddleware")  # fmt: skip
     for backend in backends:
         mine = [r for r in regressions if r.backend == backend]
         if not mine:
@@ -332,12 +337,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     bare = run_suite("bare", python, tree, args.pytest_args, args.timeout)
     wrapped = run_suite("wrapped", python, tree, args.pytest_args, args.timeout)
-    problems = [r.name for r in (bare, wrapped) if not r.outcomes or r.returncode not in (0, 1)]
+    problems = [f"the {r.name} run did not complete (see {REPORTS.relative_to(ROOT)}/{r.name}.log)"
+                for r in (bare, wrapped) if not r.outcomes or r.returncode not in (0, 1)]  # fmt: skip
+    if wrapped.outcomes and not any(o.apps_wrapped for o in wrapped.outcomes.values()):
+        problems.append("the wrapped run wrapped no app: scripts/starlette_wrap.py's patch of "
+                        "TestClient/ASGITransport did not take")  # fmt: skip
+    if any(o.blockbuster == "off" for r in (bare, wrapped) for o in r.outcomes.values()):
+        problems.append("blockbuster was off during some tests: Starlette's guard must be on")
     regressions = compare(bare, wrapped, args.top)
     passed = sum(1 for o in wrapped.outcomes.values() if o.outcome == "passed")
     log(f"\nstarlette suite finished in {time.monotonic() - started:.0f}s")
-    for name in problems:
-        log(f"the {name} run did not complete (see {REPORTS.relative_to(ROOT)}/{name}.log)")
+    for problem in problems:
+        log(problem)
     # The closing line CI reads: tests passing wrapped, tests failing wrapped but not bare.
     log(f"starlette suite wrapped: {passed} passed, {regressions} failed")
     return 1 if regressions or problems else 0

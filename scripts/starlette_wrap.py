@@ -8,7 +8,9 @@ records in the JUnit XML:
 - ``nodeid``: the exact pytest node id, to match the two runs test by test;
 - ``backend``: the ``anyio_backend`` the test runs on: ``asyncio``, ``trio``, or ``none`` for
   a test that takes no ``anyio_backend`` (a bare ``TestClient(app)`` runs on asyncio);
-- ``blockbuster``: whether Starlette's blockbuster guard was active while the test ran.
+- ``blockbuster``: whether Starlette's blockbuster guard was active while the test ran;
+- ``apps_wrapped``: how many apps were wrapped from its setup to the end of its call (0 in the
+  bare run), so a patch that stops taking cannot make the comparison vacuously green.
 
 Wrapping happens where an app enters a client: ``starlette.testclient.TestClient`` (so
 lifespan, HTTP and websocket sessions all go through the middleware) and
@@ -28,6 +30,7 @@ from typing import Any
 import pytest
 
 _WRAPPED = "_loopwatch_suite_wrapped"
+_apps_wrapped = 0  # apps wrapped so far in this session
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -40,12 +43,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _wrap(app: Any) -> Any:
+    global _apps_wrapped
     from prometheus_client import CollectorRegistry
 
     from loopwatch import LoopWatchMiddleware
 
     if isinstance(app, LoopWatchMiddleware):
         return app
+    _apps_wrapped += 1
     return LoopWatchMiddleware(app, registry=CollectorRegistry())
 
 
@@ -119,15 +124,25 @@ def _blockbuster_active() -> bool:
     return "blockbuster" in (getattr(time.sleep, "__module__", None) or "")
 
 
+_wraps_at_setup = pytest.StashKey[int]()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     item.user_properties.append(("blockbuster", "on" if _blockbuster_active() else "off"))
-    return (yield)
+    try:
+        return (yield)
+    finally:
+        # before the call's report is made, so it carries the count
+        wrapped = _apps_wrapped - item.stash.get(_wraps_at_setup, _apps_wrapped)
+        item.user_properties.append(("apps_wrapped", str(wrapped)))
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     callspec = getattr(item, "callspec", None)
     backend = callspec.params.get("anyio_backend", "none") if callspec is not None else "none"
+    item.stash[_wraps_at_setup] = _apps_wrapped
     item.user_properties.append(("nodeid", item.nodeid))
     item.user_properties.append(("backend", str(backend)))
 
