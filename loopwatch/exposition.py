@@ -9,6 +9,7 @@ import gzip
 import json
 import logging
 import socket
+import sys
 import threading
 from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
@@ -93,17 +94,15 @@ class MetricsApp:
                         "headers": [(b"allow", b"GET, HEAD"), (b"content-length", b"0")]})  # fmt: skip
             await send({"type": "http.response.body", "body": b""})
             return
-        loop = asyncio.get_running_loop()
         if _wants_stalls(scope.get("path", "")):
-            body = await loop.run_in_executor(_executor(), stalls_json)
+            body = await _in_thread(stalls_json)
             await send({"type": "http.response.start", "status": 200, "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
             ]})  # fmt: skip
             await send({"type": "http.response.body", "body": body})
             return
-        status, headers, body = await loop.run_in_executor(
-            _executor(),
+        status, headers, body = await _in_thread(
             render,
             self.registry,
             _header(scope, b"accept"),
@@ -113,6 +112,18 @@ class MetricsApp:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body",
                     "body": b"" if scope["method"] == "HEAD" else body})  # fmt: skip
+
+
+async def _in_thread(fn: Any, *args: Any) -> Any:
+    """Run ``fn`` off the event loop: a scrape never blocks the loop it watches."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # trio: not watched, but its scrapes still answer
+        anyio = sys.modules.get("anyio")
+        if anyio is None:
+            return fn(*args)
+        return await anyio.to_thread.run_sync(lambda: fn(*args))
+    return await loop.run_in_executor(_executor(), fn, *args)
 
 
 def metrics_app(registry: CollectorRegistry | None = None) -> MetricsApp:
