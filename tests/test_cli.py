@@ -63,10 +63,10 @@ def assert_innocent(cells: list[str]) -> None:
     keep busy, the loop thread itself can be descheduled while framework code runs for such a
     route; allow that much, but never a stall blamed on the demo's own code."""
     if cells[2] == "0":
-        assert cells[3] == "0.00" and cells[6] == "-", cells
+        assert cells[3] == "0.00" and cells[7] == "-", cells
         return
     assert int(cells[2]) <= 2 and float(cells[3]) < 0.3, cells
-    assert "demo_app/" not in cells[6], cells
+    assert "demo_app/" not in cells[7], cells
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -113,7 +113,7 @@ def test_demo_reproduces_the_article_at_its_concurrency() -> None:
     assert int(diag["GET /async"][2]) == 5  # one stall per request, each 0.2 s > 0.1 s
     assert diag["GET /async"][5] == "wait"
     culprit = f"demo_app/main.py:{line_of(ROOT / 'demo_app/main.py', '# blocks the event loop')}"
-    assert diag["GET /async"][6] == f"{culprit} in async_endpoint"
+    assert diag["GET /async"][7] == f"{culprit} in async_endpoint"
     assert_innocent(diag["GET /sync"])
     assert re.search(r"GET /async\s+declare async_endpoint\(\) `def`", out)
     assert "event loop blocked for" in out  # the app's own WARNING line, quoted
@@ -142,7 +142,7 @@ def test_demo_diagnosis_names_every_fake_async_route_and_no_fixed_one(
         cells = diag[route]
         assert cells[1] == "4"  # requests
         assert int(cells[2]) >= 1, cells
-        assert cells[6] == culprit
+        assert cells[7] == culprit
     for sleeper in ("POST /my-route", "POST /mixed"):
         # 0.25 s of time.sleep per request, threshold 0.1 s: each request is a stall. (On a
         # loaded machine the core does not blame CPU starvation on /cpu's code, so its count
@@ -306,7 +306,7 @@ def test_report_reads_a_live_app_with_its_stall_ring(
     assert freeze[1:3] == ["2", "2"]  # requests, stalls
     assert float(freeze[3]) >= 0.5 and float(freeze[4]) >= 0.25
     assert freeze[5] == "wait"
-    assert freeze[6] == f"tests/test_cli.py:{FREEZE_LINE} in freeze"
+    assert freeze[7] == f"tests/test_cli.py:{FREEZE_LINE} in freeze"
     assert diag["GET /fine"][1:4] == ["1", "0", "0.00"]
     assert [r for r in diag if r != "<background>"] == ["GET /freeze", "GET /fine"]
     assert re.search(r"GET /freeze\s+declare freeze\(\) `def`", out)
@@ -353,7 +353,7 @@ def test_report_reads_a_saved_exposition_file(capsys: pytest.CaptureFixture[str]
     for key in by_blocked:
         assert diag[key][2] == str(int(stalls[key]))
         assert diag[key][3] == f"{blocked[key]:.2f}"
-        assert diag[key][6] == "-"
+        assert diag[key][7] == "-"
     assert diag["GET /sync"][2] == "0"
     assert not any(name.startswith("python_") for name in diag)
     # kinds come from the metric's label, so the hints need no stall ring
@@ -699,7 +699,7 @@ def test_report_skips_what_it_cannot_read_in_the_stall_ring(
     diag = table_rows(out, "route")
     assert [diag[r][2] for r in ("GET /async", "GET /cpu", "POST /mixed")] == ["3", "2", "2"]
     if isinstance(ring, list):  # the readable record still names its culprit
-        assert diag["GET /cpu"][6] == "/srv/app/work.py:28 in crunch_numbers"
+        assert diag["GET /cpu"][7] == "/srv/app/work.py:28 in crunch_numbers"
         assert diag["GET /cpu"][4] == "0.16"
     assert "How to fix:" in out
 
