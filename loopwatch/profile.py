@@ -23,12 +23,17 @@ Bounded memory, whatever the app does:
 
 - a rolling window of ``KEEP_SECONDS`` (300) one-second buckets; queries cover the last
   ``seconds`` of them (default ``DEFAULT_SECONDS``, 60);
-- at most ``MAX_STACKS`` (200) distinct stacks per bucket; samples of a new stack beyond it
-  go to its route's ``<other stacks>`` line, and beyond ``MAX_STACKS + MAX_OVERFLOW`` (64)
-  lines in a bucket they are dropped (``ProfileStore.dropped`` counts them);
+- at most ``MAX_STACKS`` (100) distinct stacks per second and ``MAX_TOTAL`` (2000) in the
+  whole window (each kept once, however many seconds hold it); samples of a new stack beyond
+  either go to its route's ``<other stacks>`` line, and beyond ``MAX_OVERFLOW`` (32) such
+  lines they are dropped (``ProfileStore.dropped`` counts them);
 - at most ``MAX_DEPTH`` (64) frames per stack: the leaf-most ones, under one ``<more frames>``;
 - at most ``MAX_NAME`` (200) characters per frame and per route label (the middle of a long
-  name is cut, so the function and line stay).
+  name is cut, so the function and line stay); a frame's name is made once per code line
+  and shared by every stack that holds it.
+
+Measured with every cap reached (``benchmarks/profile_cost.py``): about 3 MiB
+(frames shared between stacks, as the sampler makes them).
 
 Standard library only.
 """
@@ -43,7 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from types import CodeType, FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loopwatch.attribution import RequestRecord, owner_of
 from loopwatch.stall import BACKGROUND, SERVER
@@ -63,8 +68,9 @@ __all__ = [
 
 KEEP_SECONDS = 300
 DEFAULT_SECONDS = 60
-MAX_STACKS = 200
-MAX_OVERFLOW = 64
+MAX_STACKS = 100
+MAX_TOTAL = 2000
+MAX_OVERFLOW = 32
 MAX_DEPTH = 64
 MAX_NAME = 200
 # one sample never stands for more than this (a watchdog that was itself held up, a suspend)
@@ -103,12 +109,16 @@ class ProfileStore:
         self,
         keep: int = KEEP_SECONDS,
         max_stacks: int = MAX_STACKS,
+        max_total: int = MAX_TOTAL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.keep = keep
         self.max_stacks = max_stacks
         self._clock = clock
+        self.max_total = max_total
         self._buckets: collections.deque[tuple[int, dict[Stack, int]]] = collections.deque()
+        # every distinct stack in the window, once: [the stack, how many buckets hold it]
+        self._interned: dict[Stack, list[Any]] = {}
         self._lock = threading.Lock()
         self.dropped = 0  # samples not kept: a bucket full even of overflow lines
 
@@ -119,20 +129,37 @@ class ProfileStore:
             if not buckets or buckets[-1][0] != second:
                 buckets.append((second, {}))
                 while buckets and buckets[0][0] <= second - self.keep:
-                    buckets.popleft()
+                    self._release(buckets.popleft()[1])
             counts = buckets[-1][1]
             if stack in counts:
                 counts[stack] += weight
-            elif len(counts) < self.max_stacks:
-                counts[stack] = weight
-            else:
-                other = (stack[0], OTHER_STACKS)
-                if other in counts:
-                    counts[other] += weight
-                elif len(counts) < self.max_stacks + MAX_OVERFLOW:
-                    counts[other] = weight
-                else:
+                return
+            interned = self._interned
+            if len(counts) >= self.max_stacks or (
+                stack not in interned and len(interned) >= self.max_total
+            ):
+                stack = (stack[0], OTHER_STACKS)
+                if stack in counts:
+                    counts[stack] += weight
+                    return
+                if len(counts) >= self.max_stacks + MAX_OVERFLOW or (
+                    stack not in interned and len(interned) >= self.max_total + MAX_OVERFLOW
+                ):
                     self.dropped += weight
+                    return
+            entry = interned.get(stack)
+            if entry is None:
+                entry = interned[stack] = [stack, 0]
+            entry[1] += 1  # one more bucket holds it
+            counts[entry[0]] = weight  # the interned tuple: buckets share one copy
+
+    def _release(self, counts: dict[Stack, int]) -> None:
+        interned = self._interned
+        for stack in counts:
+            entry = interned[stack]
+            entry[1] -= 1
+            if not entry[1]:
+                del interned[stack]
 
     def counts(self, seconds: int = DEFAULT_SECONDS) -> dict[Stack, int]:
         """Each stack's count over the last ``seconds`` (the current second included)."""
@@ -154,6 +181,7 @@ class ProfileStore:
     def clear(self) -> None:
         with self._lock:
             self._buckets.clear()
+            self._interned.clear()
             self.dropped = 0
 
 
@@ -266,7 +294,7 @@ class LoopSampler:
             key = (code, frame.f_lineno or code.co_firstlineno)  # None between lines
             name = names.get(key)
             if name is None:
-                if len(names) >= 20_000:  # a bound, for code generated at run time
+                if len(names) >= 5_000:  # a bound, for code generated at run time
                     names.clear()
                 qualname = getattr(code, "co_qualname", code.co_name)
                 name = names[key] = clean(f"{qualname} ({code.co_filename}:{key[1]})")

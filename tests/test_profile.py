@@ -22,6 +22,7 @@ from loopwatch.profile import (
     MAX_NAME,
     MAX_OVERFLOW,
     MAX_STACKS,
+    MAX_TOTAL,
     MORE_FRAMES,
     OTHER_STACKS,
     PROFILE,
@@ -205,11 +206,17 @@ def test_the_store_stays_bounded_however_many_stacks_come() -> None:
     assert len(counts) <= MAX_STACKS + MAX_OVERFLOW
     assert sum(counts.values()) + store.dropped == 10 * MAX_STACKS
     assert any(stack[1:] == (OTHER_STACKS,) for stack in counts)
-    for _ in range(3 * KEEP_SECONDS):  # the window rolls: old seconds are let go
+    for second in range(KEEP_SECONDS):  # the whole window: distinct stacks every second
+        now[0] += 1
+        for i in range(MAX_STACKS):
+            store.add(("GET /r", f"f (a.py:{second}.{i})"), 1)
+        assert len(store._interned) <= MAX_TOTAL + MAX_OVERFLOW
+    for _ in range(KEEP_SECONDS + 1):  # the window rolls on: old seconds are let go
         now[0] += 1
         store.add(("GET /r", "f (a.py:1)"), 1)
     assert len(store._buckets) == KEEP_SECONDS
     assert store.counts(KEEP_SECONDS) == {("GET /r", "f (a.py:1)"): KEEP_SECONDS}
+    assert list(store._interned) == [("GET /r", "f (a.py:1)")]  # nothing else kept
 
 
 def test_names_cannot_break_a_line() -> None:
