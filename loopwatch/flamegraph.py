@@ -177,7 +177,7 @@ _SCRIPT = """
   }
   function zoom(node) {
     var nr = rect(node), x0 = +nr.getAttribute("data-x"), w0 = +nr.getAttribute("data-w");
-    var y0 = +nr.getAttribute("y"), scale = (W - 2 * XPAD) / w0, eps = 0.0001;
+    var y0 = +nr.getAttribute("y"), scale = (W - 2 * XPAD) / w0, eps = 0.05;  // > rounding
     frames.forEach(function (g) {
       var r = rect(g), x = +r.getAttribute("data-x"), w = +r.getAttribute("data-w");
       var y = +r.getAttribute("y");
