@@ -133,7 +133,10 @@ def owner_of(task: asyncio.Task[Any] | None) -> RequestRecord | None:
 
 
 def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
-    """On Python < 3.12, remember each new task's request (its context is not readable later)."""
+    """On Python < 3.12, remember each new task's request (its context is not readable later).
+
+    Called again on every request: an app that sets its own factory at start-up, without
+    chaining to the one it replaces, gets it wrapped (and still called) from then on."""
     if HAS_TASK_CONTEXT:
         return
     previous = loop.get_task_factory()
@@ -148,7 +151,10 @@ def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
         context = kwargs.get("context")
         record = context.get(_current_request) if context is not None else _current_request.get()
         if record is not None:
-            _task_owners[task] = record  # type: ignore[index]
+            try:  # noqa: SIM105 - not contextlib.suppress: this runs once per task
+                _task_owners[task] = record  # type: ignore[index]
+            except TypeError:  # an app's factory returned something unhashable or unweakable
+                pass
         return task
 
     factory._loopwatch = True  # type: ignore[attr-defined]
@@ -169,7 +175,9 @@ class CodeFilter:
     site-packages, not loopwatch. Results are cached per file name."""
 
     def __init__(self, library_dirs: tuple[str, ...] | None = None) -> None:
-        self._dirs = library_dirs if library_dirs is not None else _library_dirs()
+        # Resolved at first use, on the watchdog thread: the paths are realpath()ed, file
+        # system calls a monitor built on the loop must not make there (blockbuster).
+        self._dirs = library_dirs
         self._cache: dict[str, bool] = {}
 
     def is_app(self, filename: str) -> bool:
@@ -178,6 +186,8 @@ class CodeFilter:
             if filename.startswith("<"):  # <frozen ...>, <string>
                 known = False
             else:
+                if self._dirs is None:
+                    self._dirs = _library_dirs()
                 real = os.path.realpath(filename)
                 known = not real.startswith(self._dirs)
             if len(self._cache) < 10_000:

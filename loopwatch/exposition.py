@@ -9,6 +9,7 @@ import gzip
 import json
 import logging
 import socket
+import sys
 import threading
 from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
@@ -112,9 +113,8 @@ class MetricsApp:
                         "headers": [(b"allow", b"GET, HEAD"), (b"content-length", b"0")]})  # fmt: skip
             await send({"type": "http.response.body", "body": b""})
             return
-        loop = asyncio.get_running_loop()
         if _wants_stalls(scope.get("path", "")):
-            body = await loop.run_in_executor(_executor(), stalls_json)
+            body = await _in_thread(stalls_json)
             await send({"type": "http.response.start", "status": 200, "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
@@ -122,9 +122,7 @@ class MetricsApp:
             await send({"type": "http.response.body", "body": body})
             return
         if _wants_profile(scope.get("path", "")):
-            code, body = await loop.run_in_executor(
-                _executor(), profile_response, scope.get("query_string", b"")
-            )
+            code, body = await _in_thread(profile_response, scope.get("query_string", b""))
             await send({"type": "http.response.start", "status": code, "headers": [
                 (b"content-type", _TEXT),
                 (b"content-length", str(len(body)).encode()),
@@ -132,8 +130,7 @@ class MetricsApp:
             await send({"type": "http.response.body",
                         "body": b"" if scope["method"] == "HEAD" else body})  # fmt: skip
             return
-        status, headers, body = await loop.run_in_executor(
-            _executor(),
+        status, headers, body = await _in_thread(
             render,
             self.registry,
             _header(scope, b"accept"),
@@ -143,6 +140,18 @@ class MetricsApp:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body",
                     "body": b"" if scope["method"] == "HEAD" else body})  # fmt: skip
+
+
+async def _in_thread(fn: Any, *args: Any) -> Any:
+    """Run ``fn`` off the event loop: a scrape never blocks the loop it watches."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # trio: not watched, but its scrapes still answer
+        anyio = sys.modules.get("anyio")
+        if anyio is None:
+            return fn(*args)
+        return await anyio.to_thread.run_sync(lambda: fn(*args))
+    return await loop.run_in_executor(_executor(), fn, *args)
 
 
 def metrics_app(registry: CollectorRegistry | None = None) -> MetricsApp:

@@ -8,12 +8,19 @@ It imports no web framework: the route template is read from the scope after dis
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from loopwatch.attribution import RequestRecord, bind_request, unbind_request
+from loopwatch.attribution import (
+    RequestRecord,
+    bind_request,
+    install_task_factory,
+    unbind_request,
+)
 from loopwatch.config import ConfigError, Settings
 from loopwatch.exposition import MetricsServer
 from loopwatch.metrics import book_for, resolve_registry
@@ -25,6 +32,8 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
 __all__ = ["LoopWatchMiddleware"]
+
+logger = logging.getLogger("loopwatch")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -65,21 +74,35 @@ class LoopWatchMiddleware:
         profile: bool | None = None,
     ) -> None:
         self.app = app
-        self.settings = Settings.resolve(
-            threshold=threshold,
-            interval=interval,
-            metrics_port=metrics_port,
-            metrics_host=metrics_host,
-            request_metrics=request_metrics,
-            exclude=tuple(exclude)
-            if exclude is not None and not isinstance(exclude, str)
-            else exclude,
-            long_stall=long_stall,
-            loop_time=loop_time,
-            profile=profile,
-        )
-        if on_stall is not None and not callable(on_stall):
-            raise ConfigError("on_stall", on_stall, "argument", "a callable taking a Stall")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._monitor: Monitor | None = None
+        self._shard: Shard | None = None
+        self.metrics_server: MetricsServer | None = None
+        # A bad option found while a server already runs (Starlette builds its middleware
+        # stack lazily, inside the lifespan call): raised there, the server would take it for
+        # "lifespan unsupported" and serve 500s. Kept instead, to fail the lifespan start-up.
+        self.config_error: ConfigError | None = None
+        try:
+            self.settings = Settings.resolve(
+                threshold=threshold,
+                interval=interval,
+                metrics_port=metrics_port,
+                metrics_host=metrics_host,
+                request_metrics=request_metrics,
+                exclude=tuple(exclude)
+                if exclude is not None and not isinstance(exclude, str)
+                else exclude,
+                long_stall=long_stall,
+                loop_time=loop_time,
+                profile=profile,
+            )
+            if on_stall is not None and not callable(on_stall):
+                raise ConfigError("on_stall", on_stall, "argument", "a callable taking a Stall")
+        except ConfigError as error:
+            if not _in_event_loop():
+                raise
+            self.config_error = error
+            return
         self.on_stall = on_stall
         self.registry = resolve_registry(registry)
         self.book = book_for(self.registry)
@@ -90,15 +113,19 @@ class LoopWatchMiddleware:
         self._prefixes = tuple(p.rstrip("/") + "/" for p in self.settings.exclude)
         self._metrics_mounts: dict[int, frozenset[str]] = {}
         self._declared_apps: set[int] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._monitor: Monitor | None = None
-        self._shard: Shard | None = None
-        self.metrics_server: MetricsServer | None = None
         if self.settings.metrics_port is not None:
             # Bound now, so a busy port fails start-up rather than the first request.
-            self.metrics_server = MetricsServer.acquire(self.settings, self.registry)
+            try:
+                self.metrics_server = MetricsServer.acquire(self.settings, self.registry)
+            except ConfigError as error:
+                if not _in_event_loop():
+                    raise
+                self.config_error = error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.config_error is not None:
+            await self._refuse(scope, receive, send, self.config_error)
+            return
         kind = scope["type"]
         if kind == "http":
             method = scope.get("method", "")
@@ -126,10 +153,16 @@ class LoopWatchMiddleware:
             await self.app(scope, receive, send)
             return
 
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # trio, or another event loop: not watched, passed through
+            _note_unmonitored()
+            await self.app(scope, receive, send)
+            return
         if loop is not self._loop or self._monitor is None or not self._monitor.running:
             self._bind(loop)
             self._declare(scope.get("app") or self.app)  # lifespan off: at the first request
+        install_task_factory(loop)  # Python < 3.12: again if the app replaced it at start-up
         monitor = self._monitor
         shard = self._shard
         if monitor is None or shard is None:  # pragma: no cover - set by _bind
@@ -160,10 +193,31 @@ class LoopWatchMiddleware:
         shard.in_flight += 1
         status = "500"  # what the server answers if the app raises before responding
         started = time.perf_counter()
+        answered = False
+
+        def count() -> None:
+            # Once per request: at the final body (latency as the client saw it; background
+            # tasks after it still belong to the request for stalls), else when the app ends.
+            nonlocal answered
+            answered = True
+            elapsed = time.perf_counter() - started
+            route = record.finish()
+            monitor.requests.discard(record)
+            if accountant is not None:
+                accountant.finished.append(record)
+            shard.in_flight -= 1
+            shard.count_request(method, route, status, elapsed)
+            if record.pending:
+                monitor.flush_pending(record)
 
         async def send_and_watch(message: Message) -> None:
             nonlocal status
             mtype = message["type"]
+            if mtype == "http.response.body":
+                await send(message)
+                if not message.get("more_body", False) and not answered:
+                    count()
+                return
             if mtype == "http.response.start" or mtype == "websocket.http.response.start":
                 status = _STATUSES.get(message.get("status", 0), "other")
                 if record.pending:  # stalls from before routing: routed by now
@@ -174,19 +228,19 @@ class LoopWatchMiddleware:
                     monitor.flush_pending(record)
             elif mtype == "websocket.close" and status == "500":
                 status = "403"  # closed before accepting: the server answers 403
+            elif mtype == "http.response.pathsend":  # the ASGI pathsend extension: final
+                await send(message)
+                if not answered:
+                    count()
+                return
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_watch)
         finally:
-            elapsed = time.perf_counter() - started
-            route = record.finish()
-            monitor.requests.discard(record)
-            if accountant is not None:
-                accountant.finished.append(record)
-            shard.in_flight -= 1
-            shard.count_request(method, route, status, elapsed)
-            if record.pending:
+            if not answered:
+                count()
+            elif record.pending:
                 monitor.flush_pending(record)
             unbind_request(binding)
 
@@ -212,25 +266,63 @@ class LoopWatchMiddleware:
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
+        failed: ConfigError | None = None
+        answered_failure = False
 
         async def receive_and_start() -> Message:
-            nonlocal started
+            nonlocal started, failed
             message: Message = await receive()
             if message.get("type") == "lifespan.startup":
-                started = True
                 if self.metrics_server is None and self.settings.metrics_port is not None:
-                    self.metrics_server = MetricsServer.acquire(self.settings, self.registry)
-                self._bind(asyncio.get_running_loop())
-                self._declare(scope.get("app") or self.app)
+                    try:
+                        self.metrics_server = MetricsServer.acquire(self.settings, self.registry)
+                    except ConfigError as error:  # the port was taken since construction
+                        failed = error
+                        raise
+                started = True
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    _note_unmonitored()
+                else:
+                    self._bind(loop)
+                    self._declare(scope.get("app") or self.app)
             return message
 
+        async def send_and_watch(message: Message) -> None:
+            nonlocal answered_failure
+            if message.get("type") == "lifespan.startup.failed":
+                answered_failure = True
+            await send(message)
+
         try:
-            await self.app(scope, receive_and_start, send)
+            await self.app(scope, receive_and_start, send_and_watch)
+        except ConfigError as error:
+            if error is not failed or answered_failure:
+                raise
+            await self._refuse(scope, None, send, error)
         finally:
             # An app that ignores lifespan returns at once: keep the side port and let the
             # first request start the monitor. After a real start-up, this is the shutdown.
             if started:
                 self.close()
+
+    @staticmethod
+    async def _refuse(
+        scope: Scope, receive: Receive | None, send: Send, error: ConfigError
+    ) -> None:
+        """A bad option: fail the lifespan start-up with its message (the ASGI way: uvicorn,
+        gunicorn, hypercorn and granian then exit); a request, if a server skipped lifespan,
+        raises it. Never serve as if loopwatch were there."""
+        fresh = ConfigError(error.option, error.value, error.source, error.expected)
+        if scope["type"] == "lifespan":
+            message = {"type": "lifespan.startup"} if receive is None else await receive()
+            if message.get("type") == "lifespan.startup":
+                logger.error("%s; failing the application start-up", error)
+                await send({"type": "lifespan.startup.failed", "message": str(error)})
+                raise fresh from None
+            return
+        raise fresh from None
 
     def close(self) -> None:
         """Stop this instance's share of the monitor and the side-port server."""
@@ -265,6 +357,42 @@ class LoopWatchMiddleware:
             if path.startswith(mount + "/"):
                 return True
         return False
+
+
+def _in_event_loop() -> bool:
+    """Code running inside a server's event loop (asyncio, or trio through sniffio)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        sniffio = sys.modules.get("sniffio")
+        if sniffio is None:
+            return False
+        try:
+            sniffio.current_async_library()
+        except Exception:
+            return False
+    return True
+
+
+_unmonitored_noted = False
+
+
+def _note_unmonitored() -> None:
+    """Once per process: an app served by something other than an asyncio loop."""
+    global _unmonitored_noted
+    if _unmonitored_noted:
+        return
+    _unmonitored_noted = True
+    library = "a loop other than asyncio"
+    sniffio = sys.modules.get("sniffio")
+    if sniffio is not None:
+        with contextlib.suppress(Exception):
+            library = sniffio.current_async_library()
+    logger.warning(
+        "loopwatch: this app runs on %s, which loopwatch does not watch: requests pass "
+        "through unmonitored and uncounted",
+        library,
+    )
 
 
 def _default_threadpool() -> Any:

@@ -16,6 +16,7 @@ import contextvars
 import dataclasses
 import inspect
 import logging
+import os
 import sys
 import threading
 import time
@@ -106,6 +107,16 @@ def _loop_entry_codes() -> frozenset[CodeType]:
 
 def thread_alive(thread: threading.Thread | None) -> bool:
     return thread is not None and thread.is_alive()
+
+
+def _await_exit(thread: threading.Thread, timeout: float) -> None:
+    """``thread.join(timeout)`` for the loop's own thread, without a blocking lock wait there
+    (a blocking-call detector would flag loopwatch): the watchdog wakes at once on stop and
+    exits within one check, so yield the GIL to it until it has."""
+    yield_gil = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))  # not on Windows
+    deadline = time.monotonic() + timeout
+    while thread.is_alive() and time.monotonic() < deadline:
+        yield_gil()
 
 
 class _Segment:
@@ -258,15 +269,22 @@ class Monitor:
     def _start(self) -> None:
         # Called on the loop's thread: that is the thread whose stack we will sample.
         self._loop_thread_id = threading.get_ident()
-        self._cpu = _thread_cpu_clock(self._loop_thread_id)
-        self._sched = _thread_schedstat(threading.get_native_id())
         self._idle_codes = _loop_entry_codes()
         install_task_factory(self.loop)
         if self.settings.loop_time:
             self.accountant = start_accounting(self.loop, self._book_busy)
         self._start_heartbeat()
-        self._thread = threading.Thread(target=self._run, name="loopwatch-watchdog", daemon=True)
+        self._thread = threading.Thread(
+            target=self._watch, args=(threading.get_native_id(),),
+            name="loopwatch-watchdog", daemon=True,
+        )  # fmt: skip
         self._thread.start()
+
+    def _watch(self, native_id: int) -> None:
+        # The CPU clock and schedstat probes read /proc: here, never on the loop it watches.
+        self._cpu = _thread_cpu_clock(self._loop_thread_id or 0)
+        self._sched = _thread_schedstat(native_id)
+        self._run()
 
     def _start_heartbeat(self) -> None:
         if self._stop.is_set() or self.loop.is_closed():
@@ -308,9 +326,11 @@ class Monitor:
     def stop(self, timeout: float = 1.0, *, flush: bool = False) -> None:
         """Stop the watchdog and the heartbeat; returns within ``timeout`` seconds.
 
-        ``flush=True``, called on the loop's thread once the loop has stopped running: the
-        hold in progress ends now and its stall is delivered before this returns (a test
-        runner uses it so a stall lands in the test that caused it)."""
+        On the loop's thread (an app's lifespan shutdown, or ``flush=True`` once the loop has
+        stopped running, as a test runner does), the hold in progress ends now and its stall
+        is delivered before this returns: a stall that ends as the app shuts down is not
+        lost."""
+        on_loop = self._on_loop_thread()
         self._stop.set()
         heartbeat, self._heartbeat = self._heartbeat, None
         if heartbeat is not None and not self.loop.is_closed():
@@ -323,9 +343,12 @@ class Monitor:
                 pass
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+            if on_loop:
+                _await_exit(thread, timeout)
+            else:
+                thread.join(timeout)
         episode = self._episode
-        if flush and episode is not None and not thread_alive(thread):
+        if (flush or on_loop) and episode is not None and not thread_alive(thread):
             if self.last_beat == episode.beat:
                 self.last_beat = self._clock()  # the hold ended when the loop stopped
             self._tick()

@@ -12,6 +12,8 @@ duration, ``cpu``/``wait`` and the loop thread's stack.
 A loop is owned by the test during whose setup, call or teardown it started running. A stall in
 a loop owned by a finished test, by a fixture wider than a function or by no test at all is not
 blamed on whichever test happens to run: it is listed at the end of the run and fails the run.
+Under pytest-xdist each worker sends its stalls to the controller, which lists them and writes
+the one report.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -145,9 +147,6 @@ def _read_options(config: pytest.Config) -> _Options:
         source = "ini key loopwatch_threshold"
         threshold = _parse_seconds(ini_threshold, source)
     report = cli_report or str(config.getini("loopwatch_report")).strip() or None
-    if report is not None and hasattr(config, "workerinput"):  # pytest-xdist: one per worker
-        stem, ext = os.path.splitext(report)
-        report = f"{stem}.{config.workerinput['workerid']}{ext}"
     return _Options(True, threshold, report, source)
 
 
@@ -216,6 +215,7 @@ class _Record:
     loop_owner: str
     threshold: float
     verdict: str  # failed, allowed or below-threshold
+    worker: str | None = None  # the pytest-xdist worker that ran the loop
 
     def as_dict(self) -> dict[str, object]:
         ctx = self.context
@@ -225,6 +225,7 @@ class _Record:
             "fixture": ctx.fixture if ctx is not None else None,
             "verdict": self.verdict,
             "threshold": self.threshold,
+            "worker": self.worker,
             "loop_thread": self.loop_thread,
             "loop_owner": self.loop_owner,
             **self.stall.as_dict(),
@@ -238,16 +239,30 @@ class _Record:
             route = f"{stall.method} {stall.route}"
         during = ctx.describe() if ctx is not None else "no test (see loop)"
         stack = _fold_library_frames(stall.stack)
+        where = f" of xdist worker {self.worker}" if self.worker is not None else ""
         return [
             f"event loop blocked for {stall.duration:.3f}s (threshold {self.threshold:g}s) "
             f"during {during}",
             f"  route:    {route}",
-            f"  culprit:  {stall.culprit}",
+            f"  culprit:  {stall.culprit}{_C_CALLBACK if _blames_the_runner(stall) else ''}",
             f"  kind:     {stall.kind} ({stall.cpu_seconds:.3f}s of CPU on the loop thread)",
-            f"  loop:     thread {self.loop_thread!r}, started during {self.loop_owner}",
+            f"  loop:     thread {self.loop_thread!r}{where}, started during {self.loop_owner}",
             "  loop thread stack (innermost last):",
             *(f"    {line}" for line in stack or ["<not sampled>"]),
         ]
+
+
+_C_CALLBACK = " (the loop ran a C function as a callback: no Python frame of its own)"
+
+
+def _blames_the_runner(stall: Stall) -> bool:
+    """The innermost Python frame is the loop running a callback (asyncio's ``Handle._run``,
+    or this plugin's ``run_forever`` around a C loop): the callback itself is C code, such as
+    ``loop.call_soon_threadsafe(time.sleep, 1)``."""
+    path, _, where = stall.culprit.rpartition(":")
+    return (where.endswith(" in _run") and path.endswith(os.path.join("asyncio", "events.py"))) or (
+        where.endswith(" in run_forever") and path == __file__
+    )
 
 
 _FRAME = re.compile(r'^\s*File "(?P<path>[^"]+)", line \d+, in ')
@@ -315,8 +330,30 @@ class _Watch:
         self.thread_name = thread.name
         self.on_main = thread.ident == guard.main_thread
 
+        # the lag the monitor's heartbeat had accumulated when this run was last settled
+        self._settled_lag = monitor.lag.total
+
     def on_stall(self, stall: Stall) -> None:
         self.guard.charge(self, stall)
+
+    def quiet(self) -> bool:
+        """Nothing to settle: no hold is open or in progress, and none has ended since the
+        last settle (the heartbeat has not been late by anything near the threshold), so no
+        stall can be on its way. Checked without waiting for a watchdog check, which would
+        cost a phase up to one check interval."""
+        monitor = self.monitor
+        # last_beat before the lag: the heartbeat records a late beat's lag, then the beat
+        # (the monitor's clock is time.monotonic; the watchdog's own test of a late beat)
+        fresh = time.monotonic() - monitor.last_beat <= monitor.interval * 1.5
+        late = monitor.lag.total - self._settled_lag
+        return fresh and late < (monitor.threshold - monitor.interval) / 2 and not monitor.stalling
+
+    def settle(self, timeout: float) -> bool:
+        lag = self.monitor.lag.total
+        if not self.monitor.settle(timeout):
+            return False
+        self._settled_lag = lag
+        return True
 
     def owner_text(self) -> str:
         owner = self.owner
@@ -336,6 +373,11 @@ class _Guard:
         self.report_path = options.report
         self.main_thread = threading.get_ident()
         self.records: list[_Record] = []
+        # pytest-xdist: a worker sends its stalls to the controller, which lists and reports
+        # them with its own (it runs no test, so these are all the run's stalls)
+        workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
+        self.worker: str | None = workerinput["workerid"] if workerinput is not None else None
+        self._remote: list[_RemoteStalls] = []
         self._lock = threading.Lock()
         self._live: set[_Watch] = set()
         self._windows: list[list[float]] = []
@@ -428,15 +470,35 @@ class _Guard:
                 self._live.discard(watch)
 
     def settle(self, timeout: float = SETTLE_SECONDS) -> None:
-        """Wait (bounded) until loops running in other threads have reported what blocked
-        them so far, so a stall lands in the phase during which it happened."""
+        """Wait (bounded) until the loops in other threads whose stalls are charged to the
+        running test have reported what blocked them so far, so a stall lands in the phase
+        during which it happened. Loops owned by wider fixtures or other tests are not waited
+        for: their stalls go to the end of the run whenever they arrive."""
         deadline = time.monotonic() + timeout
-        with self._lock:
-            watches = [w for w in self._live if not w.on_main and w.own]
-        for watch in watches:
+        for watch in self.settling():
+            if watch.quiet():
+                continue
             left = deadline - time.monotonic()
-            if left <= 0 or not watch.monitor.settle(left):
+            if left <= 0 or not watch.settle(left):
                 return
+
+    def settling(self) -> list[_Watch]:
+        """The live watches a phase end has to settle."""
+        now = self._context
+        with self._lock:
+            return [w for w in self._live if not w.on_main and self._charges_to_test(w, now)]
+
+    @staticmethod
+    def _charges_to_test(watch: _Watch, now: _Context | None) -> bool:
+        """A loop in another thread belongs to the running test (so its stalls are charged to
+        the test's current phase) if it started during that test, outside wider fixtures."""
+        owner = watch.owner
+        return (
+            owner is not None
+            and now is not None
+            and owner.nodeid == now.nodeid
+            and owner.fixture_scope in (None, "function")
+        )
 
     # charging stalls (watchdog thread, or the loop's thread) ---------------------------
 
@@ -462,12 +524,7 @@ class _Guard:
         owner, now = watch.owner, self._context
         if watch.on_main:
             context = owner  # a loop on pytest's thread runs within one phase
-        elif (
-            owner is not None
-            and now is not None
-            and owner.nodeid == now.nodeid
-            and owner.fixture_scope in (None, "function")
-        ):
+        elif self._charges_to_test(watch, now):
             context = now
         else:
             context = None
@@ -480,7 +537,9 @@ class _Guard:
             verdict = "allowed"
         else:
             verdict = "failed"
-        record = _Record(stall, context, watch.thread_name, watch.owner_text(), threshold, verdict)
+        record = _Record(
+            stall, context, watch.thread_name, watch.owner_text(), threshold, verdict, self.worker
+        )
         with self._lock:
             self.records.append(record)
 
@@ -588,13 +647,31 @@ class _Guard:
             context.allow,
         )
         try:
-            return (yield)
+            result = yield
         finally:
             self._fixtures.pop()
             name, scope = self._fixtures[-1] if self._fixtures else (None, None)
             self._context = _Context(
                 context.nodeid, context.phase, name, scope, context.threshold, context.allow
             )
+        # Finalizers run last-in first-out: this one runs just before the fixture's own
+        # teardown (registered during its setup), and after the teardown of the fixtures that
+        # depend on it (registered on it when they were set up, later).
+        fixturedef.addfinalizer(functools.partial(self._tearing_down, fixturedef))
+        return result
+
+    def _tearing_down(self, fixturedef: pytest.FixtureDef[Any]) -> None:
+        context = self._context
+        if context is not None:
+            self._context = replace(
+                context, fixture=fixturedef.argname, fixture_scope=fixturedef.scope
+            )
+
+    def pytest_fixture_post_finalizer(self, fixturedef: pytest.FixtureDef[Any]) -> None:
+        """The fixture's teardown is over (pytest calls this once its finalizers ran)."""
+        context = self._context
+        if context is not None and context.fixture == fixturedef.argname:
+            self._context = replace(context, fixture=None, fixture_scope=None)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(
@@ -617,29 +694,66 @@ class _Guard:
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         self.settle()
-        with self._lock:
-            stray = [r for r in self.records if r.context is None and r.verdict == "failed"]
-        if stray and session.exitstatus == pytest.ExitCode.OK:
+        if self.worker is not None:
+            # xdist sends workeroutput to the controller after every sessionfinish impl ran
+            workeroutput: dict[str, Any] = self.config.workeroutput  # type: ignore[attr-defined]
+            workeroutput[_WORKEROUTPUT_KEY] = self._remote_stalls().as_message()
+            return
+        if self._stray_count() and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
         if self.report_path is not None:
             self._write_report()
 
-    def _write_report(self) -> None:
-        assert self.report_path is not None
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: object) -> None:
+        """pytest-xdist, on the controller: a worker finished and sent its stalls."""
+        output = getattr(node, "workeroutput", None) or {}
+        message = output.get(_WORKEROUTPUT_KEY)
+        if message is not None:
+            self._remote.append(_RemoteStalls.from_message(message))
+
+    def _remote_stalls(self) -> _RemoteStalls:
+        """This process's stalls, in the form a worker sends them."""
         with self._lock:
             records = list(self.records)
+        return _RemoteStalls(
+            stalls=[record.as_dict() for record in records],
+            stray=[
+                record.lines()
+                for record in records
+                if record.context is None and record.verdict == "failed"
+            ],
+            failed_tests=sorted(self._failed_nodeids),
+        )
+
+    def _all_stalls(self) -> _RemoteStalls:
+        """Every stall of the run: this process's and, on an xdist controller, the workers'."""
+        combined = self._remote_stalls()
+        for remote in self._remote:
+            combined.stalls.extend(remote.stalls)
+            combined.stray.extend(remote.stray)
+            combined.failed_tests.extend(remote.failed_tests)
+        combined.failed_tests.sort()
+        return combined
+
+    def _stray_count(self) -> int:
+        return len(self._all_stalls().stray)
+
+    def _write_report(self) -> None:
+        assert self.report_path is not None
+        everything = self._all_stalls()
         counts = {v: 0 for v in ("failed", "allowed", "below-threshold")}
-        for record in records:
-            counts[record.verdict] += 1
+        for stall in everything.stalls:
+            counts[str(stall["verdict"])] += 1
         from loopwatch import __version__
 
         document = {
             "version": REPORT_VERSION,
             "loopwatch": __version__,
             "threshold": self.threshold,
-            "summary": {"stalls": len(records), **counts},
-            "failed_tests": sorted(self._failed_nodeids),
-            "stalls": [record.as_dict() for record in records],
+            "summary": {"stalls": len(everything.stalls), **counts},
+            "failed_tests": everything.failed_tests,
+            "stalls": everything.stalls,
         }
         directory = os.path.dirname(os.path.abspath(self.report_path))
         os.makedirs(directory, exist_ok=True)
@@ -648,26 +762,49 @@ class _Guard:
             out.write("\n")
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        with self._lock:
-            records = list(self.records)
-        stray = [r for r in records if r.context is None and r.verdict == "failed"]
-        failed = sum(r.verdict == "failed" for r in records)
-        allowed = sum(r.verdict == "allowed" for r in records)
-        if not records and self.report_path is None:
+        everything = self._all_stalls()
+        stalls = everything.stalls
+        failed = sum(s["verdict"] == "failed" for s in stalls)
+        allowed = sum(s["verdict"] == "allowed" for s in stalls)
+        if not stalls and self.report_path is None:
             return
         terminalreporter.section("loopwatch", sep="-")
         terminalreporter.line(
-            f"{len(records)} stall(s) past {self.threshold:g}s: {failed} failed, {allowed} allowed"
+            f"{len(stalls)} stall(s) past {self.threshold:g}s: {failed} failed, {allowed} allowed"
         )
-        if stray:
+        if everything.stray:
             terminalreporter.line(
                 "blocking in loops not owned by the running test (this fails the run):", red=True
             )
-            for record in stray:
-                for line in record.lines():
+            for lines in everything.stray:
+                for line in lines:
                     terminalreporter.line(line)
         if self.report_path is not None:
             terminalreporter.line(f"report written to {self.report_path}")
+
+
+_WORKEROUTPUT_KEY = "loopwatch"
+
+
+@dataclass
+class _RemoteStalls:
+    """The stalls of one process as plain data (what an xdist worker sends the controller):
+    each as its report entry, the printed lines of those that fail the run, the failed tests."""
+
+    stalls: list[dict[str, object]]
+    stray: list[list[str]]
+    failed_tests: list[str]
+
+    def as_message(self) -> dict[str, object]:
+        return {"stalls": self.stalls, "stray": self.stray, "failed_tests": self.failed_tests}
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> _RemoteStalls:
+        return cls(
+            stalls=list(message.get("stalls", [])),
+            stray=[list(lines) for lines in message.get("stray", [])],
+            failed_tests=list(message.get("failed_tests", [])),
+        )
 
 
 # -- private helpers around the core monitor -------------------------------------------

@@ -7,6 +7,7 @@ asserted within 15 %, never as wall-clock windows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -416,3 +417,88 @@ def test_plain_starlette_and_fastapi_both_resolve(
         assert httpx.get(f"{url}/slow/3", timeout=10).text == "ok"
         [stall] = log.wait_for(1)
     assert stall.route == "/slow/{n}"  # the template, without the convertor
+
+
+# -- an app that replaces the loop's task factory at start-up ------------------------------
+
+
+class AppTask(asyncio.Task):  # type: ignore[type-arg]
+    """What an app's factory may return instead of a plain Task."""
+
+
+def plain_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+    return asyncio.Task(coro, loop=loop, **kwargs)  # does not chain to the factory it replaces
+
+
+def subclass_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+    return AppTask(coro, loop=loop, **kwargs)
+
+
+FACTORIES: dict[str, Any] = {"plain": plain_factory, "task-subclass": subclass_factory}
+if hasattr(asyncio, "eager_task_factory"):  # Python 3.12+
+    FACTORIES["eager"] = asyncio.eager_task_factory
+
+
+@pytest.mark.parametrize("factory_name", list(FACTORIES))
+def test_an_app_that_replaces_the_task_factory_keeps_its_attribution(
+    loop_impl: str, registry: CollectorRegistry, factory_name: str
+) -> None:
+    made = []
+
+    def app_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        made.append(1)
+        return FACTORIES[factory_name](loop, coro, **kwargs)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        asyncio.get_running_loop().set_task_factory(app_factory)  # after loopwatch's start-up
+        yield
+
+    log = StallLog()
+    app = FastAPI(lifespan=lifespan)
+
+    @app.middleware("http")  # BaseHTTPMiddleware: the endpoint runs in a child task
+    async def passthrough(request: Request, call_next: Any) -> Any:
+        return await call_next(request)
+
+    @app.get("/reports/{year}")
+    async def report(year: int) -> dict[str, int]:
+        time.sleep(0.3)
+        return {"year": year}
+
+    app.add_middleware(LoopWatchMiddleware, registry=registry, on_stall=log)
+    with serve(app, loop=loop_impl) as url:
+        for _ in range(2):  # the first request notices the new factory, every one is right
+            assert httpx.get(f"{url}/reports/2024", timeout=10).json() == {"year": 2024}
+        stalls = log.wait_for(2)
+    assert [s.route for s in stalls] == ["/reports/{year}"] * 2
+    assert all("in report" in s.culprit for s in stalls)
+    assert made  # the app's own factory still makes its tasks
+
+
+def test_an_app_factory_returning_an_unweakable_object_is_left_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from loopwatch import attribution
+
+    monkeypatch.setattr(attribution, "HAS_TASK_CONTEXT", False)  # the 3.10/3.11 path
+    handle = object()  # neither weak-referenceable nor a Task: the app's own business
+    coros = []
+
+    def odd_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        coros.append(coro)
+        return handle
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.set_task_factory(odd_factory)
+        attribution.install_task_factory(loop)
+        token = attribution._current_request.set(attribution.RequestRecord("GET", {}, ""))
+        try:  # created under a request: loopwatch would record its owner, and cannot
+            assert loop.create_task(asyncio.sleep(0)) is handle
+        finally:
+            attribution._current_request.reset(token)
+    finally:
+        for coro in coros:
+            coro.close()
+        loop.close()

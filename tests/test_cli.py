@@ -3,11 +3,18 @@ uvicorn, and ``loopwatch report`` against live apps, a saved exposition file and
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
+import shutil
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -19,7 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loopwatch import BACKGROUND, LoopWatchMiddleware, metrics_app
 from loopwatch.attribution import CodeFilter
-from loopwatch.cli import fix_hint, main, render_plain_table
+from loopwatch.cli import main
+from loopwatch.cli.diagnosis import fix_hint
+from loopwatch.cli.output import render_plain_table
 from tests.servers import free_port, serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -227,6 +236,22 @@ def test_demo_on_a_busy_port_says_so(capsys: pytest.CaptureFixture[str]) -> None
     assert "expected a free port" in err
 
 
+def test_demo_counts_every_stall_it_logged() -> None:
+    """The demo scrapes once the server has delivered its last stall: the stalls counted in
+    /metrics are the WARNING lines the app logged, run after run (before the fix, the last
+    stall of a run was often missing from the count: 5 stalls beside 6 WARNING lines)."""
+    for _ in range(5):
+        result = run_cli(
+            "demo", "--requests", "6", "--concurrency", "3", "--work-seconds", "0.2",
+            "--budget", "0", "--endpoints", "async", "--plain",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        stalls = re.search(r"blocked [\d.]+s in (\d+) stall\(s\)", result.stdout)
+        warnings = re.search(r"The app logged (\d+) WARNING line\(s\)", result.stdout)
+        assert stalls and warnings, result.stdout
+        assert stalls[1] == warnings[1] == "6", result.stdout  # one 0.2 s stall per request
+
+
 # ------------------------------------------------------------------------------------------
 # loopwatch report
 
@@ -385,6 +410,298 @@ def test_report_watch_fails_when_the_first_read_fails(capsys: pytest.CaptureFixt
     url = f"http://127.0.0.1:{free_port()}/metrics"
     assert main(["report", url, "--watch", "--interval", "0.1", "--count", "2"]) == 1
     assert "cannot reach" in capsys.readouterr().err
+
+
+class RawServer:
+    """A tiny threaded HTTP server on 127.0.0.1 on plain sockets, so an answer can be as slow
+    or as large as a test needs. ``routes`` maps a path to a function that writes the whole
+    answer on the connection; it should end when ``stop`` is set or the client goes away."""
+
+    def __init__(
+        self,
+        routes: dict[str, Callable[[socket.socket, threading.Event], None]],
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.routes = routes
+        self.tls = tls
+        self.stop = threading.Event()
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.1)  # closing a socket does not wake accept(): poll the stop
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+
+    def __enter__(self) -> RawServer:
+        self._threads[0].start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(10)
+        self._sock.close()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), contextlib.ExitStack() as stack:  # client hung up
+            conn = stack.enter_context(conn)
+            if self.tls is not None:
+                conn = stack.enter_context(self.tls.wrap_socket(conn, server_side=True))
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                head += data
+            path = head.split(b" ", 2)[1].decode()
+            self.routes.get(path, not_found)(conn, self.stop)
+
+
+HEAD = "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nConnection: close\r\n{}\r\n"
+PROM_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def not_found(conn: socket.socket, stop: threading.Event) -> None:
+    conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+
+def answer(
+    body: bytes, content_type: str = PROM_TYPE
+) -> Callable[[socket.socket, threading.Event], None]:
+    def write(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(HEAD.format(content_type, f"Content-Length: {len(body)}\r\n").encode() + body)
+
+    return write
+
+
+def trickle(
+    body: bytes, content_type: str = PROM_TYPE
+) -> Callable[[socket.socket, threading.Event], None]:
+    """A valid answer, then 2 bytes a second for as long as the client listens."""
+
+    def write(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(HEAD.format(content_type, "").encode() + body)
+        while not stop.wait(0.5):
+            conn.sendall(b"\n")
+
+    return write
+
+
+MIB = 1024 * 1024
+
+
+def flood(
+    total: int, announce: int | None = None
+) -> Callable[[socket.socket, threading.Event], None]:
+    """Valid metrics followed by comment lines, ``total`` bytes in all, without keeping them
+    in memory; ``announce`` is the Content-Length to claim (none: read to the end)."""
+
+    def write(conn: socket.socket, stop: threading.Event) -> None:
+        length = f"Content-Length: {announce}\r\n" if announce is not None else ""
+        conn.sendall(HEAD.format(PROM_TYPE, length).encode() + FIXTURE.read_bytes())
+        line = b"# " + b"x" * 1021 + b"\n"
+        block = line * 64  # 64 KiB
+        sent = FIXTURE.stat().st_size
+        while sent < total and not stop.is_set():
+            conn.sendall(block)
+            sent += len(block)
+
+    return write
+
+
+def test_report_timeout_bounds_a_trickling_answer() -> None:
+    """Valid metrics, then 2 bytes a second: --timeout 2 ends the CLI within ~2 s with one
+    line and exit 1 (before the fix it ran until the server stopped)."""
+    with RawServer({"/metrics": trickle(FIXTURE.read_bytes())}) as server:
+        started = time.monotonic()
+        result = run_cli("report", server.url, "--timeout", "2", timeout=20)
+        elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    err = result.stderr.strip()
+    assert err == (
+        f"loopwatch report: error: no complete answer from {server.url}/metrics within --timeout 2s"
+    ), err
+    assert result.stdout == ""
+    assert 2 <= elapsed < 2 + 2.5  # the timeout, plus starting Python on a busy machine
+
+
+def test_report_timeout_bounds_the_stall_ring_too() -> None:
+    """The metrics answer at once, the ring trickles: the same deadline ends the ring read,
+    and the report prints without culprits and says why."""
+    routes = {
+        "/metrics": answer(FIXTURE.read_bytes()),
+        "/metrics/stalls": trickle(b"[", "application/json"),
+    }
+    with RawServer(routes) as server:
+        started = time.monotonic()
+        result = run_cli("report", server.url, "--timeout", "2", "--plain", timeout=20)
+        elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert elapsed < 2 + 2.5
+    assert table_rows(result.stdout, "route")["GET /async"][2] == "3"
+    notes = [line for line in result.stdout.splitlines() if line.startswith("(")]
+    assert notes == [
+        f"(stall ring at {server.url}/metrics/stalls not read: no complete answer within "
+        "--timeout 2s; culprits show as '-')"
+    ], result.stdout
+
+
+def test_report_watch_survives_a_refresh_that_times_out() -> None:
+    """--watch: the first refresh reads, the second trickles and is cut at the timeout."""
+    first = answer(FIXTURE.read_bytes())
+    slow = trickle(FIXTURE.read_bytes())
+    calls = 0
+
+    def metrics(conn: socket.socket, stop: threading.Event) -> None:
+        nonlocal calls
+        calls += 1
+        (first if calls == 1 else slow)(conn, stop)
+
+    with RawServer({"/metrics": metrics}) as server:
+        started = time.monotonic()
+        result = run_cli(
+            "report", server.url, "--watch", "--interval", "0.1", "--count", "2",
+            "--timeout", "1.5", "--plain", timeout=20,
+        )  # fmt: skip
+        elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("loopwatch's diagnosis") == 1
+    assert re.search(
+        rf"\d\d:\d\d:\d\d  no complete answer from {server.url}/metrics within --timeout 1.5s$",
+        result.stdout,
+        re.MULTILINE,
+    ), result.stdout
+    assert elapsed < 1.5 + 0.1 + 2 * 2.5
+
+
+def test_report_timeout_bounds_a_trickling_https_answer(tmp_path: Path) -> None:
+    """The same over TLS: the deadline shuts the TLS connection's socket down."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    with RawServer({"/metrics": trickle(FIXTURE.read_bytes())}, tls=tls) as server:
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "loopwatch", "report", server.url, "--timeout", "2"],
+            cwd=ROOT, capture_output=True, text=True, timeout=20,
+            env={**os.environ, "SSL_CERT_FILE": str(cert)},
+        )  # fmt: skip
+        elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"loopwatch report: error: no complete answer from {server.url}/metrics within --timeout 2s"
+    )
+    assert 2 <= elapsed < 2 + 2.5
+
+
+@pytest.mark.parametrize("announce", [None, 1 << 30], ids=["streamed", "announced-1GiB"])
+def test_report_caps_the_body(announce: int | None) -> None:
+    """An answer past 64 MiB fails with the limit named, streamed or announced (the server
+    sends only just past the cap, never 1 GiB)."""
+    with RawServer({"/metrics": flood(64 * MIB + 2 * MIB, announce)}) as server:
+        result = run_cli("report", server.url + "/metrics", "--timeout", "30", timeout=60)
+    assert result.returncode == 1
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"loopwatch report: error: {server.url}/metrics sent more than 64 MiB")
+    assert result.stdout == ""
+
+
+def test_report_on_a_malformed_url_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", "http://[::1/metrics"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "loopwatch report: error: 'http://[::1/metrics' is not a valid URL (Invalid IPv6 URL): "
+        "expected e.g. http://127.0.0.1:8000/metrics"
+    )
+
+
+def test_report_caps_a_saved_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    huge = tmp_path / "huge.prom"
+    with huge.open("wb") as f:
+        f.truncate(64 * MIB + 1)  # sparse: no disk, and nothing is read
+    assert main(["report", str(huge)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == f"loopwatch report: error: {huge} is larger than 64 MiB: not a loopwatch exposition"
+    )
+
+
+VALID_RING_RECORD = {
+    "route": "/cpu", "method": "GET", "kind": "cpu", "duration": 0.16, "started_at": 1.0,
+    "culprit": "/srv/app/work.py:28 in crunch_numbers", "stack": "", "requests_in_flight": 1,
+    "cpu_seconds": 0.15,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("ring", "note"),
+    [
+        (
+            [{"route": "/a", "method": "GET", "duration": None}, VALID_RING_RECORD],
+            "(skipped 1 unreadable stall record(s) from {ring})",
+        ),
+        (
+            [
+                VALID_RING_RECORD,
+                "junk",
+                42,
+                None,
+                {"route": "/cpu"},  # fields missing
+                {**VALID_RING_RECORD, "duration": "slow"},
+                {**VALID_RING_RECORD, "duration": -1.0},
+                {**VALID_RING_RECORD, "duration": True},
+                {**VALID_RING_RECORD, "route": 5},
+                {**VALID_RING_RECORD, "method": ["GET"]},
+                {**VALID_RING_RECORD, "culprit": None},
+                {**VALID_RING_RECORD, "stack": {"frames": []}},
+            ],
+            "(skipped 11 unreadable stall record(s) from {ring})",
+        ),
+        ({"stalls": [VALID_RING_RECORD]}, "(stall ring at {ring} is not a JSON list: ignored)"),
+        ("[{not json", "(stall ring at {ring} is not valid JSON: ignored)"),
+    ],
+    ids=["null-duration", "mixed-shapes", "not-a-list", "not-json"],
+)
+def test_report_skips_what_it_cannot_read_in_the_stall_ring(
+    ring: object, note: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = ring.encode() if isinstance(ring, str) else json.dumps(ring).encode()
+    routes = {
+        "/metrics": answer(FIXTURE.read_bytes()),
+        "/metrics/stalls": answer(body, "application/json"),
+    }
+    with RawServer(routes) as server:
+        assert main(["report", server.url, "--plain"]) == 0
+    out = capsys.readouterr().out
+    ring_url = f"{server.url}/metrics/stalls"
+    notes = [line for line in out.splitlines() if line.startswith("(")]
+    assert notes == [note.format(ring=ring_url)], out
+    diag = table_rows(out, "route")
+    assert [diag[r][2] for r in ("GET /async", "GET /cpu", "POST /mixed")] == ["3", "2", "2"]
+    if isinstance(ring, list):  # the readable record still names its culprit
+        assert diag["GET /cpu"][6] == "/srv/app/work.py:28 in crunch_numbers"
+        assert diag["GET /cpu"][4] == "0.16"
+    assert "How to fix:" in out
 
 
 # ------------------------------------------------------------------------------------------

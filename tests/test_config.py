@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
 import pytest
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 
 from loopwatch import ConfigError, LoopWatchMiddleware, Settings
+from tests.servers import free_port, serve_process, server_output
 
 
 async def _app(scope: object, receive: object, send: object) -> None:
@@ -115,3 +125,82 @@ def test_a_busy_metrics_port_is_a_config_error() -> None:
         port = busy.getsockname()[1]
         with pytest.raises(ConfigError, match=f"invalid metrics_port={port}.*free to bind"):
             LoopWatchMiddleware(_app, metrics_port=port)  # type: ignore[arg-type]
+
+
+QUICKSTART = """
+from fastapi import FastAPI
+from loopwatch import LoopWatchMiddleware, metrics_app
+
+app = FastAPI()
+app.add_middleware(LoopWatchMiddleware)
+app.mount("/metrics", metrics_app())
+
+
+@app.get("/")
+async def root() -> dict[str, bool]:
+    return {"ok": True}
+"""
+
+
+@contextlib.contextmanager
+def bad_option(option: str) -> Iterator[tuple[dict[str, str], str]]:
+    """The environment of a deploy with one bad option, and what its error must name."""
+    if option == "threshold":
+        yield {"LOOPWATCH_THRESHOLD": "abc"}, "invalid threshold='abc' (from environment variable"
+        return
+    with socket.socket() as busy:  # a second worker with a fixed side port, say
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        yield {"LOOPWATCH_METRICS_PORT": str(port)}, f"invalid metrics_port={port}"
+
+
+@pytest.mark.parametrize("option", ["threshold", "metrics_port"])
+def test_a_bad_option_fails_uvicorn_start_up_under_its_default_lifespan(
+    tmp_path: Path, loop_impl: str, option: str
+) -> None:
+    (tmp_path / "quickstart.py").write_text(QUICKSTART)
+    with bad_option(option) as (env, named):
+        done = subprocess.run(
+            [sys.executable, "-m", "uvicorn", "quickstart:app", "--app-dir", str(tmp_path),
+             "--host", "127.0.0.1", "--port", str(free_port()), "--loop", loop_impl],
+            env={**os.environ, **env}, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert named in output
+    assert "Application startup failed" in output
+    assert "lifespan' protocol appears unsupported" not in output
+
+
+def test_with_lifespan_off_a_bad_option_fails_every_request_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "quickstart.py").write_text(QUICKSTART)
+    with serve_process(
+        "quickstart:app",
+        args=("--app-dir", str(tmp_path), "--lifespan", "off"),
+        env={"LOOPWATCH_THRESHOLD": "abc"},
+    ) as (url, proc):
+        assert [httpx.get(url + "/").status_code for _ in range(3)] == [500] * 3
+        output = server_output(proc)
+    assert output.count("invalid threshold='abc'") >= 3  # never served as if nothing were wrong
+
+
+def test_a_side_port_taken_between_two_lifespans_fails_the_second_start_up() -> None:
+    port = free_port()
+    seen = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        seen.append("app start-up")
+        yield
+
+    app = FastAPI(lifespan=lifespan)
+    app.add_middleware(LoopWatchMiddleware, metrics_port=port)
+    with TestClient(app):
+        pass  # the side port is released at shutdown
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        with pytest.raises(ConfigError, match=f"invalid metrics_port={port}"), TestClient(app):
+            pass
+    assert seen == ["app start-up"]  # the app's own start-up did not run the second time

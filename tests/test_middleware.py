@@ -489,3 +489,151 @@ def test_stalls_before_routing_are_reported_when_the_response_starts(
         # the stream runs 2 s more; the stall is known long before it ends
         [stall] = log.wait_for(1, timeout=1.5)
         assert stall.route == "/events/{topic}"
+
+
+def shutdown_blocking_app(registry: CollectorRegistry, log: StallLog) -> object:
+    import contextlib
+    from collections.abc import AsyncIterator
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        time.sleep(0.4)  # flushing a cache to disk, say
+
+    async def block(request: Request) -> PlainTextResponse:
+        time.sleep(0.4)
+        return PlainTextResponse("x")
+
+    app = Starlette(routes=[Route("/block", block)], lifespan=lifespan)
+    app.add_middleware(LoopWatchMiddleware, registry=registry, on_stall=log)  # type: ignore[arg-type]
+    return app
+
+
+def test_a_stall_in_a_lifespan_shutdown_handler_is_reported(
+    loop_impl: str, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = StallLog()
+    with (
+        caplog.at_level(logging.WARNING, logger="loopwatch"),
+        serve(shutdown_blocking_app(registry, log), loop=loop_impl),
+    ):
+        pass
+    [stall] = log.stalls  # delivered by the time the server has stopped
+    assert stall.route == "<background>" and 0.34 <= stall.duration <= 0.55
+    assert "in lifespan" in stall.culprit
+    assert [r for r in caplog.records if "event loop blocked for" in r.getMessage()]
+    stalls = sample(
+        registry, "loopwatch_stall_duration_seconds_count", method="-", route="<background>",
+        kind="wait",
+    )  # fmt: skip
+    assert stalls == 1
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
+def test_a_stall_right_before_testclient_exits_is_reported_every_time(
+    use_uvloop: bool, registry: CollectorRegistry
+) -> None:
+    log = StallLog()
+    app = shutdown_blocking_app(registry, log)
+    for run in range(1, 6):
+        with TestClient(app, backend_options={"use_uvloop": use_uvloop}) as client:  # type: ignore[arg-type]
+            assert client.get("/block").text == "x"
+        # the request's stall and the shutdown handler's, each run
+        assert sorted(log.routes()) == sorted(["/block", "<background>"] * run)
+    stalls = sample(
+        registry, "loopwatch_stall_duration_seconds_count", method="GET", route="/block",
+        kind="wait",
+    )  # fmt: skip
+    assert stalls == 5
+
+
+def test_latency_and_in_flight_end_at_the_last_body_chunk_not_after_background_tasks(
+    loop_impl: str, registry: CollectorRegistry
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.background import BackgroundTask
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    log = StallLog()
+    background_done = threading.Event()
+
+    async def send_email() -> None:
+        await asyncio.sleep(1.0)
+        time.sleep(0.3)  # still the request's, for stalls
+        background_done.set()
+
+    async def signup(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("welcome", background=BackgroundTask(send_email))
+
+    app = Starlette(routes=[Route("/signup", signup)])
+    app.add_middleware(LoopWatchMiddleware, registry=registry, on_stall=log)  # type: ignore[arg-type]
+    with serve(app, loop=loop_impl) as url:
+        started = time.perf_counter()
+        assert httpx.get(f"{url}/signup").text == "welcome"
+        client_saw = time.perf_counter() - started
+        # the background task is still awaiting: the request is answered, not in flight
+        assert not background_done.is_set()
+        eventually(lambda: sample(registry, "loopwatch_requests_in_flight") == 0, timeout=0.5)
+        labels = {"method": "GET", "route": "/signup"}
+        assert sample(registry, "loopwatch_request_duration_seconds_count", **labels) == 1
+        recorded = sample(registry, "loopwatch_request_duration_seconds_sum", **labels)
+        assert recorded < min(0.5, client_saw + 0.05)
+        assert background_done.wait(5)
+        [stall] = log.wait_for(1)
+    assert (stall.method, stall.route) == ("GET", "/signup") and "in send_email" in stall.culprit
+    # counted once, at the answer: the background task's end adds nothing
+    assert sample(registry, "loopwatch_request_duration_seconds_count", **labels) == 1
+    assert sample(registry, "loopwatch_requests_total", status="200", **labels) == 1
+
+
+def test_every_request_is_counted_once_however_it_ends(registry: CollectorRegistry) -> None:
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        path = scope.get("path")
+        if scope["type"] == "websocket":
+            await receive()  # type: ignore[operator]
+            await send({"type": "websocket.accept"})  # type: ignore[operator]
+            await send({"type": "websocket.close", "code": 1000})  # type: ignore[operator]
+            return
+        if scope["type"] != "http":
+            return
+        if path == "/no-final-body":  # starts, sends a chunk, then returns
+            await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+            await send({"type": "http.response.body", "body": b"a", "more_body": True})  # type: ignore[operator]
+            return
+        if path == "/raise-after-body":
+            await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+            await send({"type": "http.response.body", "body": b"done"})  # type: ignore[operator]
+            raise RuntimeError("a background task failed")
+        if path == "/raise":
+            raise RuntimeError("the app's own error")
+        await send({"type": "http.response.start", "status": 201, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"x", "more_body": True})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"y"})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"", "more_body": False})  # type: ignore[operator]
+
+    wrapped = LoopWatchMiddleware(app, registry=registry)  # type: ignore[arg-type]
+    client = TestClient(wrapped, raise_server_exceptions=False)  # type: ignore[arg-type]
+    assert client.get("/chunks").text == "xy"
+    client.get("/no-final-body")
+    client.get("/raise-after-body")
+    assert client.get("/raise").status_code == 500
+    with client.websocket_connect("/ws"):
+        pass
+
+    def count(status: str) -> float:
+        return sum(
+            sample(registry, "loopwatch_requests_total", method=m, route=UNMATCHED, status=status)
+            for m in ("GET", "WS")
+        )
+
+    assert [count(s) for s in ("201", "200", "500", "101")] == [1, 2, 1, 1]
+    assert sample(registry, "loopwatch_request_duration_seconds_count", method="GET",
+                  route=UNMATCHED) == 4  # fmt: skip
+    assert sample(registry, "loopwatch_requests_in_flight") == 0

@@ -19,8 +19,13 @@ from tests.helpers import StallLog, eventually
 class LoopThread:
     """An event loop running in its own thread, like a server's."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, loop_impl: str = "asyncio") -> None:
+        if loop_impl == "uvloop":
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        else:
+            self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 
@@ -164,3 +169,30 @@ def test_one_monitor_per_loop(loop_thread: LoopThread) -> None:
     a = loop_thread.call(Monitor.for_loop, loop_thread.loop, settings)
     b = loop_thread.call(Monitor.for_loop, loop_thread.loop, settings)
     assert a is b
+
+
+def test_a_stall_that_ends_as_the_last_user_releases_is_delivered(
+    loop_impl: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An app's lifespan shutdown: a handler blocks, then the middleware releases the monitor
+    # in the same loop step; the heartbeat never runs again to close the hold.
+    lt = LoopThread(loop_impl)
+    try:
+        monitor, log = start_monitor(lt)
+
+        def shutdown_handler_then_release() -> None:
+            time.sleep(0.4)
+            monitor.release(lt)
+
+        with caplog.at_level(logging.WARNING, logger="loopwatch"):
+            lt.call(shutdown_handler_then_release)
+            # delivered before release() returned, not by a watchdog that may be gone
+            assert len(log.stalls) == 1
+        [stall] = log.stalls
+        assert stall.route == BACKGROUND and 0.34 <= stall.duration <= 0.5
+        assert "in shutdown_handler_then_release" in stall.culprit
+        assert [r for r in caplog.records if "event loop blocked for" in r.getMessage()]
+        assert not monitor.running
+        eventually(lambda: not [t for t in threading.enumerate() if t.name == "loopwatch-watchdog"])
+    finally:
+        lt.close()

@@ -120,6 +120,7 @@ def test_only_the_guilty_test_fails(suite: pytest.Pytester) -> None:
         "test_guilty": "FAILED",
         "test_sync_innocent": "PASSED",
         "test_anyio_innocent[asyncio]": "PASSED",
+        "test_anyio_innocent[trio]": "PASSED",  # trio is a test dependency: anyio runs both
         "test_fails_and_blocks": "FAILED",
         "test_innocent_after": "PASSED",
     }
@@ -245,6 +246,7 @@ async def test_uses_slow_fixture(slow_resource):
         "test_async_endpoint": "FAILED",
         "test_sync_endpoint_is_fine": "PASSED",
         "test_cpu_endpoint_on_anyio[asyncio]": "FAILED",
+        "test_cpu_endpoint_on_anyio[trio]": "PASSED",  # not an asyncio loop: not watched
         "test_my_route_through_testclient": "FAILED",
         "test_testclient_without_lifespan_is_fine": "PASSED",
         "test_app_without_middleware": "FAILED",
@@ -302,6 +304,94 @@ async def test_uses_slow_fixture(slow_resource):
     result.stdout.fnmatch_lines([f"report written to {report}"])
 
 
+FIXTURE_SUITE = """
+import asyncio
+import time
+
+import pytest
+import pytest_asyncio
+
+
+def block_in_a_loop():
+    async def main():
+        time.sleep(0.3)
+
+    asyncio.run(main())
+
+
+@pytest_asyncio.fixture
+async def async_teardown():
+    yield
+    time.sleep(0.3)  # ASYNC TEARDOWN
+
+
+@pytest.fixture
+def inner():
+    yield
+    block_in_a_loop()
+
+
+@pytest.fixture
+def outer(inner):  # torn down before inner
+    yield
+    block_in_a_loop()
+
+
+@pytest.fixture(scope="module")
+def per_module():
+    block_in_a_loop()
+    yield
+    block_in_a_loop()
+
+
+@pytest.mark.asyncio
+async def test_async_fixture(async_teardown):
+    pass
+
+
+def test_nested_fixtures(outer):
+    pass
+
+
+def test_module_fixture(per_module):
+    pass
+"""
+
+
+def test_fixture_setup_and_teardown_stalls_name_the_fixture(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_suite=FIXTURE_SUITE)
+    report = suite.path / "report.json"
+    result = run(suite, "--loopwatch", f"--loopwatch-report={report}")
+    assert outcomes(result) == {
+        "test_async_fixture": "FAILED",
+        "test_nested_fixtures": "FAILED",
+        "test_module_fixture": "FAILED",
+    }
+    charged = [(s["test"].split("::")[1], s["phase"], s["fixture"]) for s in stalls(report)]
+    assert charged == [
+        ("test_async_fixture", "teardown", "async_teardown"),
+        ("test_nested_fixtures", "teardown", "outer"),
+        ("test_nested_fixtures", "teardown", "inner"),
+        ("test_module_fixture", "setup", "per_module"),
+        ("test_module_fixture", "teardown", "per_module"),
+    ]
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_async_fixture*",
+            "event loop blocked for *s (threshold 0.1s) during teardown of fixture "
+            "'async_teardown' (function scope)",
+            "*culprit:  *test_suite.py:*in async_teardown",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_module_fixture*",
+            "event loop blocked for *s (threshold 0.1s) during teardown of fixture "
+            "'per_module' (module scope)",
+        ]
+    )
+
+
 def test_a_bystander_is_not_blamed_for_another_loop(suite: pytest.Pytester) -> None:
     """A session fixture's loop (in its own thread) blocks while a test runs: the test passes,
     the stall is listed at the end of the run, and the run fails."""
@@ -354,6 +444,169 @@ def test_next():
     )
     (stall,) = [s for s in stalls(report) if s["verdict"] == "failed"]
     assert stall["test"] is None and stall["loop_thread"] == "bg-loop"
+
+
+def test_a_phase_end_waits_only_for_loops_the_test_owns(suite: pytest.Pytester) -> None:
+    """Stalls in a module-scoped TestClient's loop are never charged to a test, so the end of
+    a phase must not wait for that loop's watchdog (it did, for every phase of every test:
+    200 trivial tests took 16 s instead of 1.3 s). A function-scoped client's loop is the
+    test's own and is still settled."""
+    suite.makeconftest(
+        """
+import pytest
+from fastapi import FastAPI
+
+from loopwatch import LoopWatchMiddleware
+from loopwatch.monitor import Monitor
+
+app = FastAPI()
+app.add_middleware(LoopWatchMiddleware)
+
+
+@app.get("/")
+async def index():
+    return {}
+
+
+waited = []  # the monitors the end of a phase waited on, a watchdog check each
+_settle = Monitor.settle
+
+
+def _counting_settle(self, timeout):
+    waited.append(self)
+    return _settle(self, timeout)
+
+
+Monitor.settle = _counting_settle
+
+
+@pytest.fixture
+def guard(request):
+    return request.config.pluginmanager.get_plugin("loopwatch-guard")
+"""
+    )
+    suite.makepyfile(
+        test_a_module="""
+import pytest
+from starlette.testclient import TestClient
+
+from conftest import app, waited
+
+
+@pytest.fixture(scope="module")
+def client():
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.mark.parametrize("n", range(5))
+def test_shared_client(client, guard, n):
+    assert client.get("/").status_code == 200
+    assert waited == []  # no phase so far waited for the module's loop
+    assert guard.settling() == []  # nor will the end of this one
+""",
+        test_b_function="""
+import pytest
+from starlette.testclient import TestClient
+
+from conftest import app
+
+
+@pytest.fixture
+def client():
+    with TestClient(app) as c:
+        yield c
+
+
+def test_own_client(client, guard):
+    assert client.get("/").status_code == 200
+    (watch,) = guard.settling()  # the test's own portal loop
+    assert watch.thread_name != "MainThread"
+""",
+    )
+    result = run(suite, "--loopwatch")
+    result.assert_outcomes(passed=6)
+
+
+UNOWNED_LOOP_SUITE = """
+import asyncio
+import threading
+import time
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def background_loop():
+    loop = {new_loop}
+    thread = threading.Thread(target=loop.run_forever, name="bg-loop")
+    thread.start()
+    while not loop.is_running():
+        time.sleep(0.01)
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
+
+
+def test_bystander(background_loop):
+    background_loop.call_soon_threadsafe(time.sleep, 0.4)  # a C function as the callback
+    time.sleep(1.0)
+
+
+@pytest.mark.asyncio
+async def test_guilty():
+    time.sleep(0.3)
+
+
+def test_innocent():
+    pass
+"""
+
+
+@pytest.mark.parametrize("xdist", [False, True], ids=["serial", "xdist"])
+@pytest.mark.parametrize(
+    "new_loop", ["asyncio.new_event_loop()", "__import__('uvloop').new_event_loop()"],
+    ids=["asyncio", "uvloop"],
+)  # fmt: skip
+def test_blocking_in_an_unowned_loop_fails_the_run(
+    suite: pytest.Pytester, new_loop: str, xdist: bool
+) -> None:
+    """Under pytest-xdist too: each worker sends its stalls to the controller, which lists the
+    unowned ones, fails the run and writes them all to its report (there is no FILE.gwN)."""
+    suite.makepyfile(test_suite=UNOWNED_LOOP_SUITE.replace("{new_loop}", new_loop))
+    report = suite.path / "report.json"
+    result = run(suite, "--loopwatch", f"--loopwatch-report={report}", *(["-n", "2"] * xdist))
+    assert outcomes(result) == {
+        "test_bystander": "PASSED",
+        "test_guilty": "FAILED",
+        "test_innocent": "PASSED",
+    }
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(
+        [
+            "2 stall(s) past 0.1s: 2 failed, 0 allowed",
+            "*blocking in loops not owned by the running test (this fails the run):*",
+            "event loop blocked for *s (threshold 0.1s) during no test (see loop)",
+            "  culprit:  * (the loop ran a C function as a callback: no Python frame of its own)",
+            "*",
+            f"  loop:     thread 'bg-loop'{' of xdist worker gw*' * xdist}, started during setup "
+            "of fixture 'background_loop' (session scope) of test_suite.py::test_bystander",
+        ]
+    )
+    document = json.loads(report.read_text())
+    assert document["summary"] == {"stalls": 2, "failed": 2, "allowed": 0, "below-threshold": 0}
+    assert document["failed_tests"] == ["test_suite.py::test_guilty"]
+    by_test = {s["test"]: s for s in document["stalls"]}
+    assert sorted(by_test, key=str) == [None, "test_suite.py::test_guilty"]
+    assert by_test[None]["loop_thread"] == "bg-loop"
+    assert by_test[None]["duration"] >= 0.3
+    workers = {s["worker"] for s in document["stalls"]}
+    if xdist:
+        assert workers and workers <= {"gw0", "gw1"}
+    else:
+        assert workers == {None}
+    assert sorted(p.name for p in suite.path.glob("report*")) == ["report.json"]
 
 
 # -- enabling ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import threading
 import time
@@ -756,3 +757,119 @@ def test_the_task_factory_fallback_attributes_spawned_tasks(
         [stall] = log.wait_for(1)
     assert (stall.method, stall.route) == ("GET", "/fanout/{n}")
     assert "in enrich" in stall.culprit
+
+
+# -- loopwatch itself never blocks the loop it watches (blockbuster) -------------------------
+
+
+def spin(seconds: float) -> None:
+    """Hold the loop with pure computation: blockbuster flags time.sleep, not this."""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        pass
+
+
+def blockbuster_app(log: StallLog, registry: CollectorRegistry) -> Starlette:
+    async def ok(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def cpu(request: Request) -> Response:
+        spin(BLOCK)
+        return PlainTextResponse("spun")
+
+    app = Starlette(routes=[Route("/ok", ok), Route("/cpu", cpu)])
+    app.add_middleware(LoopWatchMiddleware, registry=registry, on_stall=log)  # type: ignore[arg-type]
+    return app
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
+def test_blockbuster_sees_no_blocking_call_from_loopwatch_under_testclient(
+    use_uvloop: bool,
+) -> None:
+    from blockbuster import blockbuster_ctx
+
+    registry = CollectorRegistry()
+    log = StallLog()
+    inner = blockbuster_app(log, registry)
+    errors: list[BaseException] = []
+
+    async def app(scope: Message, receive: Any, send: Any) -> None:
+        try:
+            await inner(scope, receive, send)
+        except BaseException as exc:  # TestClient swallows errors at lifespan shutdown
+            errors.append(exc)
+            raise
+
+    with blockbuster_ctx():
+        # a fresh process's first monitor: library dirs and /proc probes not computed yet
+        attribution_module._library_dirs.cache_clear()
+        with TestClient(app, backend_options={"use_uvloop": use_uvloop}) as client:
+            assert [client.get("/ok").status_code for _ in range(3)] == [200] * 3
+            assert client.get("/cpu").text == "spun"
+            [stall] = log.wait_for(1)
+    assert errors == []  # the shutdown too: stopping the watchdog does not block the loop
+    assert (stall.route, stall.kind) == ("/cpu", "cpu")
+    ok = sample(registry, "loopwatch_requests_total", method="GET", route="/ok", status="200")
+    assert ok == 3
+
+
+def test_blockbuster_sees_no_blocking_call_from_loopwatch_under_uvicorn(loop_impl: str) -> None:
+    from blockbuster import blockbuster_ctx
+
+    registry = CollectorRegistry()
+    log = StallLog()
+    app = blockbuster_app(log, registry)
+    with blockbuster_ctx():
+        attribution_module._library_dirs.cache_clear()
+        with serve(app, loop=loop_impl) as url:
+            assert httpx.get(f"{url}/ok").status_code == 200
+            assert httpx.get(f"{url}/cpu", timeout=10).text == "spun"
+            [stall] = log.wait_for(1)
+            assert httpx.get(f"{url}/ok").status_code == 200
+    assert (stall.route, stall.kind) == ("/cpu", "cpu")
+    ok = sample(registry, "loopwatch_requests_total", method="GET", route="/ok", status="200")
+    assert ok == 2
+
+
+# -- trio (anyio's trio backend): not watched, passed through untouched ----------------------
+
+
+def test_on_trio_every_message_is_unchanged_and_nothing_is_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from loopwatch import middleware as middleware_module
+
+    registry = CollectorRegistry()
+
+    def build(wrapped: bool) -> tuple[Observed, Starlette]:
+        seen = Observed()
+        app = make_app(seen)
+        if wrapped:
+            app.add_middleware(LoopWatchMiddleware, registry=registry)  # type: ignore[arg-type]
+        return seen, app
+
+    def drive(app: Starlette) -> list[object]:
+        out: list[object] = []
+        with TestClient(app, backend="trio", raise_server_exceptions=False) as client:
+            for path in ("/plain", "/items/3?x=1", "/state", "/teapot", "/missing", "/boom"):
+                r = client.get(path)
+                out.append((path, r.status_code, r.text, sorted(r.headers.items())))
+            with client.websocket_connect("/ws") as ws:
+                ws.send_text("hi")
+                out.append(ws.receive_text())
+        return out
+
+    middleware_module._unmonitored_noted = False
+    bare_seen, bare = build(False)
+    expected = drive(bare)
+    seen, wrapped = build(True)
+    with caplog.at_level(logging.INFO, logger="loopwatch"):
+        assert drive(wrapped) == expected
+        assert drive(wrapped) == expected
+    assert seen.snapshot() == bare_seen.snapshot() + bare_seen.snapshot()
+    notes = [r for r in caplog.records if "does not watch" in r.getMessage()]
+    assert len(notes) == 1 and "trio" in notes[0].getMessage()
+    assert series(registry, "loopwatch_requests_total") == []
+    assert not watchdogs()
+    scrapes = TestClient(metrics_app(registry), backend="trio")
+    assert scrapes.get("/").status_code == 200 and scrapes.get("/stalls").json() == []

@@ -4,7 +4,6 @@ that ``rate()``/``increase()`` see a freeze as it happens and count a route's fi
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
 import time
 
@@ -159,10 +158,10 @@ def test_stall_seconds_grow_while_the_stall_lasts(
     # the route's stall in progress is shown with it (a reading after the stall ended, as
     # the response is still on its way, has the final count and no gauge)
     live = [r for r in during if r[2] is not None]
-    assert len(live) >= 3 and all(r[2] >= r[1] - 0.05 for r in live), readings
-    # never faster than the wall clock: rate() of one loop stays within 0..1
-    for (t0, b0, _), (t1, b1, _) in itertools.pairwise(during):
-        assert b1 - b0 <= (t1 - t0) + 0.05, readings
+    assert len(live) >= 3, readings
+    # never ahead of the stall's own age in the same scrape (so rate() of one loop stays
+    # within 0..1), and at most a few checks behind it
+    assert all(r[2] - 0.05 <= r[1] <= r[2] + 1e-3 for r in live), readings
     stall = log.stalls[0]
     assert after[("loopwatch_stalls_total", BLOCK)] == 1
     assert after[("loopwatch_stall_seconds_total", BLOCK)] == pytest.approx(

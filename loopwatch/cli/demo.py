@@ -1,0 +1,352 @@
+"""``loopwatch demo``: the article's benchmark against the demo app, with loopwatch's diagnosis
+beside it. The demo app needs fastapi and uvicorn (``pip install 'loopwatch[demo]'``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO
+
+from loopwatch.cli.arguments import port_number, positive_int, seconds
+from loopwatch.cli.diagnosis import diagnose, print_diagnosis
+from loopwatch.cli.errors import CliError
+from loopwatch.cli.load import Endpoint, LoadResult, drive
+from loopwatch.cli.output import Output
+from loopwatch.cli.scrape import Snapshot, load_snapshot
+
+__all__ = ["add_parser", "run_demo"]
+
+
+ENDPOINTS = (
+    Endpoint("GET", "/sync", "fix", "def, threadpool", "/async"),
+    Endpoint("GET", "/async", "fake-async", "async def, blocks"),
+    Endpoint("POST", "/my-route-sync", "fix", "def, threadpool", "/my-route"),
+    Endpoint("POST", "/my-route", "fake-async", "async def, blocks"),
+    Endpoint("GET", "/mixed-fast", "fix", "run_in_threadpool", "/mixed"),
+    Endpoint("POST", "/mixed", "fake-async", "async def, blocks"),
+    Endpoint("GET", "/async-sleep", "async", "async def, awaits"),
+    Endpoint("GET", "/cpu", "fake-async", "async def, CPU"),
+)
+_BY_PATH = {e.path: e for e in ENDPOINTS}
+
+# The article's published figures (ApacheBench, 300 requests, concurrency 100).
+ARTICLE = {"/sync": "60/s, 0.8s", "/async": "1.98/s, 31s", "/mixed-fast": "20x /mixed"}
+
+
+def plan(
+    requests: int, concurrency: int, work: float, budget: float, ep: Endpoint
+) -> tuple[int, int, bool]:
+    """(requests, concurrency, capped) for one endpoint: a fake-async one serves one request
+    per ``work`` seconds, so it gets as many as fit in ``budget`` seconds (0: no cap)."""
+    if ep.role != "fake-async" or budget <= 0:
+        return requests, concurrency, False
+    fits = max(1, int(budget / work + 1e-9))  # 0.6 / 0.2 is 2.999...
+    if fits >= requests:
+        return requests, concurrency, False
+    return fits, min(concurrency, fits), True
+
+
+def _check_demo_requirements() -> Path:
+    """The directory holding ``demo_app``, after checking the demo's dependencies."""
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CliError(
+            f"the demo needs {', '.join(missing)}: pip install 'loopwatch[demo]' "
+            "(or run `make demo` in the loopwatch repository)"
+        )
+    candidates = [Path.cwd(), Path(__file__).resolve().parents[2]]
+    for root in candidates:
+        if (root / "demo_app" / "main.py").is_file():
+            return root
+    raise CliError(
+        "the demo app (demo_app/) was not found: run `loopwatch demo` from a checkout of the "
+        "loopwatch repository (`make demo`)"
+    )
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket() as sock:
+        # as uvicorn binds: a port whose last connections are in TIME_WAIT is free
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise CliError(
+                f"invalid --port {port}: cannot bind {host}:{port} ({exc.strerror or exc}); "
+                "expected a free port, or leave --port out to pick one"
+            ) from None
+
+
+def _wait_until_up(url: str, proc: subprocess.Popen[bytes], log: IO[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise CliError(f"the demo server exited with status {proc.returncode}: {_tail(log)}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.05)
+    raise CliError(f"the demo server did not answer at {url} within {timeout:g}s: {_tail(log)}")
+
+
+def _tail(log: IO[bytes], lines: int = 5) -> str:
+    log.seek(0)
+    text = log.read().decode("utf-8", errors="replace").strip().splitlines()
+    return " | ".join(text[-lines:]) or "(no output)"
+
+
+def _stall_warnings(log: IO[bytes]) -> list[str]:
+    log.seek(0)
+    text = log.read().decode("utf-8", errors="replace").splitlines()
+    return [line for line in text if "event loop blocked for" in line]
+
+
+def _settled_snapshot(url: str, log: IO[bytes], timeout: float) -> tuple[Snapshot, list[str]]:
+    """The app's figures and WARNING lines once the last stall of the load is in both.
+
+    The watchdog delivers a stall once the loop is free again, so the last answer (and a
+    scrape right after it) can come before that stall is logged and counted. Settled: no
+    stall in progress, as many stalls in /metrics as finished-stall lines in the log, and
+    neither changed over one more scrape; after ``timeout`` seconds, the figures as they are."""
+    deadline = time.monotonic() + timeout
+    seen: tuple[int, int] | None = None
+    while True:
+        snapshot = load_snapshot(url, timeout=30)
+        warnings = _stall_warnings(log)
+        counted = sum(int(n) for kinds in snapshot.expo.stalls.values() for n, _ in kinds.values())
+        logged = sum("(still blocked)" not in line for line in warnings)  # long-stall lines
+        now = (counted, logged)
+        if snapshot.expo.current_stall == 0 and counted == logged and now == seen:
+            return snapshot, warnings
+        if time.monotonic() >= deadline:
+            return snapshot, warnings
+        seen = now
+        time.sleep(0.2)
+
+
+def print_benchmark(out: Output, results: Sequence[LoadResult], args: argparse.Namespace) -> None:
+    by_path = {r.endpoint.path: r for r in results}
+    rows, styles = [], []
+    for r in results:
+        ep = r.endpoint
+        ran = f"{r.ok}/{r.sent} @ {r.concurrency}" + ("*" if r.capped else "")
+        if r.failed:
+            ran += f", {r.failed} failed"
+        twin = by_path.get(ep.twin or "")
+        speedup = f"{r.rps / twin.rps:.0f}x {twin.endpoint.path}" if twin and twin.rps else ""
+        rows.append(
+            [
+                f"{ep.method} {ep.path}",
+                ep.what,
+                ran,
+                f"{r.rps:.2f}",
+                f"{r.time_per_request:.2f}s",
+                f"{r.mean_latency:.2f}s",
+                speedup,
+                ARTICLE.get(ep.path, ""),
+            ]
+        )
+        styles.append("red" if ep.role == "fake-async" else "green")
+    title = (
+        f"The article's benchmark, measured here: {args.requests} requests at concurrency "
+        f"{args.concurrency}, {args.work_seconds:g}s of blocking work per request"
+    )
+    out.table(
+        title,
+        [
+            "endpoint",
+            "what",
+            "ran",
+            "req/s",
+            "time/req",
+            "latency",
+            "speed-up",
+            "article",
+        ],
+        rows,
+        right=(3, 4, 5),
+        row_styles=styles,
+    )
+    out.line(
+        "ran: answered OK / sent @ concurrency. time/req is ApacheBench's 'Time per request "
+        "(mean)' = concurrency x wall time / requests; latency is the mean measured time of one "
+        "request; speed-up is the fix's req/s over its fake-async twin's."
+    )
+    if any(r.capped for r in results):
+        out.line(
+            f"* capped: a fake-async endpoint serves one request per {args.work_seconds:g}s, so it "
+            f"got as many as fit in --budget {args.budget:g}s (--budget 0 runs them all); its "
+            "req/s does not depend on the count."
+        )
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt here, so the demo server is stopped on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_demo(args: argparse.Namespace, out: Output) -> int:
+    with _terminate_as_interrupt():
+        return _run_demo(args, out)
+
+
+def _run_demo(args: argparse.Namespace, out: Output) -> int:
+    root = _check_demo_requirements()
+    host = "127.0.0.1"
+    if args.port:
+        _check_port(host, args.port)
+    port = args.port or _free_port(host)
+    base = f"http://{host}:{port}"
+    env = {**os.environ, "DEMO_WORK_SECONDS": repr(args.work_seconds)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "demo_app.main:app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
+    out.line(
+        f"Starting the demo app: python {' '.join(command[1:])} (DEMO_WORK_SECONDS={args.work_seconds:g})"
+    )
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_until_up(base + "/metrics", proc, log, timeout=30)
+            out.line(f"Serving at {base}; loopwatch metrics at {base}/metrics")
+            out.line()
+            results = []
+            for path in args.endpoints:
+                ep = _BY_PATH[path]
+                n, c, capped = plan(
+                    args.requests, args.concurrency, args.work_seconds, args.budget, ep
+                )
+                with out.progress(f"{ep.method} {ep.path}", n) as advance:
+                    wall, ok, latencies = asyncio.run(drive(host, port, ep, n, c, advance))
+                results.append(
+                    LoadResult(ep, args.requests, n, ok, n - ok, c, wall, latencies, capped)
+                )
+            out.line()
+            print_benchmark(out, results, args)
+            out.line()
+            snapshot, warnings = _settled_snapshot(base + "/metrics", log, timeout=5)
+            print_diagnosis(out, snapshot, diagnose(snapshot))
+            if warnings:
+                out.line()
+                out.line(
+                    f"The app logged {len(warnings)} WARNING line(s) on logger 'loopwatch', e.g.:"
+                )
+                out.line("  " + warnings[0].strip())
+            if args.serve:
+                out.line()
+                out.line(
+                    f"Still serving: {base} (metrics at {base}/metrics, stalls at "
+                    f"{base}/metrics/stalls). Ctrl-C to stop."
+                )
+                with contextlib.suppress(KeyboardInterrupt):
+                    proc.wait()
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return 0
+
+
+def _endpoints(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    paths = [n if n.startswith("/") else "/" + n for n in names]
+    unknown = [p for p in paths if p not in _BY_PATH]
+    if unknown or not paths:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: expected a comma-separated list of {', '.join(_BY_PATH)}"
+        )
+    return list(dict.fromkeys(paths))
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="run the article's benchmark against the demo app, with loopwatch's diagnosis",
+        description="Start the demo app, load each endpoint like ApacheBench, print the "
+        "measured table beside the article's figures, then loopwatch's diagnosis.",
+    )
+    demo.add_argument(
+        "--requests",
+        type=positive_int,
+        default=300,
+        help="requests per endpoint (default 300, as in the article)",
+    )
+    demo.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=100,
+        help="requests in flight at once (default 100)",
+    )
+    demo.add_argument(
+        "--work-seconds",
+        type=seconds(0, strict=True),
+        default=0.5,
+        help="seconds of blocking work per request (default 0.5)",
+    )
+    demo.add_argument(
+        "--budget",
+        type=seconds(0, strict=False),
+        default=15.0,
+        help="seconds each fake-async endpoint may take: its request count is capped to fit (default 15; 0: no cap)",
+    )
+    demo.add_argument(
+        "--endpoints",
+        type=_endpoints,
+        default=[e.path for e in ENDPOINTS],
+        help=f"comma-separated, in order (default: {','.join(_BY_PATH)})",
+    )
+    demo.add_argument(
+        "--port", type=port_number, default=0, help="port on 127.0.0.1 (default: a free one)"
+    )
+    demo.add_argument("--serve", action="store_true", help="keep the app running afterwards")
+    demo.add_argument("--plain", action="store_true", help="no colour, tables or progress bar")
+    demo.set_defaults(run=run_demo)
