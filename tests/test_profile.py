@@ -161,6 +161,14 @@ def test_window_forgets_earlier_load_and_bad_seconds_are_400(
         assert f"from 1 to {KEEP_SECONDS}" in response.text
 
 
+def test_profile_off_samples_nothing(registry: CollectorRegistry) -> None:
+    app = profile_app(registry, profile=False)
+    with serve(app) as url:
+        asyncio.run(_drive(url, ["/slices"] * 20))
+        response = httpx.get(url + "/metrics/profile")
+    assert response.status_code == 200 and response.text == ""
+
+
 def test_side_port_serves_the_profile(registry: CollectorRegistry) -> None:
     app = profile_app(registry, metrics_port=0)
     with serve(app) as url:
