@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import sys
 import threading
@@ -36,7 +37,7 @@ from collections.abc import Callable
 from types import CodeType
 from typing import Any
 
-from loopwatch.attribution import RequestRecord, _current_request, owner_of
+from loopwatch.attribution import RequestRecord, _current_request, owner_of, watch_tasks
 from loopwatch.stall import BACKGROUND, SERVER, UNMATCHED
 
 __all__ = ["Accountant", "BusySink", "start_accounting"]
@@ -455,31 +456,6 @@ def monitoring_hook() -> MonitoringHook | None:
     return _monitoring_hook
 
 
-def _watch_tasks(loop: asyncio.AbstractEventLoop, hook: MonitoringHook) -> Callable[[], None]:
-    """Register the top coroutine of every task: those running now, and each new one
-    through a task factory that chains to the loop's own. Returns what undoes it."""
-    for task in asyncio.all_tasks(loop):
-        hook.watch_task(task)
-    previous = loop.get_task_factory()
-
-    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
-        if previous is not None:
-            task = previous(loop, coro, **kwargs)
-        else:
-            task = asyncio.Task(coro, loop=loop, **kwargs)
-        if isinstance(task, asyncio.Task):
-            hook.watch_task(task)
-        return task
-
-    loop.set_task_factory(factory)
-
-    def undo() -> None:
-        if loop.get_task_factory() is factory and not loop.is_closed():
-            loop.set_task_factory(previous)
-
-    return undo
-
-
 def start_accounting(
     loop: asyncio.AbstractEventLoop, sink: BusySink, *, force: str | None = None
 ) -> Accountant | None:
@@ -496,7 +472,10 @@ def start_accounting(
         return None
     accountant._hook = hook
     if isinstance(hook, MonitoringHook):
-        accountant._undo = _watch_tasks(loop, hook)
+        for task in asyncio.all_tasks(loop):  # those running now; new ones via the factory
+            hook.watch_task(task)
+        watch_tasks(loop, hook.watch_task)
+        accountant._undo = functools.partial(watch_tasks, loop, None)
     _by_loop[loop] = accountant
     return accountant
 

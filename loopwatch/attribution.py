@@ -32,6 +32,8 @@ __all__ = [
     "install_task_factory",
     "owner_of",
     "unbind_request",
+    "uninstall_task_factory",
+    "watch_tasks",
 ]
 
 HAS_TASK_CONTEXT = sys.version_info >= (3, 12)
@@ -132,12 +134,28 @@ def owner_of(task: asyncio.Task[Any] | None) -> RequestRecord | None:
     return _task_owners.get(task)
 
 
+# loop -> called with each task created on it (loop-time accounting on uvloop, 3.12+)
+_task_watchers: dict[asyncio.AbstractEventLoop, Callable[[Any], None]] = {}
+
+
+def watch_tasks(loop: asyncio.AbstractEventLoop, watcher: Callable[[Any], None] | None) -> None:
+    """Have ``watcher`` see every task created on ``loop`` (None: stop)."""
+    if watcher is None:
+        _task_watchers.pop(loop, None)
+        if HAS_TASK_CONTEXT:
+            uninstall_task_factory(loop)
+    else:
+        _task_watchers[loop] = watcher
+        install_task_factory(loop)
+
+
 def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
-    """On Python < 3.12, remember each new task's request (its context is not readable later).
+    """A task factory that chains to the loop's own: on Python < 3.12 it remembers each new
+    task's request (its context is not readable later); it also feeds ``watch_tasks``.
 
     Called again on every request: an app that sets its own factory at start-up, without
     chaining to the one it replaces, gets it wrapped (and still called) from then on."""
-    if HAS_TASK_CONTEXT:
+    if HAS_TASK_CONTEXT and loop not in _task_watchers:
         return
     previous = loop.get_task_factory()
     if getattr(previous, "_loopwatch", False):
@@ -148,17 +166,31 @@ def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
             task = previous(loop, coro, **kwargs)
         else:
             task = asyncio.Task(coro, loop=loop, **kwargs)
-        context = kwargs.get("context")
-        record = context.get(_current_request) if context is not None else _current_request.get()
-        if record is not None:
-            try:  # noqa: SIM105 - not contextlib.suppress: this runs once per task
-                _task_owners[task] = record  # type: ignore[index]
-            except TypeError:  # an app's factory returned something unhashable or unweakable
-                pass
+        if not HAS_TASK_CONTEXT:
+            context = kwargs.get("context")
+            record = (
+                context.get(_current_request) if context is not None else _current_request.get()
+            )
+            if record is not None:
+                try:  # noqa: SIM105 - not contextlib.suppress: this runs once per task
+                    _task_owners[task] = record  # type: ignore[index]
+                except TypeError:  # an app's factory returned something unweakable
+                    pass
+        watcher = _task_watchers.get(loop)
+        if watcher is not None:
+            watcher(task)
         return task
 
     factory._loopwatch = True  # type: ignore[attr-defined]
+    factory._previous = previous  # type: ignore[attr-defined]
     loop.set_task_factory(factory)
+
+
+def uninstall_task_factory(loop: asyncio.AbstractEventLoop) -> None:
+    """Put back the factory ours chained to, if ours is still the loop's."""
+    current = loop.get_task_factory()
+    if getattr(current, "_loopwatch", False) and not loop.is_closed():
+        loop.set_task_factory(current._previous)  # type: ignore[union-attr]
 
 
 @functools.cache

@@ -203,7 +203,7 @@ class LoopWatchMiddleware:
             elapsed = time.perf_counter() - started
             route = record.finish()
             monitor.requests.discard(record)
-            if accountant is not None:
+            if accountant is not None:  # its last loop time; later work re-queues it
                 accountant.finished.append(record)
             shard.in_flight -= 1
             shard.count_request(method, route, status, elapsed)

@@ -34,6 +34,7 @@ from loopwatch.attribution import (
     format_stack,
     install_task_factory,
     owner_of,
+    uninstall_task_factory,
 )
 from loopwatch.config import Settings
 from loopwatch.profile import LoopSampler
@@ -352,7 +353,7 @@ class Monitor:
             if self.last_beat == episode.beat:
                 self.last_beat = self._clock()  # the hold ended when the loop stopped
             self._tick()
-        self._stop_accounting()
+        self._remove_hooks()
         if not thread_alive(thread):
             self._forget()  # a stopped monitor is never restarted: fold its figures away
         with self._registry_lock:
@@ -464,18 +465,19 @@ class Monitor:
                 self._tick()
             except Exception:
                 logger.debug("loopwatch: last check after the loop closed failed", exc_info=True)
-        self._stop_accounting()
+        self._remove_hooks()
         self._sync_mirrors()
         if self.loop.is_closed():
             self._forget()
 
-    def _stop_accounting(self) -> None:
-        """Remove the loop-time hook and book what it measured last."""
+    def _remove_hooks(self) -> None:
+        """Stopping leaves no hook behind: the loop-time hook (after booking what it measured
+        last) and the task factory."""
         accountant = self.accountant
-        if accountant is None:
-            return
-        accountant.stop()
-        accountant.drain(list(self.requests))
+        if accountant is not None:
+            accountant.stop()
+            accountant.drain(list(self.requests))
+        uninstall_task_factory(self.loop)
 
     def _forget(self) -> None:
         """The loop is gone: drop it from the registry and fold its aggregates away."""
