@@ -8,6 +8,7 @@ import ast
 import asyncio
 import contextlib
 import importlib.util
+import math
 import os
 import signal
 import socket
@@ -27,7 +28,7 @@ from loopwatch.cli.diagnosis import LoopTime, diagnose, loop_time, print_diagnos
 from loopwatch.cli.errors import CliError
 from loopwatch.cli.load import Endpoint, LoadResult, drive
 from loopwatch.cli.output import Output
-from loopwatch.cli.scrape import Snapshot, load_snapshot
+from loopwatch.cli.scrape import Deadline, Snapshot, fetch, load_snapshot
 
 __all__ = ["add_parser", "run_demo"]
 
@@ -183,6 +184,27 @@ def _settled_snapshot(url: str, log: IO[bytes], timeout: float) -> tuple[Snapsho
         time.sleep(0.2)
 
 
+def _profile_lines(metrics_url: str, seconds: float | None) -> dict[tuple[str, str], str]:
+    """(METHOD, route) -> its top line ("path:line in function": the innermost application
+    frame of most samples) in the app's loop profile of the last ``seconds`` (default: the
+    profile's own window); empty when the app serves no profile."""
+    from loopwatch.cli.profile import summarise
+    from loopwatch.profile import DEFAULT_SECONDS, KEEP_SECONDS, parse_collapsed
+
+    window = DEFAULT_SECONDS if seconds is None else min(KEEP_SECONDS, math.ceil(seconds))
+    try:
+        text, _ = fetch(f"{metrics_url}/profile?seconds={window}", Deadline(10, "10s"))
+    except CliError:
+        return {}
+    lines = {}
+    for route in summarise(parse_collapsed(text)):
+        method, _, path = route.label.partition(" ")
+        top = route.lines[0][0] if route.lines else "-"
+        if top != "-" and not top.startswith("(library)"):
+            lines[method, path] = top
+    return lines
+
+
 def _cuts_window(
     before: Snapshot | None, after: Snapshot | None, paths: Sequence[str]
 ) -> LoopTime | None:
@@ -332,14 +354,24 @@ def _run_demo(args: argparse.Namespace, out: Output) -> int:
             out.line()
             snapshot, warnings = _settled_snapshot(base + "/metrics", log, timeout=5)
             loop = _cuts_window(before, after, cuts) or loop_time(snapshot)
-            locations = route_table(root / "demo_app" / "main.py")
-            rows = diagnose(snapshot, loop=loop, locations=locations)
+            endpoints = route_table(root / "demo_app" / "main.py")
+            # a culprit without a stall: the route's top line in the loop profile of the
+            # window; its endpoint's definition when the profile has none
+            seconds = loop.wall if loop is not None and loop.wall else None
+            lines = _profile_lines(base + "/metrics", seconds)
+            locations = {**endpoints, **lines}
+            rows = diagnose(snapshot, loop=loop, locations=locations, endpoints=endpoints)
             print_diagnosis(out, snapshot, rows, loop)
-            if any(r.eats_loop and r.culprit.endswith("(endpoint)") for r in rows):
+            eaters = [r for r in rows if r.eats_loop]
+            if any((r.method, r.route) in lines for r in eaters):
                 out.line(
-                    "(endpoint): a culprit without a stall is where its endpoint is defined, "
-                    "from the app's route table; this version has no loop profile to name the "
-                    "line inside it."
+                    "A culprit without a stall is the route's top line in the loop profile "
+                    f"(loopwatch profile {base}/metrics)."
+                )
+            if any(r.culprit.endswith("(endpoint)") for r in eaters):
+                out.line(
+                    "(endpoint): where the endpoint is defined, from the app's route table: "
+                    "the loop profile named no line of the app inside it."
                 )
             if warnings:
                 out.line()

@@ -199,11 +199,14 @@ def diagnose(
     code: CodeFilter | None = None,
     loop: LoopTime | None = None,
     locations: dict[Key, str] | None = None,
+    endpoints: dict[Key, str] | None = None,
 ) -> list[RouteDiagnosis]:
     """Every route seen, sorted by share of the loop's busy time in ``loop``'s window when
     known (so a route that eats the loop without a stall comes up), then by seconds blocked,
     stalls, requests. ``locations``: where each route's endpoint is ("path:line in
-    function"), shown as the culprit of a route that eats the loop without a stall."""
+    function"), shown as the culprit of a route that eats the loop without a stall: its top
+    line in the loop profile, or its endpoint; ``endpoints``: where each endpoint function is,
+    for the fix hint."""
     code = CodeFilter() if code is None else code
     expo = snapshot.expo
     ring_by_route: dict[tuple[str, str], list[RingStall]] = defaultdict(list)
@@ -241,7 +244,7 @@ def diagnose(
                 where = (locations or {}).get(key)
                 if where is not None:
                     row.culprit = short_path(where)
-                row.hint = loop_fix_hint(where or "")
+                row.hint = loop_fix_hint((endpoints or {}).get(key) or where or "")
         rows.append(row)
     rows.sort(
         key=lambda r: (-(r.share or 0.0), -r.blocked, -r.stalls, -r.requests, r.route, r.method)
