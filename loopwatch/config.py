@@ -65,6 +65,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "exclude": ("LOOPWATCH_EXCLUDE", _parse_paths),
     "loop_time": ("LOOPWATCH_LOOP_TIME", _parse_bool),
     "otel": ("LOOPWATCH_OTEL", _parse_bool),
+    "profile": ("LOOPWATCH_PROFILE", _parse_bool),
 }
 
 _ENV_EXPECTED = {
@@ -77,6 +78,7 @@ _ENV_EXPECTED = {
     "exclude": "comma-separated paths starting with '/'",
     "loop_time": "one of 1/0, true/false, yes/no, on/off",
     "otel": "one of 1/0, true/false, yes/no, on/off",
+    "profile": "one of 1/0, true/false, yes/no, on/off",
 }
 
 
@@ -94,6 +96,7 @@ class Settings:
     loop_time: bool = True
     # OpenTelemetry: on when a real (SDK) provider is configured; False turns it off
     otel: bool = True
+    profile: bool = True  # sample the loop's stacks per route for /profile
     # where each value came from, for error messages raised later (e.g. a busy port)
     sources: Mapping[str, str] | None = None
 
@@ -176,6 +179,8 @@ class Settings:
             raise self._fail("loop_time", "True or False")
         if not isinstance(self.otel, bool):
             raise self._fail("otel", "True or False")
+        if not isinstance(self.profile, bool):
+            raise self._fail("profile", "True or False")
         if isinstance(self.exclude, str) or not all(
             isinstance(p, str) and p.startswith("/") for p in self.exclude
         ):

@@ -78,6 +78,7 @@ class LoopWatchMiddleware:
         otel: bool | None = None,
         tracer_provider: Any = None,
         meter_provider: Any = None,
+        profile: bool | None = None,
     ) -> None:
         self.app = app
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -101,6 +102,7 @@ class LoopWatchMiddleware:
                 long_stall=long_stall,
                 loop_time=loop_time,
                 otel=otel,
+                profile=profile,
             )
             if on_stall is not None and not callable(on_stall):
                 raise ConfigError("on_stall", on_stall, "argument", "a callable taking a Stall")
