@@ -184,10 +184,10 @@ class OtelBridge:
         if HAS_TASK_CONTEXT and self._var is not None and task is not None:
             try:
                 current = task.get_context().get(self._var)
+                if trace.get_current_span(current).get_span_context().is_valid:
+                    return current
             except Exception:
-                current = None
-            if current is not None and trace.get_current_span(current).get_span_context().is_valid:
-                return current
+                pass
         return record.trace
 
     def stall_fields(self, context: object) -> dict[str, Any]:
@@ -195,8 +195,11 @@ class OtelBridge:
         ids (logs, exemplars) when that span is sampled, so they lead to a stored trace."""
         if context is None:
             return {}
-        parent = trace.get_current_span(context).get_span_context()  # type: ignore[arg-type]
-        if not parent.is_valid:
+        try:  # a stall is never lost to a misbehaving context or span
+            parent = trace.get_current_span(context).get_span_context()  # type: ignore[arg-type]
+        except Exception:
+            return {}
+        if not isinstance(parent, SpanContext) or not parent.is_valid:
             return {}
         if not parent.trace_flags.sampled:
             return {"span_context": parent}  # the sampler drops the stall span too
