@@ -40,6 +40,8 @@ VARIANTS: tuple[str, ...] = (
     "instrumentator",
     "starlette-exporter",
     "otel",
+    "otel+loopwatch",  # loopwatch inside a traced app, its OpenTelemetry on
+    "otel+loopwatch-otel-off",  # the same with otel=False: the difference is its OTel cost
 )
 
 
@@ -74,8 +76,7 @@ async def block(seconds: float, cpu: bool = False) -> dict[str, float]:
     return {"start": start, "end": end}
 
 
-def _instrument_otel(app: FastAPI) -> None:
-    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+def _otel_providers() -> tuple[Any, Any]:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -94,6 +95,13 @@ def _instrument_otel(app: FastAPI) -> None:
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(BatchSpanProcessor(DropExporter()))
     meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    return tracer_provider, meter_provider
+
+
+def _instrument_otel(app: FastAPI, providers: tuple[Any, Any] | None = None) -> None:
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    tracer_provider, meter_provider = providers or _otel_providers()
     FastAPIInstrumentor.instrument_app(
         app, tracer_provider=tracer_provider, meter_provider=meter_provider
     )
@@ -136,6 +144,14 @@ def build(
         app.add_middleware(PrometheusMiddleware)
     elif variant == "otel":
         _instrument_otel(app)
+    elif variant.startswith("otel+loopwatch"):
+        from loopwatch import LoopWatchMiddleware
+
+        providers = _otel_providers()
+        on = variant == "otel+loopwatch"
+        given = {"tracer_provider": providers[0], "meter_provider": providers[1]} if on else {}
+        app.add_middleware(LoopWatchMiddleware, otel=on, metrics_port=metrics_port, **given)
+        _instrument_otel(app, providers)  # outside loopwatch, as usual
     return app
 
 

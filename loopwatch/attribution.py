@@ -60,6 +60,7 @@ class RequestRecord:
         "root_path",
         "route",
         "scope",
+        "trace",
     )  # fmt: skip
 
     def __init__(self, method: str, scope: Any, root_path: str) -> None:
@@ -74,6 +75,9 @@ class RequestRecord:
         # by the accounting hook), and how much of it is booked (by the watchdog)
         self.busy = 0.0
         self.booked = 0.0
+        # OpenTelemetry on: the request's OTel context as it entered the middleware (its
+        # server span), read by the watchdog to tell it when another request stalls the loop
+        self.trace: object = None
 
     def current_route(self) -> str | None:
         """The final route if finished, else what the scope says so far (None: not routed)."""

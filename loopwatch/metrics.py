@@ -24,6 +24,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from loopwatch.config import ConfigError
@@ -35,6 +36,7 @@ from loopwatch.stats import (
     StatsBook,
     Totals,
 )
+from loopwatch.stats import Exemplar as TraceExemplar
 
 __all__ = [
     "LoopwatchCollector",
@@ -125,13 +127,24 @@ def scrape_registry(registry: CollectorRegistry) -> CollectorRegistry:
     return aggregate
 
 
-def _buckets(bounds: Iterable[float], counts: list[int]) -> list[tuple[str, float]]:
-    out: list[tuple[str, float]] = []
+def _buckets(
+    bounds: Iterable[float], counts: list[int], exemplars: dict[int, TraceExemplar] | None = None
+) -> list[Any]:
+    """Cumulative (le, count) pairs; with ``exemplars``, (le, count, Exemplar) where a traced
+    stall fell in that bucket (OpenMetrics renders them, the text format drops them)."""
+    out: list[Any] = []
     running = 0
-    for bound, count in zip(bounds, counts, strict=False):
-        running += count
-        out.append((floatToGoString(bound), running))  # type: ignore[no-untyped-call]
-    out.append(("+Inf", running + counts[-1]))
+    for index, bound in enumerate([*bounds, float("inf")]):
+        running += counts[index]
+        le = "+Inf" if index == len(counts) - 1 else floatToGoString(bound)  # type: ignore[no-untyped-call]
+        found = exemplars.get(index) if exemplars else None
+        if found is None:
+            out.append((le, running))
+        else:
+            trace_id, span_id, value, at = found
+            out.append(
+                (le, running, Exemplar({"trace_id": trace_id, "span_id": span_id}, value, at))
+            )
     return out
 
 
@@ -157,7 +170,8 @@ class LoopwatchCollector(Collector):
             "loopwatch_stall_duration_seconds", HELP["stalls"], labels=["method", "route", "kind"]
         )
         for skey, h in sorted(t.stalls.items()) if t else ():
-            stalls.add_metric(list(skey), _buckets(h.bounds, h.counts), h.total)
+            exemplars = t.stall_exemplars.get(skey) if t else None
+            stalls.add_metric(list(skey), _buckets(h.bounds, h.counts, exemplars), h.total)
         yield stalls
 
         stall_seconds = CounterMetricFamily(

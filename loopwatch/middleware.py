@@ -8,8 +8,10 @@ It imports no web framework: the route template is read from the scope after dis
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, MutableMapping
@@ -30,6 +32,8 @@ from loopwatch.stats import Shard
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+
+    from loopwatch.otel import OtelBridge
 
 __all__ = ["LoopWatchMiddleware"]
 
@@ -71,6 +75,9 @@ class LoopWatchMiddleware:
         exclude: Iterable[str] | None = None,
         long_stall: float | None = None,
         loop_time: bool | None = None,
+        otel: bool | None = None,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
         profile: bool | None = None,
     ) -> None:
         self.app = app
@@ -94,16 +101,34 @@ class LoopWatchMiddleware:
                 else exclude,
                 long_stall=long_stall,
                 loop_time=loop_time,
+                otel=otel,
                 profile=profile,
             )
             if on_stall is not None and not callable(on_stall):
                 raise ConfigError("on_stall", on_stall, "argument", "a callable taking a Stall")
+            for name, given, method in (
+                ("tracer_provider", tracer_provider, "get_tracer"),
+                ("meter_provider", meter_provider, "get_meter"),
+            ):
+                if given is None:
+                    continue
+                if not callable(getattr(given, method, None)):
+                    raise ConfigError(
+                        name, given, "argument", f"an OpenTelemetry provider with {method}()"
+                    )
+                if otel is False:
+                    raise ConfigError(name, given, "argument", "None when otel=False")
         except ConfigError as error:
             if not _in_event_loop():
                 raise
             self.config_error = error
             return
         self.on_stall = on_stall
+        self._providers = (tracer_provider, meter_provider)
+        self._otel_resolved = False
+        self.otel: OtelBridge | None = None
+        # tracing on: reads the request's OpenTelemetry context (one C call per request)
+        self._capture_trace: Callable[[], object] | None = None
         self.registry = resolve_registry(registry)
         self.book = book_for(self.registry)
         self.request_metrics = self.settings.request_metrics
@@ -162,6 +187,7 @@ class LoopWatchMiddleware:
         if loop is not self._loop or self._monitor is None or not self._monitor.running:
             self._bind(loop)
             self._declare(scope.get("app") or self.app)  # lifespan off: at the first request
+            self._start_otel()
         install_task_factory(loop)  # Python < 3.12: again if the app replaced it at start-up
         monitor = self._monitor
         shard = self._shard
@@ -169,6 +195,9 @@ class LoopWatchMiddleware:
             raise RuntimeError("loopwatch: monitor not bound")
 
         record = RequestRecord(method, scope, scope.get("root_path", ""))
+        capture = self._capture_trace
+        if capture is not None:
+            record.trace = capture()
         scope["loopwatch"] = True  # a marker, not the record: no reference cycle per request
         binding = bind_request(record)
         monitor.requests.add(record)
@@ -254,6 +283,45 @@ class LoopWatchMiddleware:
             monitor.threadpool = _default_threadpool()
         self._monitor = monitor
         self._loop = loop
+        self._otel_resolved = False  # a new monitor: hand it to OpenTelemetry too
+
+    def _start_otel(self) -> None:
+        """Once: hand stalls to OpenTelemetry if it is in use. ``loopwatch.otel`` (and with
+        it opentelemetry) is imported only when something loaded opentelemetry already or a
+        provider is passed in: a real provider cannot be configured otherwise."""
+        monitor = self._monitor
+        if self._otel_resolved or monitor is None:
+            return
+        self._otel_resolved = True
+        tracer_provider, meter_provider = self._providers
+        if not self.settings.otel or not (
+            tracer_provider is not None
+            or meter_provider is not None
+            or "opentelemetry.trace" in sys.modules
+            or "opentelemetry.metrics" in sys.modules
+            or "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+            or "OTEL_PYTHON_METER_PROVIDER" in os.environ
+        ):
+            return
+        try:
+            from loopwatch import otel
+        except ImportError:  # opentelemetry-api is not installed
+            return
+        try:
+            bridge = otel.start(
+                self.book, tracer_provider=tracer_provider, meter_provider=meter_provider
+            )
+        except Exception:
+            logger.exception("loopwatch: OpenTelemetry set-up failed; carrying on without it")
+            return
+        if bridge is None:
+            return
+        self.otel = bridge
+        if monitor.otel is None:  # the loop's first middleware with OpenTelemetry wins
+            monitor.otel = bridge
+            if bridge.metrics is not None:
+                monitor.lag_tap = collections.deque(maxlen=100_000)
+        self._capture_trace = bridge.capture
 
     def _declare(self, app: Any) -> None:
         """Zero series for the app's routes, read from its route table once per app."""
@@ -293,6 +361,9 @@ class LoopWatchMiddleware:
             nonlocal answered_failure
             if message.get("type") == "lifespan.startup.failed":
                 answered_failure = True
+            elif message.get("type") == "lifespan.startup.complete" and started:
+                # after the app's own start-up, which may configure OpenTelemetry
+                self._start_otel()
             await send(message)
 
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import dataclasses
 import inspect
@@ -23,7 +24,7 @@ import time
 import weakref
 from collections.abc import Callable
 from types import CodeType, FrameType
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from loopwatch.accounting import Accountant, start_accounting
 from loopwatch.attribution import (
@@ -40,6 +41,9 @@ from loopwatch.config import Settings
 from loopwatch.profile import LoopSampler
 from loopwatch.stall import BACKGROUND, UNMATCHED, Stall, remember
 from loopwatch.stats import LAG_BUCKETS, HistogramData, Shard, StatsBook
+
+if TYPE_CHECKING:
+    from loopwatch.otel import OtelBridge
 
 __all__ = ["Monitor", "StallCallback"]
 
@@ -130,6 +134,7 @@ class _Segment:
         "cpu0",
         "cpu_t0",
         "culprits",
+        "end",
         "idle",
         "in_flight",
         "key",
@@ -139,6 +144,8 @@ class _Segment:
         "sched0",
         "stack",
         "start",
+        "told",
+        "trace",
     )  # fmt: skip
 
     def __init__(self, key: object, record: RequestRecord | None, start: float,
@@ -161,6 +168,11 @@ class _Segment:
         self.counted = False
         self.booked_until = start
         self.live_key: tuple[str, str] | None = None
+        # OpenTelemetry: the culprit's OTel context when first seen, the hold's end once
+        # closed, and whether the other requests in flight were told (once, on the loop)
+        self.trace: object = None
+        self.end: float | None = None
+        self.told = False
 
 
 class _Episode:
@@ -226,6 +238,11 @@ class Monitor:
         # anyio's default CapacityLimiter for this loop (the threadpool of def endpoints),
         # handed over by the middleware; read from the scrape thread, never awaited
         self.threadpool: Any = None
+        # OpenTelemetry (``loopwatch.otel``), when a middleware found a real provider; the
+        # heartbeat hands its lag values to it through ``lag_tap``
+        self.otel: OtelBridge | None = None
+        self.lag_tap: collections.deque[float] | None = None
+        self._otel_failed = False
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -374,8 +391,11 @@ class Monitor:
             while True:
                 await sleep(interval)
                 now = clock()
-                late = now - expected
-                lag.observe(late if late > 0.0 else 0.0)
+                late = now - expected if now > expected else 0.0
+                lag.observe(late)
+                tap = self.lag_tap  # OpenTelemetry metrics: the watchdog records it
+                if tap is not None:
+                    tap.append(late)
                 self.last_beat = now
                 expected = now + interval
         finally:
@@ -516,6 +536,9 @@ class Monitor:
                 self._stop.set()
 
     def _tick(self) -> None:
+        otel = self.otel
+        if otel is not None and self.lag_tap:
+            otel.record_lag(self.lag_tap)
         now = self._clock()
         beat = self.last_beat
         episode = self._episode
@@ -544,6 +567,8 @@ class Monitor:
                 key, record, start, cpu0, now, self.settings.long_stall
             )
             segment.in_flight = self.in_flight  # the requests the stall holds up
+            if otel is not None:
+                segment.trace = otel.context_of(task, record)
             if self._sched is not None:
                 segment.sched0 = self._sched()
         episode.last_sample = now
@@ -552,6 +577,12 @@ class Monitor:
             self._sample_stack(segment, age, now)
         if age >= self.threshold:
             self._book_live(segment, age, now)
+            if segment.confirmed and not segment.told and otel is not None and otel.tracing:
+                # Tell the other requests in flight before they answer (and their spans
+                # end): on the loop, first thing once it is free again.
+                segment.told = True
+                with contextlib.suppress(RuntimeError):  # the loop closed
+                    self.loop.call_soon_threadsafe(self._tell_victims, segment)
 
     def _book_live(self, segment: _Segment, age: float, now: float) -> None:
         """Book the stall's seconds while it lasts, so ``rate()`` shows a freeze as it
@@ -612,6 +643,7 @@ class Monitor:
         )
 
     def _close(self, segment: _Segment, end: float, now: float) -> None:
+        segment.end = end
         if self._live is not None and self._live[1] == segment.start:
             self._live = None
         duration = end - segment.start
@@ -648,6 +680,7 @@ class Monitor:
             stack=segment.stack or "",
             requests_in_flight=max(segment.in_flight, self.in_flight),
             cpu_seconds=cpu_seconds,
+            **(self.otel.stall_fields(segment.trace) if self.otel is not None else {}),
         )
         # what the live booking already counted, so the stall is booked once in all
         booked = _Booked(segment.live_key, segment.booked_until - segment.start)
@@ -676,6 +709,37 @@ class Monitor:
         else:
             record.pending.append(stall)
 
+    def _tell_victims(self, segment: _Segment) -> None:
+        """On the loop, as soon as a stall lets go of it: every other traced request in flight
+        waited through it (none can finish while the loop is held), and is told now, before
+        it resumes and its span ends."""
+        otel = self.otel
+        if otel is None:
+            return
+        end = segment.end if segment.end is not None else self._clock()
+        record = segment.record
+        try:
+            culprits = dict(segment.culprits)  # one C-level copy: the watchdog may sample
+        except RuntimeError:
+            culprits = {}
+        top = max(culprits, key=culprits.__getitem__) if culprits else None
+        if record is None:
+            method, route = _BACKGROUND_STALL
+        else:
+            method, route = record.method, record.current_route() or "<routing>"
+        victims = [r for r in self.requests if r is not record and r.trace is not None]
+        try:
+            otel.tell_victims(
+                victims, method=method, route=route, culprit=format_culprit(top),
+                duration=end - segment.start,
+                started_at=time.time() - (self._clock() - segment.start),
+                culprit_trace=segment.trace,
+            )  # fmt: skip
+        except Exception:
+            if not self._otel_failed:
+                self._otel_failed = True
+                logger.exception("loopwatch: OpenTelemetry victim events failed")
+
     def flush_pending(self, record: RequestRecord) -> None:
         """Called by the middleware on the loop when a request with held stalls finishes."""
         pending, record.pending = record.pending, None
@@ -689,7 +753,9 @@ class Monitor:
         """Send a finished stall to the ring, the log, the metrics and the callbacks.
         ``booked``: what the watchdog already counted of it while it lasted."""
         remember(stall)
-        logger.warning("%s", stall.describe())
+        traced = stall.trace_id != ""
+        extra = {"trace_id": stall.trace_id, "span_id": stall.span_id} if traced else None
+        logger.warning("%s", stall.describe(), extra=extra)
         if stall.stack and logger.isEnabledFor(logging.DEBUG):
             logger.debug("loop thread stack during the stall:\n%s", stall.stack)
         key = (stall.method, stall.route)
@@ -698,10 +764,22 @@ class Monitor:
         else:
             # the rest of it, under the route it was booked for while it lasted
             key, stalls, seconds = booked.key, 0, max(0.0, stall.duration - booked.seconds)
+        exemplar = (stall.trace_id, stall.span_id, stall.started_at + stall.duration)
         for book, shard in list(self.books.items()):
-            book.observe_stall(shard, stall.method, stall.route, stall.kind, stall.duration)
+            book.observe_stall(
+                shard, stall.method, stall.route, stall.kind, stall.duration,
+                exemplar if traced else None,
+            )  # fmt: skip
             book.book_stall_time(shard, key[0], key[1], stalls, seconds)
         self._sync_mirrors()  # multiprocess mode: other workers' scrapes see it now
+        otel = self.otel
+        if otel is not None:
+            try:
+                otel.record_stall(stall)
+            except Exception:
+                if not self._otel_failed:
+                    self._otel_failed = True
+                    logger.exception("loopwatch: OpenTelemetry stall span/metric failed")
         for callback in list(self.callbacks):
             try:
                 callback(stall)

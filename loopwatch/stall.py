@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["BACKGROUND", "UNMATCHED", "Stall", "clear_recent_stalls", "recent_stalls"]
 
@@ -29,6 +30,11 @@ class Stall:
     stack: str = field(repr=False)  # the loop thread's stack, formatted, innermost last
     requests_in_flight: int = 0
     cpu_seconds: float = 0.0
+    # the culprit request's active span when loopwatch saw it (OpenTelemetry on, span
+    # sampled): hex ids for logs and exemplars, and the span context the stall span's parent
+    trace_id: str = ""
+    span_id: str = ""
+    span_context: Any = field(default=None, repr=False, compare=False)
 
     def describe(self) -> str:
         """The one-line summary used in the WARNING log line."""
@@ -48,6 +54,8 @@ class Stall:
             "stack": self.stack,
             "requests_in_flight": self.requests_in_flight,
             "cpu_seconds": self.cpu_seconds,
+            "trace_id": self.trace_id,
+            "span_id": self.span_id,
         }
 
 

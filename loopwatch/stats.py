@@ -60,6 +60,22 @@ class HistogramData:
         self.total += value
 
 
+# (trace_id, span_id, value, unix time) of one stall: an OpenMetrics exemplar
+Exemplar = tuple[str, str, float, float]
+
+
+def _keep_newer(
+    into: dict[tuple[str, str, str], dict[int, Exemplar]],
+    source: dict[tuple[str, str, str], dict[int, Exemplar]],
+) -> None:
+    for key, buckets in source.items():
+        mine = into.setdefault(key, {})
+        for index, exemplar in buckets.items():
+            kept = mine.get(index)
+            if kept is None or kept[3] < exemplar[3]:
+                mine[index] = exemplar
+
+
 class Shard:
     """The aggregates of one event loop."""
 
@@ -71,6 +87,8 @@ class Shard:
         self.in_flight = 0
         # written under StatsBook.stall_lock (stalls are rare; two threads may report them)
         self.stalls: dict[tuple[str, str, str], HistogramData] = {}
+        # (method, route, kind) -> bucket index -> the latest traced stall in that bucket
+        self.stall_exemplars: dict[tuple[str, str, str], dict[int, Exemplar]] = {}
         # (method, route) -> [stalls, seconds], booked while a stall lasts (not when it ends)
         self.stall_time: dict[tuple[str, str], list[float]] = {}
         # (method, route) -> seconds the loop ran its code (loop time), under stall_lock
@@ -92,6 +110,7 @@ class Totals:
     def __init__(self) -> None:
         self.lag = HistogramData(LAG_BUCKETS)
         self.stalls: dict[tuple[str, str, str], HistogramData] = {}
+        self.stall_exemplars: dict[tuple[str, str, str], dict[int, Exemplar]] = {}
         # (method, route) -> [stalls, seconds]; every known route is present, at 0 if need be
         self.stall_time: dict[tuple[str, str], list[float]] = {}
         # (method, route) -> age of the stall in progress, only while one lasts
@@ -146,6 +165,7 @@ class StatsBook:
             for skey, h in shard.stalls.copy().items():
                 keep.stalls.setdefault(skey, HistogramData(h.bounds)).merge(h)
             _add_stall_time(keep.stall_time, shard.stall_time)
+            _keep_newer(keep.stall_exemplars, shard.stall_exemplars)
             for bkey, seconds in shard.busy.copy().items():
                 keep.busy[bkey] = keep.busy.get(bkey, 0.0) + seconds
             keep.lag.merge(shard.lag)
@@ -178,6 +198,7 @@ class StatsBook:
                 out.stalls.setdefault(skey, HistogramData(h.bounds)).merge(h)
             with self.stall_lock:
                 _add_stall_time(out.stall_time, shard.stall_time)
+                _keep_newer(out.stall_exemplars, shard.stall_exemplars)
                 if out.busy is not None:
                     for bkey, seconds in shard.busy.items():
                         out.busy[bkey] = out.busy.get(bkey, 0.0) + seconds
@@ -204,14 +225,26 @@ class StatsBook:
         return out
 
     def observe_stall(
-        self, shard: Shard, method: str, route: str, kind: str, seconds: float
+        self,
+        shard: Shard,
+        method: str,
+        route: str,
+        kind: str,
+        seconds: float,
+        trace: tuple[str, str, float] | None = None,
     ) -> None:
+        """One stall; ``trace``: (trace_id, span_id, unix end time) of its culprit, kept as
+        the exemplar of the bucket it falls in."""
         with self.stall_lock:
             key = (method, route, kind)
             hist = shard.stalls.get(key)
             if hist is None:
                 hist = shard.stalls[key] = HistogramData(STALL_BUCKETS)
             hist.observe(seconds)
+            if trace is not None:
+                index = bisect.bisect_left(hist.bounds, seconds)
+                exemplar = (trace[0], trace[1], seconds, trace[2])
+                shard.stall_exemplars.setdefault(key, {})[index] = exemplar
 
     def book_stall_time(
         self, shard: Shard, method: str, route: str, stalls: int, seconds: float

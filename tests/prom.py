@@ -225,6 +225,8 @@ def run_prometheus(config: Mapping[str, Any], workdir: Path) -> Iterator[Prometh
                 f"--web.listen-address=127.0.0.1:{port}",
                 "--storage.tsdb.retention.time=1h",
                 "--log.level=warn",
+                # stall histogram exemplars: the culprit's trace (OpenMetrics scrapes)
+                "--enable-feature=exemplar-storage",
             ],
             stdout=log_file,
             stderr=subprocess.STDOUT,

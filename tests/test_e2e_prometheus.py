@@ -55,6 +55,7 @@ class Scenario:
     start: float  # wall-clock time the load began
     end: float  # wall-clock time of the last scrape that saw it
     load_output: str
+    app_url: str
 
     def values(self, job: str) -> dict[str, str]:
         return {
@@ -93,7 +94,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     require_tool("prometheus")
     side_port = free_port()
     env = {"DEMO_WORK_SECONDS": str(WORK_SECONDS), "LOOPWATCH_METRICS_PORT": str(side_port)}
-    with serve_process("demo_app.main:app", env=env) as (url, _app):
+    # traced with OpenTelemetry: its stall histogram carries exemplars
+    with serve_process("tests.otel_demo_app:app", env=env) as (url, _app):
         app_port = int(url.rsplit(":", 1)[1])
         workdir: Path = tmp_path_factory.mktemp("prometheus")
         with run_prometheus(_config(app_port, side_port), workdir) as prometheus:
@@ -113,7 +115,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
             once = httpx.request(ONCE[0], f"{url}{ONCE[1]}", timeout=30)
             assert once.status_code == 200, once.text
             time.sleep(2.5)  # two more scrapes: the counters' final values are stored
-            yield Scenario(prometheus, start, time.time(), load.stdout)
+            yield Scenario(prometheus, start, time.time(), load.stdout, url)
 
 
 def _series(result: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -376,3 +378,36 @@ def test_side_port_answers_scrapes_while_the_app_endpoint_waits(scenario: Scenar
     # the side port answers from its own thread while the app's /metrics waits for the
     # blocked loop (means, not maxima: a busy machine delays any single scrape)
     assert side["mean scrape s"] < app["mean scrape s"] / 2, figures
+
+
+@pytest.mark.parametrize("job", [SIDE_JOB, APP_JOB])
+def test_stall_exemplars_lead_to_the_culprit_traces(scenario: Scenario, job: str) -> None:
+    """Prometheus stores the stall histogram's exemplars (OpenMetrics scrapes, exemplar
+    storage on): each names the trace and span of a stall's culprit request, as the app's
+    own stall ring recorded them."""
+    found = scenario.prometheus.api(
+        "query_exemplars",
+        query=f'loopwatch_stall_duration_seconds_bucket{{job="{job}"}}',
+        start=f"{scenario.start:.0f}",
+        end=f"{scenario.end:.0f}",
+    )
+    ring = httpx.get(f"{scenario.app_url}/metrics/stalls", timeout=10).json()
+    traced = {(s["trace_id"], s["span_id"]): s for s in ring if s["trace_id"]}
+    assert traced, "no stall in the ring carries a trace id"
+    routes: set[tuple[str, str]] = set()
+    count = 0
+    for series in found:
+        labels = series["seriesLabels"]
+        for exemplar in series["exemplars"]:
+            ids = (exemplar["labels"]["trace_id"], exemplar["labels"]["span_id"])
+            assert len(ids[0]) == 32 and len(ids[1]) == 16, exemplar
+            stall = traced.get(ids)
+            assert stall is not None, f"exemplar {ids} is no stall's culprit"
+            assert (stall["method"], stall["route"]) == (labels["method"], labels["route"])
+            assert float(exemplar["value"]) == pytest.approx(stall["duration"])
+            assert stall["duration"] <= float(labels["le"]), (exemplar, labels)
+            routes.add((labels["method"], labels["route"]))
+            count += 1
+    print(f"\n{job}: {count} exemplars over {sorted(routes)}")
+    assert {("GET", "/async"), ("GET", "/cpu")} <= routes, routes
+    assert not routes & WELL_BEHAVED, routes

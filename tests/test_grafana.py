@@ -530,3 +530,17 @@ def test_promtool_accepts_loopwatch_metrics_output(registry: CollectorRegistry) 
         result = _promtool("check", "metrics", stdin=body)
         assert result.returncode == 0, f"{where}: {result.stdout}{result.stderr}"
         assert result.stdout.strip() == "" and result.stderr.strip() == "", where
+
+
+def test_stall_histogram_panels_show_exemplars() -> None:
+    """Every query on the stall histogram's buckets asks Grafana for its exemplars (the
+    culprit's trace and span ids, with OpenTelemetry on), and its panel shows them."""
+    found = 0
+    for panel in query_panels(load_dashboard()):
+        for target in panel["targets"]:
+            if "loopwatch_stall_duration_seconds_bucket" in metric_names(target["expr"]):
+                found += 1
+                assert target.get("exemplar") is True, (panel["title"], target["refId"])
+                if panel["type"] == "heatmap":
+                    assert panel["options"]["exemplars"]["color"], panel["title"]
+    assert found >= 1
