@@ -455,35 +455,44 @@ function drawFlame() {
   chart.replaceChildren(...nodes);
 }
 
+function profileUrl() {
+  return "profile?seconds=" + encodeURIComponent($("profile-seconds").value);
+}
+
 function startProfile() {
   profileStarted = true;
-  const url = () => "profile?seconds=" + encodeURIComponent($("profile-seconds").value);
-  poll(url, 5000, onProfile, "text");
+  poll(profileUrl, 5000, onProfile, "text");
+}
+
+function setupProfileControls() {
   const refetch = async () => {
+    if (!profileStarted) return;
     try {
-      const response = await fetch(url(), { cache: "no-store" });
+      const response = await fetch(profileUrl(), { cache: "no-store" });
       if (response.ok) onProfile(await response.text());
     } catch (err) {
       // the next poll retries
     }
   };
+  const redraw = () => { zoomPath = []; drawFlame(); };
   $("profile-seconds").addEventListener("change", refetch);
-  $("profile-route").addEventListener("change", () => { zoomPath = []; drawFlame(); });
+  $("profile-route").addEventListener("change", redraw);
   $("profile-search").addEventListener("input", drawFlame);
-  $("profile-reset").addEventListener("click", () => { zoomPath = []; drawFlame(); });
+  $("profile-reset").addEventListener("click", redraw);
 }
 
 // ---- start -------------------------------------------------------------------------------
 
 function start() {
   setupSorting();
+  setupProfileControls();
   $("span").addEventListener("change", drawTimeline);
   poll("ui/state.json", 400, onState);
   poll(() => "ui/timeline.json?since=" + lastPoint, 1000, onTimeline);
   poll("ui/routes.json", 1000, onRoutes);
   // the blocked counter and the staleness check tick between polls
   setInterval(() => { drawState(); if (state && state.blocked) drawTimeline(); }, 200);
-  window.addEventListener("resize", () => { drawTimeline(); if (profileStarted) drawFlame(); });
+  window.addEventListener("resize", () => { drawTimeline(); if (stacks.length) drawFlame(); });
 }
 
 start();
