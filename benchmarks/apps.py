@@ -35,6 +35,7 @@ VARIANTS: tuple[str, ...] = (
     "bare",
     "noop",
     "loopwatch-stalls",
+    "loopwatch-no-loop-time",
     "loopwatch",
     "instrumentator",
     "starlette-exporter",
@@ -115,12 +116,14 @@ def build(
 
     if variant == "noop":
         app.add_middleware(NoopMiddleware)
-    elif variant in ("loopwatch", "loopwatch-stalls"):
+    elif variant.startswith("loopwatch"):
         from loopwatch import LoopWatchMiddleware
 
+        # stalls only: no request metrics, no loop time; defaults: both
         app.add_middleware(
             LoopWatchMiddleware,
-            request_metrics=variant == "loopwatch",
+            request_metrics=variant != "loopwatch-stalls",
+            loop_time=variant == "loopwatch",
             metrics_port=metrics_port,
         )
     elif variant == "instrumentator":

@@ -6,7 +6,8 @@ asserts nothing. Every server is a real uvicorn process (one worker) serving
 (``wrk`` when installed, else ``benchmarks.load``) is pinned to the other (``--load-cpu``).
 
 - overhead: requests per second of a trivial endpoint for each variant (bare, a no-op ASGI
-  middleware, loopwatch with and without request metrics, prometheus-fastapi-instrumentator,
+  middleware, loopwatch stalls only, loopwatch with request metrics but no loop time, loopwatch
+  with its defaults (request metrics and loop time), prometheus-fastapi-instrumentator,
   starlette-exporter, OpenTelemetry), with 1 route and with 200 routes (the last one hit).
   The servers of one route count run side by side; rounds visit every variant in turn (the
   order rotates each round) and the table shows medians and each variant's ratio to bare.

@@ -64,6 +64,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "request_metrics": ("LOOPWATCH_REQUEST_METRICS", _parse_bool),
     "exclude": ("LOOPWATCH_EXCLUDE", _parse_paths),
     "loop_time": ("LOOPWATCH_LOOP_TIME", _parse_bool),
+    "profile": ("LOOPWATCH_PROFILE", _parse_bool),
 }
 
 _ENV_EXPECTED = {
@@ -75,6 +76,7 @@ _ENV_EXPECTED = {
     "request_metrics": "one of 1/0, true/false, yes/no, on/off",
     "exclude": "comma-separated paths starting with '/'",
     "loop_time": "one of 1/0, true/false, yes/no, on/off",
+    "profile": "one of 1/0, true/false, yes/no, on/off",
 }
 
 
@@ -90,6 +92,7 @@ class Settings:
     request_metrics: bool = True
     exclude: tuple[str, ...] = ("/metrics",)
     loop_time: bool = True
+    profile: bool = True  # sample the loop's stacks per route for /profile
     # where each value came from, for error messages raised later (e.g. a busy port)
     sources: Mapping[str, str] | None = None
 
@@ -170,6 +173,8 @@ class Settings:
             raise self._fail("request_metrics", "True or False")
         if not isinstance(self.loop_time, bool):
             raise self._fail("loop_time", "True or False")
+        if not isinstance(self.profile, bool):
+            raise self._fail("profile", "True or False")
         if isinstance(self.exclude, str) or not all(
             isinstance(p, str) and p.startswith("/") for p in self.exclude
         ):

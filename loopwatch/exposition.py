@@ -23,6 +23,8 @@ from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 from loopwatch import live
 from loopwatch.config import ConfigError, Settings
 from loopwatch.metrics import book_for, multiprocess_dir, scrape_registry
+from loopwatch.profile import parse_seconds
+from loopwatch.profile import render as render_profile
 from loopwatch.stall import recent_stalls
 
 __all__ = ["MetricsServer", "metrics_app"]
@@ -52,6 +54,23 @@ def stalls_json() -> bytes:
 
 def _wants_stalls(path: str) -> bool:
     return path.rstrip("/").endswith("/stalls")
+
+
+def _wants_profile(path: str) -> bool:
+    return path.rstrip("/").endswith("/profile")
+
+
+def profile_response(query: bytes) -> tuple[int, bytes]:
+    """Status and body of ``/profile?seconds=N``: collapsed stacks, or a one-line error."""
+    values = parse_qs(query.decode("latin-1"), keep_blank_values=True).get("seconds")
+    try:
+        seconds = parse_seconds(values[-1] if values else None)
+    except ValueError as exc:
+        return 400, f"{exc}\n".encode()
+    return 200, render_profile(seconds)
+
+
+_TEXT = b"text/plain; charset=utf-8"
 
 
 def render(
@@ -111,6 +130,15 @@ class MetricsApp:
                 (b"content-length", str(len(body)).encode()),
             ]})  # fmt: skip
             await send({"type": "http.response.body", "body": body})
+            return
+        if _wants_profile(scope.get("path", "")):
+            code, body = await _in_thread(profile_response, scope.get("query_string", b""))
+            await send({"type": "http.response.start", "status": code, "headers": [
+                (b"content-type", _TEXT),
+                (b"content-length", str(len(body)).encode()),
+            ]})  # fmt: skip
+            await send({"type": "http.response.body",
+                        "body": b"" if scope["method"] == "HEAD" else body})  # fmt: skip
             return
         status, headers, body = await _in_thread(
             render,
@@ -175,6 +203,12 @@ class MetricsServer:
                 body = stalls_json()
                 start_response("200 OK", [("Content-Type", "application/json"),
                                           ("Content-Length", str(len(body)))])  # fmt: skip
+                return [body]
+            if _wants_profile(environ.get("PATH_INFO", "")):
+                code, body = profile_response(environ.get("QUERY_STRING", "").encode("latin-1"))
+                start_response("200 OK" if code == 200 else f"{code} Bad Request",
+                               [("Content-Type", _TEXT.decode()),
+                                ("Content-Length", str(len(body)))])  # fmt: skip
                 return [body]
             status, headers, body = render(
                 registry,

@@ -71,6 +71,7 @@ class LoopWatchMiddleware:
         exclude: Iterable[str] | None = None,
         long_stall: float | None = None,
         loop_time: bool | None = None,
+        profile: bool | None = None,
     ) -> None:
         self.app = app
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -93,6 +94,7 @@ class LoopWatchMiddleware:
                 else exclude,
                 long_stall=long_stall,
                 loop_time=loop_time,
+                profile=profile,
             )
             if on_stall is not None and not callable(on_stall):
                 raise ConfigError("on_stall", on_stall, "argument", "a callable taking a Stall")

@@ -37,6 +37,7 @@ from loopwatch.attribution import (
     uninstall_task_factory,
 )
 from loopwatch.config import Settings
+from loopwatch.profile import LoopSampler
 from loopwatch.stall import BACKGROUND, UNMATCHED, Stall, remember
 from loopwatch.stats import LAG_BUCKETS, HistogramData, Shard, StatsBook
 from loopwatch.timeline import Timeline
@@ -443,6 +444,7 @@ class Monitor:
         relaxed = max(interval, min(self.threshold / 4, 2.5 * interval))
         wait = interval
         next_sync = next_drain = 0.0
+        sampler = LoopSampler(self) if self.settings.profile else None
         while not self._stop.wait(wait):
             if self.loop.is_closed():
                 break
@@ -455,6 +457,8 @@ class Monitor:
                     if self._clock() >= next_drain:
                         next_drain = self._clock() + 0.25
                         accountant.drain(list(self.requests))
+                if sampler is not None:
+                    sampler.sample()  # the loop profile: where the loop time goes
             except Exception:
                 if not self._tick_failed:  # once, not 100 times a second
                     self._tick_failed = True

@@ -39,6 +39,7 @@ async def _app(scope: object, receive: object, send: object) -> None:
         ({"metrics_host": "not a host!"}, "metrics_host", "IP address or host name"),
         ({"request_metrics": "yes"}, "request_metrics", "True or False"),
         ({"loop_time": 1}, "loop_time", "True or False"),
+        ({"profile": "on"}, "profile", "True or False"),
         ({"exclude": ["metrics"]}, "exclude", "starting with '/'"),
         ({"long_stall": 0.05}, "long_stall", "above threshold"),
         ({"on_stall": "print"}, "on_stall", "callable"),
@@ -68,6 +69,7 @@ def test_bad_arguments_name_option_value_and_expectation(
         ("LOOPWATCH_METRICS_PORT", "99999", "metrics_port"),
         ("LOOPWATCH_REQUEST_METRICS", "maybe", "request_metrics"),
         ("LOOPWATCH_LOOP_TIME", "sometimes", "loop_time"),
+        ("LOOPWATCH_PROFILE", "later", "profile"),
     ],
 )
 def test_bad_environment_values_name_the_variable(var: str, text: str, option: str) -> None:
@@ -86,12 +88,14 @@ def test_environment_fills_in_and_explicit_arguments_win() -> None:
         "LOOPWATCH_REQUEST_METRICS": "off",
         "LOOPWATCH_EXCLUDE": "/metrics, /health",
         "LOOPWATCH_LOOP_TIME": "0",
+        "LOOPWATCH_PROFILE": "no",
     }
     settings = Settings.resolve(env=env)
     assert (settings.threshold, settings.interval, settings.metrics_port) == (0.25, 0.02, 9123)
     assert settings.request_metrics is False
     assert settings.exclude == ("/metrics", "/health")
     assert settings.loop_time is False
+    assert settings.profile is False
     assert settings.source("threshold") == "environment variable LOOPWATCH_THRESHOLD"
     explicit = Settings.resolve(env=env, threshold=0.5, request_metrics=True)
     assert explicit.threshold == 0.5 and explicit.request_metrics is True
@@ -104,6 +108,7 @@ def test_defaults() -> None:
     assert settings.metrics_port is None and settings.metrics_host == "127.0.0.1"
     assert settings.request_metrics is True and settings.exclude == ("/metrics",)
     assert settings.loop_time is True
+    assert settings.profile is True
 
 
 def test_bad_config_fails_app_start_up_not_the_first_request(

@@ -299,6 +299,7 @@ def test_alert_rules_load_and_evaluate_against_real_data(scenario: Scenario) -> 
         "LoopwatchEventLoopLagHigh",
         "LoopwatchLongStallInProgress",
         "LoopwatchTargetDown",
+        "LoopwatchEventLoopSaturated",
     }
     for name, rule in rules.items():
         assert rule["health"] == "ok", (name, rule.get("lastError"))
@@ -312,6 +313,18 @@ def test_alert_rules_load_and_evaluate_against_real_data(scenario: Scenario) -> 
         firing = {s["metric"]["job"]: round(float(s["value"][1]), 3) for s in result}
         print(f"\n{name} over the run: {firing}")
         assert firing.keys() == {SIDE_JOB, APP_JOB}, (name, firing)
+    # the loop was busy at least as long as it was blocked: stalls are loop time too
+    busy = scenario.prometheus.query(
+        f"sum by (job) (rate(loopwatch_event_loop_busy_seconds_total[{window}]))", scenario.end
+    )
+    blocked = scenario.prometheus.query(
+        f"sum by (job) (rate(loopwatch_stall_seconds_total[{window}]))", scenario.end
+    )
+    busy_share = {s["metric"]["job"]: float(s["value"][1]) for s in busy}
+    blocked_share = {s["metric"]["job"]: float(s["value"][1]) for s in blocked}
+    print(f"\nutilization over the run: {busy_share}, blocked: {blocked_share}")
+    for job in (SIDE_JOB, APP_JOB):
+        assert 0.95 * blocked_share[job] <= busy_share[job] <= 1.02, (busy_share, blocked_share)
     # nothing fired that should not: no 5 s stall, and no target down for a minute
     fired = scenario.prometheus.query(
         f'max by (alertname, job) (max_over_time(ALERTS{{alertstate="firing"}}[{window}]))',

@@ -432,7 +432,7 @@ def _promtool(*args: str, stdin: bytes | None = None) -> subprocess.CompletedPro
 def test_promtool_check_rules() -> None:
     result = _promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 5 rules found" in result.stdout
+    assert "SUCCESS: 6 rules found" in result.stdout
 
 
 def test_promtool_test_rules() -> None:
@@ -474,6 +474,8 @@ _OLD_LAG_RULE = """histogram_quantile(0.99,
         # without the fallback on the loop-wide gauge
         ("\n          or on (job, instance)\n", "\n          and on (job, instance)\n", None),
         ("up == 0\n", "up == 2\n", "LoopwatchTargetDown"),
+        # loop time: a saturated loop with no stall must still fire
+        ("  ) > 0.9\n", "  ) > 1.5\n", "LoopwatchEventLoopSaturated"),
     ],
 )
 def test_promtool_test_rules_catches_a_broken_rule(

@@ -1,0 +1,331 @@
+"""Sampled loop stacks per route: where inside each route the loop time goes.
+
+At every check the watchdog thread (never the loop) looks at what the loop runs. When it runs
+code (the accounting hook says a callback is running; without an exact hook, the loop has a
+current task; or a stall is in progress), the watchdog takes the loop thread's stack, drops
+the event loop's own frames below the callback (``run_forever``, ``_run_once``,
+``Handle._run``, uvloop's entry), so the stack starts at the task or callback, and counts it
+under the owner's ``METHOD ROUTE`` in a process-wide ``ProfileStore``.
+
+Each sample counts the milliseconds since the previous check (the watchdog checks every
+``interval`` during a stall and up to 2.5 times less often otherwise), so counts are
+milliseconds of loop time, comparable across routes and with
+``loopwatch_event_loop_busy_seconds_total``. Like any sampler that shares the GIL with the
+loop, it sees CPU slices shorter than the switch interval (5 ms) rarely: the per-route totals
+of the busy metric are the exact figures, the stacks say where inside a route the time goes.
+
+Output (``collapsed``): one line per (route, stack), ``METHOD ROUTE;frame;...;leaf COUNT``,
+root to leaf, frames as ``function (path:line)``: the text flamegraph.pl, speedscope and
+py-spy's raw output read. ``;``, line breaks and other control characters in names are
+replaced so that a line always parses.
+
+Bounded memory, whatever the app does:
+
+- a rolling window of ``KEEP_SECONDS`` (300) one-second buckets; queries cover the last
+  ``seconds`` of them (default ``DEFAULT_SECONDS``, 60);
+- at most ``MAX_STACKS`` (100) distinct stacks per second and ``MAX_TOTAL`` (2000) in the
+  whole window (each kept once, however many seconds hold it); samples of a new stack beyond
+  either go to its route's ``<other stacks>`` line, and beyond ``MAX_OVERFLOW`` (32) such
+  lines they are dropped (``ProfileStore.dropped`` counts them);
+- at most ``MAX_DEPTH`` (64) frames per stack: the leaf-most ones, under one ``<more frames>``;
+- at most ``MAX_NAME`` (200) characters per frame and per route label (the middle of a long
+  name is cut, so the function and line stay); a frame's name is made once per code line
+  and shared by every stack that holds it.
+
+Measured with every cap reached (``benchmarks/profile_cost.py``): about 3 MiB
+(frames shared between stacks, as the sampler makes them).
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from types import CodeType, FrameType
+from typing import TYPE_CHECKING, Any
+
+from loopwatch.attribution import RequestRecord, owner_of
+from loopwatch.stall import BACKGROUND, SERVER
+
+if TYPE_CHECKING:
+    from loopwatch.monitor import Monitor
+
+__all__ = [
+    "DEFAULT_SECONDS",
+    "KEEP_SECONDS",
+    "PROFILE",
+    "LoopSampler",
+    "ProfileStore",
+    "parse_collapsed",
+    "parse_seconds",
+]
+
+KEEP_SECONDS = 300
+DEFAULT_SECONDS = 60
+MAX_STACKS = 100
+MAX_TOTAL = 2000
+MAX_OVERFLOW = 32
+MAX_DEPTH = 64
+MAX_NAME = 200
+# one sample never stands for more than this (a watchdog that was itself held up, a suspend)
+MAX_SAMPLE_MS = 1000
+
+ROUTING = "<routing>"
+OTHER_STACKS = "<other stacks>"
+MORE_FRAMES = "<more frames>"
+
+Stack = tuple[str, ...]  # ("METHOD ROUTE", root frame, ..., leaf frame)
+
+_UNSAFE = re.compile(r"[;\x00-\x1f\x7f]")
+
+
+def clean(name: str, limit: int = MAX_NAME) -> str:
+    """A name that cannot break a collapsed line: no ``;``, no control characters, bounded."""
+    name = _UNSAFE.sub(lambda m: ":" if m.group() == ";" else " ", name)
+    if len(name) > limit:
+        keep = limit - 3
+        name = name[: keep // 3] + "..." + name[len(name) - (keep - keep // 3) :]
+    return name
+
+
+def route_label(method: str, route: str) -> str:
+    """``METHOD ROUTE`` as the first element of a stack: one word each, no separators."""
+    method = re.sub(r"[^A-Za-z0-9_-]", "", method).upper() or "-"
+    route = re.sub(r"[\s;]", "_", route) or "/"
+    return clean(f"{method} {route}")
+
+
+class ProfileStore:
+    """Per-second buckets of stack counts, the last ``keep`` seconds of them. Thread-safe:
+    watchdogs add, scrapes read."""
+
+    def __init__(
+        self,
+        keep: int = KEEP_SECONDS,
+        max_stacks: int = MAX_STACKS,
+        max_total: int = MAX_TOTAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.keep = keep
+        self.max_stacks = max_stacks
+        self._clock = clock
+        self.max_total = max_total
+        self._buckets: collections.deque[tuple[int, dict[Stack, int]]] = collections.deque()
+        # every distinct stack in the window, once: [the stack, how many buckets hold it]
+        self._interned: dict[Stack, list[Any]] = {}
+        self._lock = threading.Lock()
+        self.dropped = 0  # samples not kept: a bucket full even of overflow lines
+
+    def add(self, stack: Stack, weight: int = 1) -> None:
+        second = int(self._clock())
+        with self._lock:
+            buckets = self._buckets
+            if not buckets or buckets[-1][0] != second:
+                buckets.append((second, {}))
+                while buckets and buckets[0][0] <= second - self.keep:
+                    self._release(buckets.popleft()[1])
+            counts = buckets[-1][1]
+            if stack in counts:
+                counts[stack] += weight
+                return
+            interned = self._interned
+            if len(counts) >= self.max_stacks or (
+                stack not in interned and len(interned) >= self.max_total
+            ):
+                stack = (stack[0], OTHER_STACKS)
+                if stack in counts:
+                    counts[stack] += weight
+                    return
+                if len(counts) >= self.max_stacks + MAX_OVERFLOW or (
+                    stack not in interned and len(interned) >= self.max_total + MAX_OVERFLOW
+                ):
+                    self.dropped += weight
+                    return
+            entry = interned.get(stack)
+            if entry is None:
+                entry = interned[stack] = [stack, 0]
+            entry[1] += 1  # one more bucket holds it
+            counts[entry[0]] = weight  # the interned tuple: buckets share one copy
+
+    def _release(self, counts: dict[Stack, int]) -> None:
+        interned = self._interned
+        for stack in counts:
+            entry = interned[stack]
+            entry[1] -= 1
+            if not entry[1]:
+                del interned[stack]
+
+    def counts(self, seconds: int = DEFAULT_SECONDS) -> dict[Stack, int]:
+        """Each stack's count over the last ``seconds`` (the current second included)."""
+        since = int(self._clock()) - seconds
+        total: dict[Stack, int] = {}
+        with self._lock:
+            buckets = [counts for second, counts in self._buckets if second > since]
+            for counts in buckets:
+                for stack, count in counts.items():
+                    total[stack] = total.get(stack, 0) + count
+        return total
+
+    def collapsed(self, seconds: int = DEFAULT_SECONDS) -> str:
+        """The window as collapsed stacks, one ``label;frame;...;leaf COUNT`` line each,
+        sorted (so the same profile renders the same text)."""
+        counts = self.counts(seconds)
+        return "".join(f"{';'.join(stack)} {counts[stack]}\n" for stack in sorted(counts))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._buckets.clear()
+            self._interned.clear()
+            self.dropped = 0
+
+
+PROFILE = ProfileStore()
+
+
+def parse_seconds(text: str | None, keep: int = KEEP_SECONDS) -> int:
+    """The ``seconds`` query parameter: a whole number from 1 to ``keep``; ValueError names it."""
+    if text is None:
+        return min(DEFAULT_SECONDS, keep)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= keep:
+        raise ValueError(
+            f"invalid seconds={text!r}: expected a whole number of seconds from 1 to {keep} "
+            "(the profile keeps that many)"
+        )
+    return value
+
+
+def parse_collapsed(text: str) -> list[tuple[Stack, int]]:
+    """Collapsed-stack lines back into (stack, count) pairs; a line that does not parse is
+    skipped (comments, blank lines)."""
+    pairs = []
+    for line in text.splitlines():
+        head, _, count = line.rstrip().rpartition(" ")
+        if not head or not count.isdigit():
+            continue
+        pairs.append((tuple(head.split(";")), int(count)))
+    return pairs
+
+
+# -- sampling (watchdog thread) ---------------------------------------------------------------
+
+# The event loop's own frames: the stack of a callback starts above the last of them.
+_LOOP_FUNCTIONS = {
+    ("base_events.py", "run_forever"),
+    ("base_events.py", "_run_once"),
+    ("base_events.py", "run_until_complete"),
+    ("events.py", "_run"),
+    ("runners.py", "run"),
+}
+_ASYNCIO_DIR = os.path.dirname(asyncio.__file__)
+_ACCOUNTING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "accounting.py")
+
+
+class LoopSampler:
+    """Samples one monitor's loop, called by its watchdog thread at every check."""
+
+    def __init__(self, monitor: Monitor, store: ProfileStore = PROFILE) -> None:
+        self.monitor = monitor
+        self.store = store
+        self._last = time.perf_counter()
+        self._frame_names: dict[tuple[CodeType, int], str] = {}
+        self._loop_codes: dict[CodeType, bool] = {}
+
+    def sample(self) -> None:
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        monitor = self.monitor
+        accountant = monitor.accountant
+        start: float | None = None
+        owner: RequestRecord | None = None
+        server = False
+        if accountant is not None and accountant.exact:
+            start = accountant.start
+            if start is not None:
+                owner = accountant.owner or accountant.bound
+                server = accountant.server_running
+            elif not monitor.stalling:
+                return  # the loop waits for I/O
+        if start is None:
+            try:
+                task = asyncio.current_task(monitor.loop)
+            except RuntimeError:  # the loop closed
+                return
+            if task is None and not monitor.stalling:
+                return
+            owner = owner_of(task)
+        frame = monitor._frames().get(monitor._loop_thread_id or 0)
+        if frame is None or monitor._is_idle(frame):
+            return
+        if start is not None and accountant is not None and accountant.start != start:
+            return  # that callback ended meanwhile: the stack is someone else's
+        frames = self._stack(frame)
+        if not frames:
+            return
+        if owner is not None:
+            label = route_label(owner.method, owner.current_route() or ROUTING)
+        else:
+            label = route_label("-", SERVER if server else BACKGROUND)
+        weight = min(MAX_SAMPLE_MS, max(1, round(elapsed * 1000)))
+        self.store.add((label, *frames), weight)
+
+    def _stack(self, frame: FrameType | None) -> list[str]:
+        """The frames above the event loop's own, root to leaf, at most ``MAX_DEPTH``."""
+        chain: list[FrameType] = []  # leaf first
+        while frame is not None and not self._is_loop(frame.f_code):
+            chain.append(frame)
+            frame = frame.f_back
+        more = len(chain) > MAX_DEPTH
+        if more:
+            del chain[MAX_DEPTH - 1 :]
+        names = self._frame_names
+        frames: list[str] = [MORE_FRAMES] if more else []
+        for frame in reversed(chain):
+            code = frame.f_code
+            key = (code, frame.f_lineno or code.co_firstlineno)  # None between lines
+            name = names.get(key)
+            if name is None:
+                if len(names) >= 5_000:  # a bound, for code generated at run time
+                    names.clear()
+                qualname = getattr(code, "co_qualname", code.co_name)
+                name = names[key] = clean(f"{qualname} ({code.co_filename}:{key[1]})")
+            frames.append(name)
+        return frames
+
+    def _is_loop(self, code: CodeType) -> bool:
+        known = self._loop_codes.get(code)
+        if known is None:
+            path = code.co_filename
+            known = (
+                code in self.monitor._idle_codes
+                or (
+                    os.path.dirname(path) == _ASYNCIO_DIR
+                    and (os.path.basename(path), code.co_name) in _LOOP_FUNCTIONS
+                )
+                or (path == _ACCOUNTING_FILE and code.co_name == "_run")
+                or f"{os.sep}uvloop{os.sep}" in path
+            )
+            if len(self._loop_codes) < 10_000:
+                self._loop_codes[code] = known
+        return known
+
+
+def render(seconds: int, store: ProfileStore = PROFILE) -> bytes:
+    """The ``/profile`` body (run off the event loop)."""
+    return store.collapsed(seconds).encode("utf-8")
+
+
+def merge(pairs: Iterable[tuple[Stack, int]]) -> dict[Stack, int]:
+    total: dict[Stack, int] = {}
+    for stack, count in pairs:
+        total[stack] = total.get(stack, 0) + count
+    return total
