@@ -12,7 +12,8 @@ polls, every URL relative to the page, so the same files work at the side port's
   (lag p99, longest heartbeat delay, utilization) and the stalls that ended in that window.
 - ``ui/routes.json``: per route: requests, stalls, seconds blocked, loop share, worst recent
   stall, kind, culprit.
-- ``ui/stalls.json``: the newest stalls with their stacks.
+- ``ui/stalls.json``: the newest stalls; ``?stack=T``: the one that started at ``T``, with
+  its stack (fetched when the page opens it).
 
 Read-only: nothing here changes any state, and the servers answer 405 to anything but GET
 and HEAD. Route templates, paths and function names go out as JSON strings; the page puts
@@ -96,7 +97,7 @@ def respond(registry: CollectorRegistry, path: str, query: bytes, side_port: boo
     elif name == "routes.json":
         doc = routes(book)
     elif name == "stalls.json":
-        doc = {"stalls": [_stall(s, stack=True) for s in recent_stalls()[::-1][:STALLS_SHOWN]]}
+        doc = stalls(_float(args.get("stack"), -1.0))
     else:
         return 404, [("Content-Type", "text/plain"), ("Content-Length", "10")], b"not found\n"
     body = json.dumps(doc, separators=(",", ":")).encode()
@@ -167,7 +168,8 @@ def state(book: StatsBook, side_port: bool) -> dict[str, Any]:
 
 def timeline(book: StatsBook, since: float) -> dict[str, Any]:
     """Points after ``since`` (one a second; several loops: the worst of each second), and
-    the stalls that ended up to 30 s before it (a stall is delivered once it has ended)."""
+    the stalls that ended up to 5 s before it (a stall is delivered once it has ended; the
+    page also takes the marks of older ones from ``stalls.json``)."""
     now = time.time()
     since = max(since, now - KEEP)
     by_second: dict[int, list[Any]] = {}
@@ -185,7 +187,7 @@ def timeline(book: StatsBook, since: float) -> dict[str, Any]:
         for _, p in sorted(by_second.items())
     ]
     stalls = [
-        _stall(s, stack=False) for s in recent_stalls() if s.started_at + s.duration > since - 30
+        _stall(s, stack=False) for s in recent_stalls() if s.started_at + s.duration > since - 5
     ]
     return {"time": now, "keep": KEEP, "points": points, "stalls": stalls}
 
@@ -238,6 +240,15 @@ def routes(book: StatsBook) -> dict[str, Any]:
         "loop_seconds": round(busy_total, 4),
         "routes": rows,
     }
+
+
+def stalls(stack_of: float) -> dict[str, Any]:
+    """The newest stalls without their stacks (a stack is a few KB), or the one stall that
+    started at ``stack_of`` (its ``started_at``, as the list gave it) with its stack."""
+    ring = recent_stalls()
+    if stack_of >= 0:
+        return {"stalls": [_stall(s, stack=True) for s in ring if s.started_at == stack_of]}
+    return {"stalls": [_stall(s, stack=False) for s in ring[::-1][:STALLS_SHOWN]]}
 
 
 def _stall(s: Stall, *, stack: bool) -> dict[str, Any]:

@@ -298,6 +298,8 @@ function setupSorting() {
 
 let stallsSeen = [null, null];
 const openStalls = new Set();
+let stallsShown = 10;
+let lastStalls = [];
 
 async function refreshStalls() {
   try {
@@ -309,8 +311,20 @@ async function refreshStalls() {
   }
 }
 
+async function loadStack(s, pre) {
+  try {
+    const response = await fetch("ui/stalls.json?stack=" + s.started_at, { cache: "no-store" });
+    const found = response.ok ? (await response.json()).stalls : [];
+    pre.textContent = found.length ? found[0].stack || "(no stack sampled)" : "(no longer in the ring of recent stalls)";
+  } catch (err) {
+    pre.textContent = "(not answering)";
+  }
+}
+
 function drawStalls(stalls) {
-  const items = stalls.map((s) => {
+  lastStalls = stalls;
+  for (const s of stalls) stallMarks.set(s.started_at + "|" + s.method + "|" + s.route, s);
+  const items = stalls.slice(0, stallsShown).map((s) => {
     const id = s.started_at + "|" + s.method + "|" + s.route;
     const when = new Date(s.started_at * 1000).toLocaleTimeString();
     const summary = el("summary", {},
@@ -319,11 +333,20 @@ function drawStalls(stalls) {
       " (" + s.kind + ") at ", el("code", { text: where(s.culprit) }),
       " · " + when + " · " + s.requests_in_flight + " request(s) held up",
     );
-    const details = el("details", {}, summary, el("pre", { text: s.stack || "(no stack sampled)" }));
+    const pre = el("pre", { text: "loading the stack\u2026" });
+    const details = el("details", {}, summary, pre);
     details.open = openStalls.has(id);
-    details.addEventListener("toggle", () => (details.open ? openStalls.add(id) : openStalls.delete(id)));
+    if (details.open) loadStack(s, pre);
+    details.addEventListener("toggle", () => {
+      if (details.open) { openStalls.add(id); loadStack(s, pre); } else openStalls.delete(id);
+    });
     return el("li", {}, details);
   });
+  if (stalls.length > stallsShown) {
+    const more = el("button", { type: "button", id: "stalls-more", text: "show " + (stalls.length - stallsShown) + " more" });
+    more.addEventListener("click", () => { stallsShown = stalls.length; drawStalls(lastStalls); });
+    items.push(el("li", {}, more));
+  }
   $("stalls").replaceChildren(...items);
   $("stalls-empty").hidden = items.length > 0;
 }
