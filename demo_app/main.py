@@ -8,7 +8,7 @@ import time
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from demo_app.work import crunch_numbers, llm_call, parse_file, work_seconds
+from demo_app.work import crunch_numbers, llm_call, parse_file, sync_lookup, work_seconds
 from loopwatch import LoopWatchMiddleware, metrics_app
 
 app = FastAPI(title="loopwatch demo: stop using async in FastAPI (unless you mean it)")
@@ -61,3 +61,13 @@ async def well_behaved_endpoint() -> dict[str, str]:
 @app.get("/cpu")
 async def cpu_endpoint() -> dict[str, float]:
     return crunch_numbers()  # CPU-bound on the loop: needs a process pool, not a thread
+
+
+@app.get("/cuts")
+async def cuts_endpoint() -> dict[str, float]:
+    return sync_lookup()  # ~10 ms on the loop per request: never a stall, yet it fills the loop
+
+
+@app.get("/cuts-fixed")
+def cuts_fixed_endpoint() -> dict[str, float]:
+    return sync_lookup()  # the fix: a def endpoint runs in FastAPI's threadpool

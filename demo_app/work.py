@@ -29,6 +29,17 @@ def crunch_numbers() -> dict[str, float]:
     return {"total": float(total)}
 
 
+CUT_SECONDS = 0.01  # far below the 100 ms threshold: no stall, ever
+
+
+def sync_lookup() -> dict[str, float]:
+    """A thousand cuts: ~10 ms of synchronous work per request (a sync client call to another
+    service or a database, a big payload validated and serialised). Too short to stall the
+    loop, yet at a hundred requests a second it is the loop's whole time."""
+    time.sleep(CUT_SECONDS)  # a sync call: fine in a thread, a cut on the event loop
+    return {"looked_up_seconds": CUT_SECONDS}
+
+
 async def llm_call() -> dict[str, str]:
     """Truly asynchronous I/O, such as a call to a model server."""
     await asyncio.sleep(0.05)

@@ -206,6 +206,8 @@ class Monitor:
         self.requests: set[RequestRecord] = set()
         # loop time per request (accounting), when on
         self.accountant: Accountant | None = None
+        # more takers of booked loop time, beside the books (the pytest plugin's per test)
+        self.busy_sinks: list[Callable[[tuple[str, str], float], None]] = []
         self.books: dict[StatsBook, Shard] = {}
         self.callbacks: list[StallCallback] = []
         self._failed_callbacks: set[int] = set()
@@ -404,6 +406,8 @@ class Monitor:
     def _book_busy(self, key: tuple[str, str], seconds: float) -> None:
         for book, shard in list(self.books.items()):
             book.book_busy(shard, key, seconds)
+        for sink in list(self.busy_sinks):
+            sink(key, seconds)
 
     def flush_loop_time(self) -> bool | None:
         """Book the loop time up to now (before a scrape). None when not accounted, else

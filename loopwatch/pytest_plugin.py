@@ -29,7 +29,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -336,6 +336,9 @@ class _Watch:
     def on_stall(self, stall: Stall) -> None:
         self.guard.charge(self, stall)
 
+    def on_busy(self, key: tuple[str, str], seconds: float) -> None:
+        self.guard.charge_busy(self, key, seconds)
+
     def quiet(self) -> bool:
         """Nothing to settle: no hold is open or in progress, and none has ended since the
         last settle (the heartbeat has not been late by anything near the threshold), so no
@@ -389,6 +392,8 @@ class _Guard:
         self._fixtures: list[tuple[str, str]] = []
         self._originals: list[tuple[type, Callable[..., Any] | None]] = []
         self._failed_nodeids: set[str] = set()
+        # nodeid -> "METHOD ROUTE" -> loop seconds booked while the test ran (every phase)
+        self.loop_time: dict[str, dict[str, float]] = {}
 
     # patching --------------------------------------------------------------------------
 
@@ -449,6 +454,7 @@ class _Guard:
         own = not monitor.running
         watch = _Watch(self, monitor, owner, own)
         monitor.add_callback(watch.on_stall)
+        monitor.busy_sinks.append(watch.on_busy)
         monitor.acquire(watch)
         with self._lock:
             self._live.add(watch)
@@ -460,12 +466,16 @@ class _Guard:
             if watch.own:
                 # The core's users (a LoopWatchMiddleware) stay registered between runs, but a
                 # loop that does not run would look blocked: stop it until the next run.
+                # Stopping books the loop time measured last, to this run's test.
                 monitor.stop(flush=True)
             else:
+                monitor.flush_loop_time()
                 monitor.release(watch)
                 with contextlib.suppress(ValueError):
                     monitor.callbacks.remove(watch.on_stall)
         finally:
+            with contextlib.suppress(ValueError):
+                monitor.busy_sinks.remove(watch.on_busy)
             with self._lock:
                 self._live.discard(watch)
 
@@ -476,6 +486,8 @@ class _Guard:
         for: their stalls go to the end of the run whenever they arrive."""
         deadline = time.monotonic() + timeout
         for watch in self.settling():
+            # the loop time booked so far is the phase's (the watchdog books it every 0.25 s)
+            watch.monitor.flush_loop_time()
             if watch.quiet():
                 continue
             left = deadline - time.monotonic()
@@ -543,6 +555,23 @@ class _Guard:
         with self._lock:
             self.records.append(record)
 
+    def charge_busy(self, watch: _Watch, key: tuple[str, str], seconds: float) -> None:
+        """Loop time booked by a watched loop's monitor, to the test that owns it (as
+        stalls are charged); time of loops owned by no test is not counted."""
+        if watch.on_main:
+            context = watch.owner
+        elif self._charges_to_test(watch, self._context):
+            context = self._context
+        else:
+            return
+        if context is None:
+            return
+        method, route = key
+        label = f"{method} {route}" if method != "-" else route
+        with self._lock:
+            routes = self.loop_time.setdefault(context.nodeid, {})
+            routes[label] = routes.get(label, 0.0) + seconds
+
     def _failures(self, nodeid: str, phase: str) -> list[_Record]:
         with self._lock:
             return [
@@ -567,6 +596,8 @@ class _Guard:
         self, item: pytest.Item, nextitem: pytest.Item | None
     ) -> Generator[None, object, object]:
         self._item_threshold, self._item_allow, self._item_error = self.threshold, False, None
+        with self._lock:
+            self.loop_time.setdefault(item.nodeid, {})
         marker = item.get_closest_marker("loopwatch")
         if marker is not None:
             try:
@@ -724,6 +755,7 @@ class _Guard:
                 if record.context is None and record.verdict == "failed"
             ],
             failed_tests=sorted(self._failed_nodeids),
+            loop_time={nodeid: dict(routes) for nodeid, routes in self.loop_time.items()},
         )
 
     def _all_stalls(self) -> _RemoteStalls:
@@ -733,6 +765,7 @@ class _Guard:
             combined.stalls.extend(remote.stalls)
             combined.stray.extend(remote.stray)
             combined.failed_tests.extend(remote.failed_tests)
+            combined.loop_time.update(remote.loop_time)
         combined.failed_tests.sort()
         return combined
 
@@ -754,6 +787,10 @@ class _Guard:
             "summary": {"stalls": len(everything.stalls), **counts},
             "failed_tests": everything.failed_tests,
             "stalls": everything.stalls,
+            "tests": {
+                nodeid: _test_loop_time(routes)
+                for nodeid, routes in sorted(everything.loop_time.items())
+            },
         }
         directory = os.path.dirname(os.path.abspath(self.report_path))
         os.makedirs(directory, exist_ok=True)
@@ -794,9 +831,15 @@ class _RemoteStalls:
     stalls: list[dict[str, object]]
     stray: list[list[str]]
     failed_tests: list[str]
+    loop_time: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def as_message(self) -> dict[str, object]:
-        return {"stalls": self.stalls, "stray": self.stray, "failed_tests": self.failed_tests}
+        return {
+            "stalls": self.stalls,
+            "stray": self.stray,
+            "failed_tests": self.failed_tests,
+            "loop_time": self.loop_time,
+        }
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> _RemoteStalls:
@@ -804,7 +847,34 @@ class _RemoteStalls:
             stalls=list(message.get("stalls", [])),
             stray=[list(lines) for lines in message.get("stray", [])],
             failed_tests=list(message.get("failed_tests", [])),
+            loop_time={
+                str(nodeid): {str(k): float(v) for k, v in routes.items()}
+                for nodeid, routes in message.get("loop_time", {}).items()
+            },
         )
+
+
+_PLACEHOLDERS = ("<background>", "<server>")
+
+
+def _test_loop_time(routes: dict[str, float]) -> dict[str, object]:
+    """One test's entry in the report: its loop busy seconds (every loop it owned, all
+    phases) and the route that took most of them. Placeholders (``<background>``: the test's
+    own code and its client, ``<server>``) are the top route only when no request took any."""
+    top = max(
+        routes,
+        key=lambda label: (label not in _PLACEHOLDERS, routes[label], label),
+        default=None,
+    )
+    return {
+        "loop_busy_seconds": round(float(sum(routes.values())), 6),
+        "top_route": top,
+        "top_route_seconds": round(routes[top], 6) if top is not None else None,
+        "routes": {
+            label: round(seconds, 6)
+            for label, seconds in sorted(routes.items(), key=lambda kv: (-kv[1], kv[0]))
+        },
+    }
 
 
 # -- private helpers around the core monitor -------------------------------------------

@@ -33,6 +33,8 @@ from tests.servers import free_port, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).parent / "data" / "demo_metrics.prom"
+# a later demo run's scrape, with loop time per route (the one above predates it)
+LOOP_FIXTURE = Path(__file__).parent / "data" / "demo_metrics_loop_time.prom"
 WORK = ROOT / "demo_app" / "work.py"
 
 
@@ -63,10 +65,10 @@ def assert_innocent(cells: list[str]) -> None:
     keep busy, the loop thread itself can be descheduled while framework code runs for such a
     route; allow that much, but never a stall blamed on the demo's own code."""
     if cells[2] == "0":
-        assert cells[3] == "0.00" and cells[6] == "-", cells
+        assert cells[3] == "0.00" and cells[7] == "-", cells
         return
     assert int(cells[2]) <= 2 and float(cells[3]) < 0.3, cells
-    assert "demo_app/" not in cells[6], cells
+    assert "demo_app/" not in cells[7], cells
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -109,11 +111,12 @@ def test_demo_reproduces_the_article_at_its_concurrency() -> None:
     assert "60/s, 0.8s" in out and "1.98/s, 31s" in out
 
     diag = table_rows(out, "route")
-    assert {"GET /sync", "GET /async"} <= set(diag) <= {"GET /sync", "GET /async", "<background>"}
+    placeholders = {"<background>", "<server>"}
+    assert {"GET /sync", "GET /async"} <= set(diag) <= {"GET /sync", "GET /async", *placeholders}
     assert int(diag["GET /async"][2]) == 5  # one stall per request, each 0.2 s > 0.1 s
     assert diag["GET /async"][5] == "wait"
     culprit = f"demo_app/main.py:{line_of(ROOT / 'demo_app/main.py', '# blocks the event loop')}"
-    assert diag["GET /async"][6] == f"{culprit} in async_endpoint"
+    assert diag["GET /async"][7] == f"{culprit} in async_endpoint"
     assert_innocent(diag["GET /sync"])
     assert re.search(r"GET /async\s+declare async_endpoint\(\) `def`", out)
     assert "event loop blocked for" in out  # the app's own WARNING line, quoted
@@ -142,7 +145,7 @@ def test_demo_diagnosis_names_every_fake_async_route_and_no_fixed_one(
         cells = diag[route]
         assert cells[1] == "4"  # requests
         assert int(cells[2]) >= 1, cells
-        assert cells[6] == culprit
+        assert cells[7] == culprit
     for sleeper in ("POST /my-route", "POST /mixed"):
         # 0.25 s of time.sleep per request, threshold 0.1 s: each request is a stall. (On a
         # loaded machine the core does not blame CPU starvation on /cpu's code, so its count
@@ -258,6 +261,43 @@ def test_demo_counts_every_stall_it_logged() -> None:
         assert stalls[1] == warnings[1] == "6", result.stdout  # one 0.2 s stall per request
 
 
+def test_demo_shows_the_thousand_cuts_pair() -> None:
+    """10 ms of sync work per request never stalls, yet under load it is the loop's time: the
+    diagnosis says so, names the line from the loop profile and the fix; the def twin is
+    many times faster and takes little of the loop."""
+    result = run_cli(
+        "demo", "--requests", "300", "--concurrency", "100", "--endpoints", "cuts-fixed,cuts",
+        "--plain",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    bench = table_rows(out, "endpoint")
+    fixed, cuts = bench["GET /cuts-fixed"], bench["GET /cuts"]
+    assert fixed[2] == cuts[2] == "300/300 @ 100"  # hundreds of requests, none capped
+    assert float(cuts[3]) < 100  # at most one request per 10 ms on the loop
+    assert float(fixed[3]) > 3 * float(cuts[3])
+    diag = table_rows(out, "route")
+    assert next(iter(diag)) == "GET /cuts"  # first: it took most of the loop
+    cells = diag["GET /cuts"]
+    assert cells[2:4] == ["0", "0.00"]  # no stall at all
+    share = int(cells[6].rstrip("%"))
+    assert share >= 60, cells
+    culprit = f"demo_app/work.py:{line_of(WORK, 'time.sleep(CUT_SECONDS)')} in sync_lookup"
+    assert cells[7] == culprit
+    assert int(diag["GET /cuts-fixed"][6].rstrip("%").lstrip("<")) < 20
+    assert diag["GET /cuts-fixed"][7] == "-"
+    utilization = re.search(r"Loop utilization: (\d+)%", out)
+    assert utilization is not None and int(utilization[1]) >= 70, out
+    fixes = out.split("How to fix:")[1]
+    assert re.search(
+        rf"GET /cuts\s+0 stalls, {share}% of the loop while /cuts-fixed and /cuts ran .*"
+        r"ms of loop per request: declare cuts_endpoint\(\) `def`",
+        fixes,
+    ), fixes
+    assert "GET /cuts-fixed" not in fixes
+    assert "top line in the loop profile" in out
+
+
 # ------------------------------------------------------------------------------------------
 # loopwatch report
 
@@ -312,9 +352,9 @@ def test_report_reads_a_live_app_with_its_stall_ring(
     assert freeze[1:3] == ["2", "2"]  # requests, stalls
     assert float(freeze[3]) >= 0.5 and float(freeze[4]) >= 0.25
     assert freeze[5] == "wait"
-    assert freeze[6] == f"tests/test_cli.py:{FREEZE_LINE} in freeze"
+    assert freeze[7] == f"tests/test_cli.py:{FREEZE_LINE} in freeze"
     assert diag["GET /fine"][1:4] == ["1", "0", "0.00"]
-    assert [r for r in diag if r != "<background>"] == ["GET /freeze", "GET /fine"]
+    assert [r for r in diag if not r.startswith("<")] == ["GET /freeze", "GET /fine"]
     assert re.search(r"GET /freeze\s+declare freeze\(\) `def`", out)
 
 
@@ -359,14 +399,104 @@ def test_report_reads_a_saved_exposition_file(capsys: pytest.CaptureFixture[str]
     for key in by_blocked:
         assert diag[key][2] == str(int(stalls[key]))
         assert diag[key][3] == f"{blocked[key]:.2f}"
-        assert diag[key][6] == "-"
+        assert diag[key][7] == "-"
     assert diag["GET /sync"][2] == "0"
+    # an older loopwatch: no loop time, and the report says so instead of showing 0%
+    assert {cells[6] for cells in diag.values()} == {"-"}
+    assert "Loop time: not at this source (no loopwatch_event_loop_busy_seconds_total" in out
     assert not any(name.startswith("python_") for name in diag)
     # kinds come from the metric's label, so the hints need no stall ring
     assert diag["GET /cpu"][5] == "cpu" and diag["GET /async"][5] == "wait"
     fixes = out.split("How to fix:")[1]
     assert re.search(r"GET /cpu\s+CPU-bound.*process pool", fixes)
     assert re.search(r"GET /async\s+declare the endpoint `def`, or `await run_in_threadpool", fixes)
+
+
+def loop_eating_app(registry: CollectorRegistry) -> FastAPI:
+    app = FastAPI()
+    app.add_middleware(LoopWatchMiddleware, registry=registry, threshold=0.15)
+    app.mount("/metrics", metrics_app(registry))
+
+    @app.get("/cuts")
+    async def cuts() -> dict[str, bool]:
+        time.sleep(0.01)  # 10 ms: never a stall
+        return {"ok": True}
+
+    @app.get("/freeze")
+    async def freeze() -> dict[str, bool]:
+        time.sleep(0.3)  # one stall
+        return {"ok": True}
+
+    return app
+
+
+def hit(url: str, path: str, times: int) -> None:
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for _ in range(times):
+            client.get(path).raise_for_status()
+
+
+def test_report_shows_the_loop_share_of_a_route_that_never_stalls(
+    registry: CollectorRegistry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with serve(loop_eating_app(registry)) as url:
+        hit(url, "/freeze", 1)
+        hit(url, "/cuts", 80)  # 0.8 s of loop time, no stall
+        assert main(["report", url, "--plain"]) == 0
+        once = capsys.readouterr().out
+        # --watch: the second refresh's loop % is over the interval, with the utilization
+        load = threading.Timer(0.3, hit, (url, "/cuts", 50))
+        load.start()
+        try:
+            assert main(["report", url, "--watch", "--interval", "1.5", "--count", "2"]) == 0
+        finally:
+            load.join()
+        watched = capsys.readouterr().out
+    diag = table_rows(once, "route")
+    # sorted by loop share: the route that never stalled comes before the one that did
+    assert [r for r in diag if not r.startswith("<")][:2] == ["GET /cuts", "GET /freeze"]
+    cuts, freeze = diag["GET /cuts"], diag["GET /freeze"]
+    assert cuts[2] == "0" and freeze[2] == "1"
+    assert int(cuts[6].rstrip("%")) >= 50 and int(freeze[6].rstrip("%")) >= 15
+    assert "since the app started; loop % is each route's share" in once
+    assert "Loop utilization needs two scrapes (report --watch)" in once
+    fixes = once.split("How to fix:")[1]
+    assert re.search(
+        r"GET /cuts\s+0 stalls, \d+% of the loop since the app started, 1\d\.\d ms", fixes
+    )
+    first, second = watched.split("loopwatch's diagnosis")[1:]
+    assert "since the app started" in first and "needs two scrapes" in first
+    window = re.search(r"over the last (\d+\.\d)s \(difference of two scrapes\)", second)
+    assert window is not None and float(window[1]) >= 1.4, second
+    utilization = re.search(r"Loop utilization: (\d+)%", second)
+    assert utilization is not None and 20 <= int(utilization[1]) <= 100, second
+    interval = table_rows(second, "route")
+    assert next(iter(interval)) == "GET /cuts"
+    assert interval["GET /freeze"][6] == "0%"  # it held the loop before this interval only
+    assert int(interval["GET /cuts"][6].rstrip("%")) >= 80
+
+
+def test_report_reads_loop_time_from_a_saved_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(LOOP_FIXTURE), "--plain"]) == 0
+    out = capsys.readouterr().out
+    busy: dict[str, float] = {}
+    for family in text_string_to_metric_families(LOOP_FIXTURE.read_text()):
+        for s in family.samples:
+            if s.name == "loopwatch_event_loop_busy_seconds_total":
+                method, route = s.labels["method"], s.labels["route"]
+                busy[route if method == "-" else f"{method} {route}"] = s.value
+    total = sum(busy.values())
+    diag = table_rows(out, "route")
+    used = sorted((k for k in busy if busy[k] > 0), key=lambda k: -busy[k])
+    assert list(diag) == used  # every route that used the loop, by its share; no idle route
+    for key in used:
+        share = busy[key] / total
+        assert diag[key][6] == ("<1%" if share < 0.005 else f"{share:.0%}"), (key, diag[key])
+    assert f"The loop ran code {total:.2f}s since the app started" in out
+    assert "Loop utilization needs two scrapes" in out
+    # the thousand cuts: no stall, yet a fifth of the loop at 11 ms a request
+    assert diag["GET /cuts"][2] == "0" and busy["GET /cuts"] / total >= 0.2
+    assert re.search(r"GET /cuts\s+0 stalls, 20% of the loop since the app started", out)
 
 
 def test_report_reads_an_openmetrics_file(
@@ -705,7 +835,7 @@ def test_report_skips_what_it_cannot_read_in_the_stall_ring(
     diag = table_rows(out, "route")
     assert [diag[r][2] for r in ("GET /async", "GET /cpu", "POST /mixed")] == ["3", "2", "2"]
     if isinstance(ring, list):  # the readable record still names its culprit
-        assert diag["GET /cpu"][6] == "/srv/app/work.py:28 in crunch_numbers"
+        assert diag["GET /cpu"][7] == "/srv/app/work.py:28 in crunch_numbers"
         assert diag["GET /cpu"][4] == "0.16"
     assert "How to fix:" in out
 

@@ -899,3 +899,96 @@ def test_fine():
             "test_suite.py::test_misspelt_option): expected threshold= or allow=*",
         ]
     )
+
+
+# -- loop time per test in the JSON report -----------------------------------------------
+
+LOOP_TIME_SUITE = """
+import asyncio
+import time
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from starlette.testclient import TestClient
+
+from loopwatch import LoopWatchMiddleware
+
+app = FastAPI()
+app.add_middleware(LoopWatchMiddleware)
+
+
+@app.get("/slices")
+async def slices():
+    for _ in range(3):
+        time.sleep(0.02)  # 20 ms on the loop: far below the 0.1 s threshold, no stall
+        await asyncio.sleep(0)
+    return {"ok": True}
+
+
+@app.get("/fine")
+async def fine():
+    await asyncio.sleep(0.06)  # waits as long, on no one's loop time
+    return {"ok": True}
+
+
+@pytest.mark.asyncio
+async def test_slices():
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/slices")).status_code == 200
+
+
+def test_slices_through_testclient():
+    with TestClient(app) as client:  # its own loop, in a thread
+        assert client.get("/slices").status_code == 200
+
+
+@pytest.mark.asyncio
+async def test_innocent():
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/fine")).status_code == 200
+
+
+def test_no_loop():
+    time.sleep(0.06)
+"""
+
+
+@pytest.mark.parametrize("xdist", [False, True], ids=["serial", "xdist"])
+def test_report_gives_each_tests_loop_time_and_top_route(
+    suite: pytest.Pytester, xdist: bool
+) -> None:
+    """Sub-threshold holds (3 x 20 ms) fail no test, and the report still says which test
+    spent the loop's time, on which route."""
+    suite.makepyfile(test_suite=LOOP_TIME_SUITE)
+    report = suite.path / "report.json"
+    result = run(suite, "--loopwatch", f"--loopwatch-report={report}", *(["-n", "2"] * xdist))
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()
+    document = json.loads(report.read_text())
+    assert document["summary"]["failed"] == 0  # verdicts unchanged: no hold reached 0.1 s
+    tests = document["tests"]
+    assert set(tests) == {
+        f"test_suite.py::{name}"
+        for name in (
+            "test_slices",
+            "test_slices_through_testclient",
+            "test_innocent",
+            "test_no_loop",
+        )
+    }
+    for name in ("test_slices", "test_slices_through_testclient"):
+        entry = tests[f"test_suite.py::{name}"]
+        assert entry["top_route"] == "GET /slices", entry
+        assert 0.05 <= entry["top_route_seconds"] <= entry["loop_busy_seconds"], entry
+        assert entry["loop_busy_seconds"] < 1.0, entry
+    innocent = tests["test_suite.py::test_innocent"]
+    assert innocent["top_route"] == "GET /fine", innocent
+    assert innocent["loop_busy_seconds"] < 0.03, innocent  # the 60 ms wait is not loop time
+    assert tests["test_suite.py::test_no_loop"] == {
+        "loop_busy_seconds": 0.0,
+        "top_route": None,
+        "top_route_seconds": None,
+        "routes": {},
+    }

@@ -1,5 +1,5 @@
 """Several worker processes with PROMETHEUS_MULTIPROC_DIR: one scrape shows every worker's
-stalls exactly once, and the threadpool gauges."""
+stalls and loop time exactly once, and the threadpool gauges."""
 
 from __future__ import annotations
 
@@ -73,6 +73,15 @@ def test_two_workers_one_scrape_counts_every_stall_once(tmp_path: Path) -> None:
     assert samples(text, "loopwatch_requests_in_flight") == {(): 0.0}
     pool = samples(text, "loopwatch_threadpool_size")
     assert pool == {(): 80.0}  # two workers, anyio's default 40 threads each
+    # loop time sums the workers: 6 holds of 0.5 s, 3 in each (one worker alone has ~1.5 s)
+    busy = samples(text, "loopwatch_event_loop_busy_seconds_total")
+    assert 6 * 0.45 <= busy[route] <= 6 * 0.6 + 0.5, busy
+    assert busy[route] >= seconds - 0.05, (busy[route], seconds)
+    # a declared route that got no request is there from start-up, at 0, in the sum too
+    assert busy[(("method", "GET"), ("route", "/pid"))] == 0.0, busy
+    assert samples(side, "loopwatch_event_loop_busy_seconds_total")[route] == pytest.approx(
+        busy[route], abs=0.05
+    )
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])

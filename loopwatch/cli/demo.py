@@ -4,9 +4,11 @@ beside it. The demo app needs fastapi and uvicorn (``pip install 'loopwatch[demo
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import contextlib
 import importlib.util
+import math
 import os
 import signal
 import socket
@@ -22,11 +24,11 @@ from pathlib import Path
 from typing import IO
 
 from loopwatch.cli.arguments import port_number, positive_int, seconds
-from loopwatch.cli.diagnosis import diagnose, print_diagnosis
+from loopwatch.cli.diagnosis import LoopTime, diagnose, loop_time, print_diagnosis
 from loopwatch.cli.errors import CliError
 from loopwatch.cli.load import Endpoint, LoadResult, drive
 from loopwatch.cli.output import Output
-from loopwatch.cli.scrape import Snapshot, load_snapshot
+from loopwatch.cli.scrape import Deadline, Snapshot, fetch, load_snapshot
 
 __all__ = ["add_parser", "run_demo"]
 
@@ -40,8 +42,14 @@ ENDPOINTS = (
     Endpoint("POST", "/mixed", "fake-async", "async def, blocks"),
     Endpoint("GET", "/async-sleep", "async", "async def, awaits"),
     Endpoint("GET", "/cpu", "fake-async", "async def, CPU"),
+    # the thousand cuts: 10 ms per request never stalls, yet under load it is the loop's time
+    Endpoint("GET", "/cuts-fixed", "fix", "def, 10 ms, threadpool", "/cuts", work=0.01),
+    Endpoint("GET", "/cuts", "fake-async", "async def, 10 ms sync", work=0.01),
 )
 _BY_PATH = {e.path: e for e in ENDPOINTS}
+# loop % in the diagnosis is over this pair's run, when it runs: since the app started, the
+# seconds the other fake-async endpoints held the loop would hide it
+CUTS = ("/cuts-fixed", "/cuts")
 
 # The article's published figures (ApacheBench, 300 requests, concurrency 100).
 ARTICLE = {"/sync": "60/s, 0.8s", "/async": "1.98/s, 31s", "/mixed-fast": "20x /mixed"}
@@ -54,6 +62,7 @@ def plan(
     per ``work`` seconds, so it gets as many as fit in ``budget`` seconds (0: no cap)."""
     if ep.role != "fake-async" or budget <= 0:
         return requests, concurrency, False
+    work = ep.work if ep.work is not None else work
     fits = max(1, int(budget / work + 1e-9))  # 0.6 / 0.2 is 2.999...
     if fits >= requests:
         return requests, concurrency, False
@@ -76,6 +85,34 @@ def _check_demo_requirements() -> Path:
         "the demo app (demo_app/) was not found: run `loopwatch demo` from a checkout of the "
         "loopwatch repository (`make demo`)"
     )
+
+
+_ROUTE_DECORATORS = {"get", "post", "put", "patch", "delete"}
+
+
+def route_table(path: Path) -> dict[tuple[str, str], str]:
+    """(METHOD, path) -> "file:line in function" of each ``@app.<method>("<path>")`` endpoint
+    in the demo app's source: where a route is defined, read without importing the app."""
+    table: dict[tuple[str, str], str] = {}
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return table
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for deco in node.decorator_list:
+            if (
+                isinstance(deco, ast.Call)
+                and isinstance(deco.func, ast.Attribute)
+                and deco.func.attr in _ROUTE_DECORATORS
+                and deco.args
+                and isinstance(deco.args[0], ast.Constant)
+                and isinstance(deco.args[0].value, str)
+            ):
+                key = (deco.func.attr.upper(), deco.args[0].value)
+                table[key] = f"{path}:{node.lineno} in {node.name} (endpoint)"
+    return table
 
 
 def _free_port(host: str) -> int:
@@ -145,6 +182,41 @@ def _settled_snapshot(url: str, log: IO[bytes], timeout: float) -> tuple[Snapsho
             return snapshot, warnings
         seen = now
         time.sleep(0.2)
+
+
+def _profile_lines(metrics_url: str, seconds: float | None) -> dict[tuple[str, str], str]:
+    """(METHOD, route) -> its top line ("path:line in function": the innermost application
+    frame of most samples) in the app's loop profile of the last ``seconds`` (default: the
+    profile's own window); empty when the app serves no profile."""
+    from loopwatch.cli.profile import summarise
+    from loopwatch.profile import DEFAULT_SECONDS, KEEP_SECONDS, parse_collapsed
+
+    window = DEFAULT_SECONDS if seconds is None else min(KEEP_SECONDS, math.ceil(seconds))
+    try:
+        text, _ = fetch(f"{metrics_url}/profile?seconds={window}", Deadline(10, "10s"))
+    except CliError:
+        return {}
+    lines = {}
+    for route in summarise(parse_collapsed(text)):
+        method, _, path = route.label.partition(" ")
+        top = route.lines[0][0] if route.lines else "-"
+        if top != "-" and not top.startswith("(library)"):
+            lines[method, path] = top
+    return lines
+
+
+def _cuts_window(
+    before: Snapshot | None, after: Snapshot | None, paths: Sequence[str]
+) -> LoopTime | None:
+    """Loop time while the thousand-cuts pair ran (two scrapes around it), if it did."""
+    if before is None or after is None:
+        return None
+    loop = loop_time(after, before)
+    if loop is None or loop.wall is None:
+        return None
+    runs = " and ".join(paths)
+    loop.window = f"while {runs} ran (the {loop.wall:.1f}s between two scrapes)"
+    return loop
 
 
 def print_benchmark(out: Output, results: Sequence[LoadResult], args: argparse.Namespace) -> None:
@@ -249,6 +321,10 @@ def _run_demo(args: argparse.Namespace, out: Output) -> int:
         "warning",
         "--no-access-log",
     ]
+    if sys.version_info < (3, 12):
+        # uvloop has no exact loop-time hook before 3.12 (sampled, it misses short steps):
+        # asyncio's own loop keeps the demo's loop % exact
+        command += ["--loop", "asyncio"]
     out.line(
         f"Starting the demo app: python {' '.join(command[1:])} (DEMO_WORK_SECONDS={args.work_seconds:g})"
     )
@@ -261,13 +337,19 @@ def _run_demo(args: argparse.Namespace, out: Output) -> int:
             out.line(f"Live page (updates even while the loop is frozen): {live_page}")
             out.line()
             results = []
+            cuts = [p for p in args.endpoints if p in CUTS]
+            before = after = None  # scrapes around the thousand-cuts pair's run
             for path in args.endpoints:
                 ep = _BY_PATH[path]
                 n, c, capped = plan(
                     args.requests, args.concurrency, args.work_seconds, args.budget, ep
                 )
+                if cuts and path == cuts[0]:
+                    before = load_snapshot(base + "/metrics", timeout=30)
                 with out.progress(f"{ep.method} {ep.path}", n) as advance:
                     wall, ok, latencies = asyncio.run(drive(host, port, ep, n, c, advance))
+                if cuts and path == cuts[-1]:
+                    after = load_snapshot(base + "/metrics", timeout=30)
                 results.append(
                     LoadResult(ep, args.requests, n, ok, n - ok, c, wall, latencies, capped)
                 )
@@ -275,7 +357,26 @@ def _run_demo(args: argparse.Namespace, out: Output) -> int:
             print_benchmark(out, results, args)
             out.line()
             snapshot, warnings = _settled_snapshot(base + "/metrics", log, timeout=5)
-            print_diagnosis(out, snapshot, diagnose(snapshot))
+            loop = _cuts_window(before, after, cuts) or loop_time(snapshot)
+            endpoints = route_table(root / "demo_app" / "main.py")
+            # a culprit without a stall: the route's top line in the loop profile of the
+            # window; its endpoint's definition when the profile has none
+            seconds = loop.wall if loop is not None and loop.wall else None
+            lines = _profile_lines(base + "/metrics", seconds)
+            locations = {**endpoints, **lines}
+            rows = diagnose(snapshot, loop=loop, locations=locations, endpoints=endpoints)
+            print_diagnosis(out, snapshot, rows, loop)
+            eaters = [r for r in rows if r.eats_loop]
+            if any((r.method, r.route) in lines for r in eaters):
+                out.line(
+                    "A culprit without a stall is the route's top line in the loop profile "
+                    f"(loopwatch profile {base}/metrics)."
+                )
+            if any(r.culprit.endswith("(endpoint)") for r in eaters):
+                out.line(
+                    "(endpoint): where the endpoint is defined, from the app's route table: "
+                    "the loop profile named no line of the app inside it."
+                )
             if warnings:
                 out.line()
                 out.line(

@@ -15,7 +15,65 @@ from loopwatch.cli.output import Output
 from loopwatch.cli.scrape import RingStall, Snapshot
 from loopwatch.stall import BACKGROUND
 
-__all__ = ["RouteDiagnosis", "diagnose", "fix_hint", "print_diagnosis", "short_path"]
+__all__ = [
+    "LoopTime",
+    "RouteDiagnosis",
+    "diagnose",
+    "fix_hint",
+    "loop_fix_hint",
+    "loop_time",
+    "print_diagnosis",
+    "short_path",
+]
+
+# A route "eats the loop" without stalling it when it has at least this share of the loop's
+# busy time and costs the loop at least this much per request: framework work alone is well
+# under a millisecond, so a busy route that is merely popular is not flagged.
+EATS_SHARE = 0.2
+EATS_PER_REQUEST = 0.002  # seconds
+
+Key = tuple[str, str]
+
+
+@dataclass
+class LoopTime:
+    """The loop's busy time that the loop % column divides, and over what window."""
+
+    busy: dict[Key, float]  # seconds per (method, route) in the window
+    window: str  # "since the app started", "over the last 2.0s (...)"
+    wall: float | None  # seconds between the two scrapes; None for one scrape
+
+    @property
+    def total(self) -> float:
+        return sum(self.busy.values())
+
+    @property
+    def utilization(self) -> float | None:
+        """Busy seconds per wall second (Node's ELU): needs two scrapes."""
+        return self.total / self.wall if self.wall else None
+
+
+def loop_time(
+    snapshot: Snapshot, previous: Snapshot | None = None, window: str | None = None
+) -> LoopTime | None:
+    """Busy seconds per route: since start for one scrape, or the difference of two scrapes
+    of the same app (``previous`` earlier). None when the source has no loop-time metric."""
+    now = snapshot.expo.busy
+    if not now:
+        return None
+    if (
+        previous is not None
+        and previous.expo.busy
+        and snapshot.taken is not None
+        and previous.taken is not None
+        and snapshot.taken > previous.taken
+    ):
+        delta = {k: v - previous.expo.busy.get(k, 0.0) for k, v in now.items()}
+        if all(d >= -1e-6 for d in delta.values()):  # else a counter went back: a restart
+            wall = snapshot.taken - previous.taken
+            label = window or f"over the last {wall:.1f}s (difference of two scrapes)"
+            return LoopTime({k: max(d, 0.0) for k, d in delta.items()}, label, wall)
+    return LoopTime(dict(now), "since the app started", None)
 
 
 @dataclass
@@ -29,10 +87,23 @@ class RouteDiagnosis:
     worst: float | None  # longest stall still in the ring
     culprit: str  # "path:line in function" or "-"
     hint: str
+    busy: float | None = None  # loop seconds in the loop-time window; None: not measured
+    share: float | None = None  # of the loop's busy time in the window, 0..1
+    per_request: float | None = None  # loop seconds per request, since start
 
     @property
     def label(self) -> str:
         return f"{self.method} {self.route}" if self.method != "-" else self.route
+
+    @property
+    def eats_loop(self) -> bool:
+        """No stall, yet a large share of the loop at a cost per request no framework has."""
+        return (
+            self.stalls == 0
+            and self.method != "-"
+            and (self.share or 0.0) >= EATS_SHARE
+            and (self.per_request or 0.0) >= EATS_PER_REQUEST
+        )
 
 
 _FRAME = re.compile(r'^\s*File "(?P<path>.+)", line (?P<line>\d+), in (?P<func>.+)$', re.MULTILINE)
@@ -92,21 +163,59 @@ def fix_hint(kind: str, route: str, ring: Sequence[RingStall], code: CodeFilter)
     return f"{endpoint[2]}() awaits, keep it async: `await run_in_threadpool({callee})`"
 
 
+_WHERE = re.compile(r"^(?P<path>.+):(?P<line>\d+) in (?P<func>[^ ]+)")
+
+
+def loop_fix_hint(culprit: str) -> str:
+    """How to stop a route eating the loop without a stall, from its culprit
+    ("path:line in function") when known."""
+    generic = (
+        "move its sync work off the loop: declare the endpoint `def`, or "
+        "`await run_in_threadpool(fn)`; or use an async library for the call"
+    )
+    m = _WHERE.match(culprit)
+    if m is None:
+        return generic
+    path = m["path"] if os.path.isabs(m["path"]) else os.path.join(os.getcwd(), m["path"])
+    awaits = _awaits_inside(path, m["func"], int(m["line"]))
+    if awaits is None:
+        return generic
+    if not awaits:
+        return (
+            f"declare {m['func']}() `def` (it awaits nothing): FastAPI runs it in a "
+            "threadpool, off the loop"
+        )
+    return f"{m['func']}() awaits, keep it async: `await run_in_threadpool(fn)` for the sync work"
+
+
 def short_path(culprit: str, cwd: str | None = None) -> str:
     """The culprit with its path relative to the working directory when it is under it."""
     base = os.path.join(cwd or os.getcwd(), "")
     return culprit[len(base) :] if culprit.startswith(base) else culprit
 
 
-def diagnose(snapshot: Snapshot, code: CodeFilter | None = None) -> list[RouteDiagnosis]:
-    """Every route seen, sorted by seconds blocked (then stalls, then requests)."""
+def diagnose(
+    snapshot: Snapshot,
+    code: CodeFilter | None = None,
+    loop: LoopTime | None = None,
+    locations: dict[Key, str] | None = None,
+    endpoints: dict[Key, str] | None = None,
+) -> list[RouteDiagnosis]:
+    """Every route seen, sorted by share of the loop's busy time in ``loop``'s window when
+    known (so a route that eats the loop without a stall comes up), then by seconds blocked,
+    stalls, requests. ``locations``: where each route's endpoint is ("path:line in
+    function"), shown as the culprit of a route that eats the loop without a stall: its top
+    line in the loop profile, or its endpoint; ``endpoints``: where each endpoint function is,
+    for the fix hint."""
     code = CodeFilter() if code is None else code
     expo = snapshot.expo
     ring_by_route: dict[tuple[str, str], list[RingStall]] = defaultdict(list)
     for stall in snapshot.stalls:
         ring_by_route[stall.method, stall.route].append(stall)
     rows = []
-    for key in set(expo.requests) | set(expo.stalls):
+    # declared routes have a busy series at 0 from start-up: only those that used the loop
+    used = {k for k, v in expo.busy.items() if v > 0}
+    for key in set(expo.requests) | set(expo.stalls) | used:
         method, route = key
         kinds = {k: v for k, v in expo.stalls.get(key, {}).items() if v[0] > 0}
         stalls = int(sum(v[0] for v in kinds.values()))
@@ -125,14 +234,38 @@ def diagnose(snapshot: Snapshot, code: CodeFilter | None = None) -> list[RouteDi
         else:
             hint = ""
         requests = int(expo.requests.get(key, 0))
-        rows.append(
-            RouteDiagnosis(method, route, requests, stalls, blocked, kind, worst, culprit, hint)
-        )
-    rows.sort(key=lambda r: (-r.blocked, -r.stalls, -r.requests, r.route, r.method))
+        row = RouteDiagnosis(method, route, requests, stalls, blocked, kind, worst, culprit, hint)
+        if loop is not None:
+            row.busy = loop.busy.get(key, 0.0)
+            row.share = row.busy / loop.total if loop.total > 0 else 0.0
+            if requests:
+                row.per_request = expo.busy.get(key, 0.0) / requests
+            if row.eats_loop:
+                where = (locations or {}).get(key)
+                if where is not None:
+                    row.culprit = short_path(where)
+                row.hint = loop_fix_hint((endpoints or {}).get(key) or where or "")
+        rows.append(row)
+    rows.sort(
+        key=lambda r: (-(r.share or 0.0), -r.blocked, -r.stalls, -r.requests, r.route, r.method)
+    )
     return rows
 
 
-def print_diagnosis(out: Output, snapshot: Snapshot, rows: Sequence[RouteDiagnosis]) -> None:
+def _share(r: RouteDiagnosis) -> str:
+    if r.share is None:
+        return "-"
+    if 0 < r.share < 0.005:
+        return "<1%"
+    return f"{r.share:.0%}"
+
+
+def print_diagnosis(
+    out: Output,
+    snapshot: Snapshot,
+    rows: Sequence[RouteDiagnosis],
+    loop: LoopTime | None = None,
+) -> None:
     ring = f" and its stall ring ({snapshot.ring_source})" if snapshot.ring_source else ""
     title = f"loopwatch's diagnosis, read from {snapshot.source}{ring}"
     table_rows = [
@@ -143,16 +276,17 @@ def print_diagnosis(out: Output, snapshot: Snapshot, rows: Sequence[RouteDiagnos
             f"{r.blocked:.2f}",
             f"{r.worst:.2f}" if r.worst is not None else "-",
             r.kind,
-            r.culprit if r.stalls else "-",
+            _share(r),
+            r.culprit if r.stalls or r.eats_loop else "-",
         ]
         for r in rows
     ]
-    styles = ["bold red" if r.stalls else "green" for r in rows]
+    styles = ["bold red" if r.stalls else "bold yellow" if r.eats_loop else "green" for r in rows]
     out.table(
         title,
-        ["route", "requests", "stalls", "blocked s", "worst s", "kind", "culprit"],
+        ["route", "requests", "stalls", "blocked s", "worst s", "kind", "loop %", "culprit"],
         table_rows,
-        right=(1, 2, 3, 4),
+        right=(1, 2, 3, 4, 6),
         row_styles=styles,
     )
     total = sum(r.blocked for r in rows)
@@ -162,14 +296,31 @@ def print_diagnosis(out: Output, snapshot: Snapshot, rows: Sequence[RouteDiagnos
     if snapshot.expo.current_stall > 0:
         summary += f"; blocked right now for {snapshot.expo.current_stall:.2f}s"
     out.line(summary + ".")
+    if loop is None:
+        out.line(
+            "Loop time: not at this source (no loopwatch_event_loop_busy_seconds_total: a "
+            "loopwatch before loop-time accounting, or loop_time off); loop % shows '-'."
+        )
+    else:
+        text = f"The loop ran code {loop.total:.2f}s {loop.window}; loop % is each route's share"
+        utilization = loop.utilization
+        if utilization is not None:
+            text += f". Loop utilization: {utilization:.0%} (busy / wall seconds)."
+        else:
+            text += ". Loop utilization needs two scrapes (report --watch)."
+        out.line(text)
     for note in snapshot.notes:
         out.line(note)
     if not snapshot.stalls and stalls and not snapshot.notes:
         out.line("(no stall ring at this source: culprits show as '-')")
-    fixes = [r for r in rows if r.stalls]
+    fixes = [r for r in rows if r.stalls or r.eats_loop]
     if fixes:
         out.line()
         out.line("How to fix:")
         width = max(len(r.label) for r in fixes)
         for r in fixes:
-            out.line(f"  {r.label:<{width}}  {r.hint}", style="yellow")
+            hint = r.hint
+            if not r.stalls and loop is not None:
+                per = f", {(r.per_request or 0) * 1000:.1f} ms of loop per request"
+                hint = f"0 stalls, {r.share or 0:.0%} of the loop {loop.window}{per}: {hint}"
+            out.line(f"  {r.label:<{width}}  {hint}", style="yellow")

@@ -22,6 +22,7 @@ class Endpoint:
     role: str  # "fake-async" (blocks the loop), "fix", or "async" (really asynchronous)
     what: str
     twin: str | None = None  # for a fix: the fake-async endpoint it fixes
+    work: float | None = None  # seconds of blocking work per request, if not --work-seconds
 
 
 @dataclass

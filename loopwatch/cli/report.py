@@ -8,7 +8,7 @@ import time
 
 from loopwatch.attribution import CodeFilter
 from loopwatch.cli.arguments import positive_int, seconds
-from loopwatch.cli.diagnosis import diagnose, print_diagnosis
+from loopwatch.cli.diagnosis import diagnose, loop_time, print_diagnosis
 from loopwatch.cli.errors import CliError
 from loopwatch.cli.output import Output
 from loopwatch.cli.scrape import MAX_BODY, load_snapshot
@@ -19,10 +19,12 @@ __all__ = ["add_parser", "run_report"]
 def run_report(args: argparse.Namespace, out: Output) -> int:
     if not args.watch:
         snapshot = load_snapshot(args.source, args.timeout, timeout_option="--timeout")
-        print_diagnosis(out, snapshot, diagnose(snapshot))
+        loop = loop_time(snapshot)  # one scrape: shares since the app started
+        print_diagnosis(out, snapshot, diagnose(snapshot, loop=loop), loop)
         return 0
     code = CodeFilter()
     refreshes = 0
+    previous = None  # the last good scrape: loop % is over the interval since it
     try:
         while True:
             try:
@@ -38,7 +40,9 @@ def run_report(args: argparse.Namespace, out: Output) -> int:
                     "(Ctrl-C to stop)",
                     style="dim",
                 )
-                print_diagnosis(out, snapshot, diagnose(snapshot, code))
+                loop = loop_time(snapshot, previous)
+                print_diagnosis(out, snapshot, diagnose(snapshot, code, loop), loop)
+                previous = snapshot
             refreshes += 1
             if args.count and refreshes >= args.count:
                 return 0
@@ -52,7 +56,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "report",
         help="print loopwatch's diagnosis from an app's /metrics or a saved exposition file",
         description="Read a loopwatch /metrics endpoint (and its /stalls ring for culprits) or "
-        "a Prometheus text file, and print per route: stalls, seconds blocked, culprit, fix.",
+        "a Prometheus text file, and print per route: stalls, seconds blocked, share of the "
+        "loop's busy time (since start; with --watch over each refresh interval), culprit, fix.",
     )
     report.add_argument(
         "source", help="http(s) URL of /metrics (a bare host:port means /metrics), or a file"

@@ -42,6 +42,9 @@ class Exposition:
     requests: dict[tuple[str, str], float] = field(default_factory=dict)
     # (method, route) -> kind -> [stalls, seconds]
     stalls: dict[tuple[str, str], dict[str, list[float]]] = field(default_factory=dict)
+    # (method, route) -> seconds the loop ran code for it since start (summed over workers);
+    # empty when the source has no loop-time metric (an older loopwatch, loop_time off)
+    busy: dict[tuple[str, str], float] = field(default_factory=dict)
     current_stall: float = 0.0
     lag_count: float = 0.0
     has_loopwatch: bool = False
@@ -76,6 +79,8 @@ def parse_exposition(text: str, source: str) -> Exposition:
                         kinds = expo.stalls.setdefault(key, {})
                         pair = kinds.setdefault(labels.get("kind", "-"), [0.0, 0.0])
                         pair[0 if suffix == "count" else 1] += value
+                elif name == "loopwatch_event_loop_busy_seconds_total":
+                    expo.busy[key] = expo.busy.get(key, 0.0) + value
                 elif name == "loopwatch_current_stall_seconds":
                     expo.current_stall = value
                 elif name == "loopwatch_event_loop_lag_seconds_count":
@@ -310,6 +315,8 @@ class Snapshot:
     stalls: list[RingStall]  # the stall ring; empty when the source has none
     ring_source: str | None
     notes: list[str] = field(default_factory=list)  # what could not be read, one line each
+    # time.monotonic() when /metrics answered (a URL); None for a saved file
+    taken: float | None = None
 
 
 def _read_ring(ring_url: str, deadline: Deadline) -> tuple[list[RingStall], list[str]]:
@@ -361,6 +368,7 @@ def load_snapshot(
         deadline = Deadline(timeout, label)
         url = _metrics_url(source)
         text, _ = fetch(url, deadline)
+        taken = time.monotonic()  # the app books its loop time up to the scrape
         expo = parse_exposition(text, url)
         if not expo.has_loopwatch:
             raise CliError(
@@ -369,7 +377,7 @@ def load_snapshot(
             )
         ring_url = url.split("?", 1)[0].rstrip("/") + "/stalls"
         ring, notes = _read_ring(ring_url, deadline)
-        return Snapshot(url, expo, ring, ring_url if ring else None, notes)
+        return Snapshot(url, expo, ring, ring_url if ring else None, notes, taken)
     path = Path(source)
     if not path.exists() and re.fullmatch(
         r"[\w.\-]+:\d+(/.*)?|\[[0-9a-fA-F:.]+\]:\d+(/.*)?", source
