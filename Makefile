@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install demo serve test test-e2e lint bench test-matrix test-starlette clean
+.PHONY: install browser demo serve test test-e2e lint bench test-matrix test-starlette clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,13 +19,29 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m loopwatch demo $(DEMO_ARGS)
 
-# The demo app alone, on 127.0.0.1:8000 (metrics at /metrics).
+# The demo app alone, on 127.0.0.1:8000 (metrics at /metrics), with loopwatch's side port on
+# 127.0.0.1:9100 (as in grafana/): the live page, live even while the loop is frozen.
+SIDE_PORT ?= 9100
 serve: install
-	$(VENV)/bin/uvicorn demo_app.main:app --host $(HOST) --port $(PORT)
+	@echo "Live page: http://$(HOST):$(SIDE_PORT)/ (side port, live during a freeze); in the app: http://$(HOST):$(PORT)/metrics/ui"
+	LOOPWATCH_METRICS_PORT=$(SIDE_PORT) LOOPWATCH_METRICS_HOST=$(HOST) $(VENV)/bin/uvicorn demo_app.main:app --host $(HOST) --port $(PORT)
 
 LINTED := loopwatch tests demo_app grafana benchmarks scripts
 
-test: install
+# Debian's chromium for the live page's browser tests (Playwright drives it; it downloads no
+# browser of its own). Installed when missing and we are root; otherwise those tests skip
+# (under CI=true they fail).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "make: installing Debian package chromium (the live page's browser tests)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else \
+	    echo "make test: chromium not on PATH: the live page's browser tests are SKIPPED (apt-get install chromium; under CI=true they fail)"; \
+	  fi; }
+
+test: install browser
 	$(PY) -m ruff check $(LINTED)
 	$(PY) -m ruff format --check $(LINTED)
 	$(PY) -m mypy

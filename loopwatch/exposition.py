@@ -20,6 +20,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 
+from loopwatch import live
 from loopwatch.config import ConfigError, Settings
 from loopwatch.metrics import book_for, multiprocess_dir, scrape_registry
 from loopwatch.profile import parse_seconds
@@ -113,6 +114,15 @@ class MetricsApp:
                         "headers": [(b"allow", b"GET, HEAD"), (b"content-length", b"0")]})  # fmt: skip
             await send({"type": "http.response.body", "body": b""})
             return
+        if live.serves(scope.get("path", ""), side_port=False):  # the live page and its data
+            status, headers, body = await _in_thread(
+                live.respond, self.registry, scope["path"], scope.get("query_string", b""), False
+            )
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(k.encode(), v.encode()) for k, v in headers]})  # fmt: skip
+            await send({"type": "http.response.body",
+                        "body": b"" if scope["method"] == "HEAD" else body})  # fmt: skip
+            return
         if _wants_stalls(scope.get("path", "")):
             body = await _in_thread(stalls_json)
             await send({"type": "http.response.start", "status": 200, "headers": [
@@ -179,6 +189,16 @@ class MetricsServer:
         self._users = 0
 
         def app(environ: dict[str, Any], start_response: Any) -> Any:
+            method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "")
+            if method not in ("GET", "HEAD"):  # nothing here is writable
+                start_response("405 Method Not Allowed",
+                               [("Allow", "GET, HEAD"), ("Content-Length", "0")])  # fmt: skip
+                return [b""]
+            if live.serves(path, side_port=True):  # the live page (at /) and its data
+                query = environ.get("QUERY_STRING", "").encode("latin-1")
+                code, page_headers, page = live.respond(registry, path, query, True)
+                start_response(live.STATUS_LINES[code], page_headers)
+                return [b"" if method == "HEAD" else page]
             if _wants_stalls(environ.get("PATH_INFO", "")):
                 body = stalls_json()
                 start_response("200 OK", [("Content-Type", "application/json"),

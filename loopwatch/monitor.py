@@ -41,6 +41,7 @@ from loopwatch.config import Settings
 from loopwatch.profile import LoopSampler
 from loopwatch.stall import BACKGROUND, UNMATCHED, Stall, remember
 from loopwatch.stats import LAG_BUCKETS, HistogramData, Shard, StatsBook
+from loopwatch.timeline import Timeline
 
 if TYPE_CHECKING:
     from loopwatch.otel import OtelBridge
@@ -212,6 +213,7 @@ class Monitor:
         self._filter = code_filter or CodeFilter()
         self.lag = HistogramData(LAG_BUCKETS)
         self.last_beat = clock()
+        self.timeline = Timeline()  # the last minutes, one point a second, for the live page
         # requests in flight on this loop, kept by the middleware
         self.requests: set[RequestRecord] = set()
         # loop time per request (accounting), when on
@@ -443,6 +445,18 @@ class Monitor:
             return None
         return live[0], self._clock() - live[1]
 
+    def hold_culprit(self) -> str | None:
+        """``path:line in function`` most sampled so far in the hold in progress, if any."""
+        episode = self._episode
+        segment = episode.segment if episode is not None else None
+        if segment is None:
+            return None
+        try:
+            top = segment.culprits.most_common(1)
+        except RuntimeError:  # the watchdog added a sample meanwhile: next poll
+            return None
+        return format_culprit(top[0][0]) if top else None
+
     # -- watchdog (own thread) ----------------------------------------------------------
 
     def _run(self) -> None:
@@ -459,6 +473,7 @@ class Monitor:
             if self.loop.is_closed():
                 break
             try:
+                self.timeline.tick(self)
                 self._tick()
                 accountant = self.accountant
                 if accountant is not None:

@@ -39,8 +39,9 @@ MATRIX = ROOT / ".venv-matrix"
 LOGS = MATRIX / "logs"
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 
-# Need a real Prometheus, the CLI's demo run, or a pytester sub-suite: not version sensitive
-# enough to be worth their minutes in every cell. Everything else runs everywhere.
+# Need a real Prometheus, the CLI's demo run, a pytester sub-suite or a real browser (the live
+# page): not version sensitive enough to be worth their minutes in every cell. Everything else
+# runs everywhere.
 EXCLUDED_FILES = frozenset(
     {
         "test_e2e_prometheus.py",
@@ -49,6 +50,7 @@ EXCLUDED_FILES = frozenset(
         "test_cli_profile.py",
         "test_pytest_plugin.py",
         "test_starlette_suite.py",
+        "test_ui.py",
     }
 )
 _IMPORTS_FASTAPI = re.compile(r"^\s*(?:from|import)\s+(?:fastapi|demo_app)\b", re.MULTILINE)

@@ -185,6 +185,12 @@ def test_demo_serve_keeps_the_app_until_terminated() -> None:
         assert seen[-1].startswith(f"Still serving: http://127.0.0.1:{port}"), seen
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         assert 'loopwatch_stall_duration_seconds_count{kind="wait",method="GET",route="/async"} 2.0' in metrics  # fmt: skip
+        # the live page, on the side port: its URL is printed
+        live = re.match(r"Live page: (http://127\.0\.0\.1:\d+/) ", proc.stdout.readline())
+        assert live is not None
+        assert '<script src="ui/app.js"' in httpx.get(live[1], timeout=5).text
+        routes = httpx.get(live[1] + "ui/routes.json", timeout=5).json()["routes"]
+        assert {(r["route"], r["stalls"]) for r in routes} >= {("/async", 2)}
         proc.terminate()
         assert proc.wait(15) == 0  # stopping a --serve demo is its normal end
     finally:

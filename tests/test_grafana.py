@@ -343,6 +343,7 @@ def test_scrape_health_and_stall_tiles_per_instance_link_to_stalls() -> None:
     for panel in (tiles, by_title["Targets up, by instance"]):
         urls = [link["url"] for link in panel["fieldConfig"]["defaults"]["links"]]
         assert "http://${__field.labels.instance}/stalls" in urls, panel["title"]
+        assert urls[0] == "http://${__field.labels.instance}/", panel["title"]  # the live page
 
 
 def test_firing_loopwatch_alerts_are_annotations() -> None:

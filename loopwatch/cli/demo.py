@@ -304,7 +304,9 @@ def _run_demo(args: argparse.Namespace, out: Output) -> int:
         _check_port(host, args.port)
     port = args.port or _free_port(host)
     base = f"http://{host}:{port}"
+    side_port = _free_port(host)  # loopwatch's side port: the live page, live during freezes
     env = {**os.environ, "DEMO_WORK_SECONDS": repr(args.work_seconds)}
+    env.update(LOOPWATCH_METRICS_PORT=str(side_port), LOOPWATCH_METRICS_HOST=host)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     command = [
         sys.executable,
@@ -331,6 +333,8 @@ def _run_demo(args: argparse.Namespace, out: Output) -> int:
         try:
             _wait_until_up(base + "/metrics", proc, log, timeout=30)
             out.line(f"Serving at {base}; loopwatch metrics at {base}/metrics")
+            live_page = f"http://{host}:{side_port}/"
+            out.line(f"Live page (updates even while the loop is frozen): {live_page}")
             out.line()
             results = []
             cuts = [p for p in args.endpoints if p in CUTS]
@@ -385,6 +389,7 @@ def _run_demo(args: argparse.Namespace, out: Output) -> int:
                     f"Still serving: {base} (metrics at {base}/metrics, stalls at "
                     f"{base}/metrics/stalls). Ctrl-C to stop."
                 )
+                out.line(f"Live page: {live_page} (in the app: {base}/metrics/ui)")
                 with contextlib.suppress(KeyboardInterrupt):
                     proc.wait()
         finally:
