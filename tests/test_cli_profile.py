@@ -54,10 +54,14 @@ def test_prints_top_routes_with_their_lines_and_writes_the_svg(
     share, sampled, busy = float(rows[0][1]), float(rows[0][2]), float(rows[0][3])
     assert share > 50 and sampled > 0.3, out
     assert busy > 0.8, out  # 30 x 5 x 8 ms = 1.2 s, exact, from the busy counter
-    # the route's top line is the burning function, in this test suite's own file
+    # the burning function, in this test suite's own file, is among the route's top lines
+    # (sampled: a sample tends to land where the loop thread lets go of the GIL, such as a
+    # socket write, so it is not always the first)
     block = out.split("  GET /slices\n", 1)[1]
-    first = block.splitlines()[0]
-    assert re.search(r"%\s+tests/test_profile\.py:\d+ in burning_function$", first), out
+    lines = [line for line in block.splitlines()[:3] if line.startswith("     ")]
+    assert any(
+        re.search(r"%\s+tests/test_profile\.py:\d+ in burning_function$", line) for line in lines
+    ), out
     assert f"Flame graph written to {svg}" in out
     root = ET.parse(svg).getroot()
     names = [g.get("data-n") or "" for g in root.iter("{http://www.w3.org/2000/svg}g")]
