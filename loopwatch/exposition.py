@@ -129,7 +129,8 @@ class MetricsApp:
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
             ]})  # fmt: skip
-            await send({"type": "http.response.body", "body": body})
+            await send({"type": "http.response.body",
+                        "body": b"" if scope["method"] == "HEAD" else body})  # fmt: skip
             return
         if _wants_profile(scope.get("path", "")):
             code, body = await _in_thread(profile_response, scope.get("query_string", b""))
@@ -203,13 +204,13 @@ class MetricsServer:
                 body = stalls_json()
                 start_response("200 OK", [("Content-Type", "application/json"),
                                           ("Content-Length", str(len(body)))])  # fmt: skip
-                return [body]
+                return [b"" if method == "HEAD" else body]
             if _wants_profile(environ.get("PATH_INFO", "")):
                 code, body = profile_response(environ.get("QUERY_STRING", "").encode("latin-1"))
                 start_response("200 OK" if code == 200 else f"{code} Bad Request",
                                [("Content-Type", _TEXT.decode()),
                                 ("Content-Length", str(len(body)))])  # fmt: skip
-                return [body]
+                return [b"" if method == "HEAD" else body]
             status, headers, body = render(
                 registry,
                 environ.get("HTTP_ACCEPT", ""),
@@ -217,7 +218,7 @@ class MetricsServer:
                 environ.get("QUERY_STRING", "").encode("latin-1"),
             )
             start_response(f"{status} OK", [(k.decode(), v.decode()) for k, v in headers])
-            return [body]
+            return [b"" if method == "HEAD" else body]
 
         class Server(ThreadingWSGIServer):
             address_family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -637,3 +637,30 @@ def test_every_request_is_counted_once_however_it_ends(registry: CollectorRegist
     assert sample(registry, "loopwatch_request_duration_seconds_count", method="GET",
                   route=UNMATCHED) == 4  # fmt: skip
     assert sample(registry, "loopwatch_requests_in_flight") == 0
+
+
+def test_head_answers_every_exposition_path_without_a_body(registry: CollectorRegistry) -> None:
+    port = free_port()
+    app = small_app(registry, metrics_port=port)
+    with serve(app) as url:
+        for base, paths in (
+            (f"{url}/metrics", ("", "/stalls", "/profile")),
+            (f"http://127.0.0.1:{port}", ("/metrics", "/stalls", "/profile")),
+        ):
+            for path in paths:
+                get = httpx.get(base + path, timeout=5)
+                head = httpx.head(base + path, timeout=5)
+                assert (get.status_code, head.status_code) == (200, 200), base + path
+                assert head.content == b"", base + path
+                assert head.headers["content-length"] == get.headers["content-length"] or (
+                    path in ("", "/metrics")  # the exposition changes between two scrapes
+                ), base + path
+        # on the wire: nothing after the side port's headers (httpx drops a HEAD body itself)
+        for path in ("/metrics", "/stalls", "/profile"):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(f"HEAD {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+                raw = b""
+                while chunk := sock.recv(65536):
+                    raw += chunk
+            assert raw.startswith(b"HTTP/1.0 200") and raw.endswith(b"\r\n\r\n"), (path, raw[-80:])
+        assert httpx.get(f"{url}/ok", timeout=5).status_code == 200  # the server is fine
