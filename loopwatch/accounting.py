@@ -68,6 +68,7 @@ class Accountant:
     start: float | None  # perf_counter() when the running callback started, None between
     owner: RequestRecord | None  # the running callback's request, if its context had one
     bound: RequestRecord | None  # a request the running callback bound (its first step)
+    bound_at: float  # perf_counter() when it bound it: the time before is not the request's
     server_running: bool  # the running callback, if ownerless, is the server's
     background: float  # seconds of ownerless callbacks
     server: float
@@ -80,6 +81,7 @@ class Accountant:
         self.start = None
         self.owner = None
         self.bound = None
+        self.bound_at = 0.0
         self.server_running = False
         self.background = 0.0
         self.server = 0.0
@@ -150,12 +152,19 @@ class Accountant:
         now = time.perf_counter()
         if now - start < LIVE_AFTER:
             return
-        owner = self.owner or self.bound
+        owner, bound, bound_at = self.owner, self.bound, self.bound_at
         server = self.server_running
         if self.start is not start:
             return  # it ended meanwhile: the hook has its exact time
         live = self._live
         since = live[1] if live is not None and live[0] == start else start
+        if owner is None and bound is not None:
+            # the callback bound a request as it ran: what came before is not the request's,
+            # as the hook will charge it (see _finish)
+            if since < bound_at:
+                self._book_ownerless(server, bound_at - since)
+                since = bound_at
+            owner = bound
         seconds = now - since
         if owner is not None:
             route = owner.current_route()
@@ -163,13 +172,17 @@ class Accountant:
                 return  # not routed yet: the hook's time is booked once it is
             self._sink((owner.method, route), seconds)
             owner.booked += seconds
-        elif server:
+        else:
+            self._book_ownerless(server, seconds)
+        self._live = (start, now)
+
+    def _book_ownerless(self, server: bool, seconds: float) -> None:
+        if server:
             self._sink(SERVER_KEY, seconds)
             self._booked_server += seconds
         else:
             self._sink(BACKGROUND_KEY, seconds)
             self._booked_background += seconds
-        self._live = (start, now)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -193,6 +206,20 @@ class _Hook:
 
     def sample(self, accountant: Accountant) -> None:
         pass
+
+
+def _finish(acct: Accountant, owner: RequestRecord | None, start: float, end: float) -> None:
+    """End of a callback, on the loop thread. A callback that bound a request as it ran (the
+    request's first step) is the request's from the binding on; before it, ownerless."""
+    if owner is None:
+        bound = acct.bound
+        if bound is not None:
+            bound_at = acct.bound_at
+            if bound_at > start:
+                _charge(acct, None, bound_at - start)
+                start = bound_at
+            owner = bound
+    _charge(acct, owner, end - start)
 
 
 def _charge(acct: Accountant, owner: RequestRecord | None, seconds: float) -> None:
@@ -265,9 +292,9 @@ class HandleHook(_Hook):
             try:
                 original(self)
             finally:
-                seconds = perf_counter() - start
+                end = perf_counter()
                 acct.start = None
-                _charge(acct, owner or acct.bound, seconds)
+                _finish(acct, owner, start, end)
 
         _run.__loopwatch__ = True  # type: ignore[attr-defined]
         _run.__wrapped__ = original  # type: ignore[attr-defined]
@@ -277,6 +304,25 @@ class HandleHook(_Hook):
 
 
 # -- any loop on 3.12+: sys.monitoring ------------------------------------------------------
+
+
+_TOOL_IDS = (3, 4, 2, 5, 1, 0)
+
+
+def _guarded(callback: Callable[..., None]) -> Callable[..., None]:
+    """A ``sys.monitoring`` callback that logs its first failure and never raises."""
+    failed = False
+
+    def guarded(*args: Any) -> None:
+        nonlocal failed
+        try:
+            callback(*args)
+        except Exception:
+            if not failed:
+                failed = True
+                logger.exception("loopwatch: loop-time hook failed; carrying on")
+
+    return guarded
 
 
 class MonitoringHook(_Hook):
@@ -293,7 +339,9 @@ class MonitoringHook(_Hook):
 
     def __init__(self) -> None:
         self._loops: dict[int, Accountant] = {}  # loop thread id -> accountant
-        self._codes: set[CodeType] = set()
+        # id(code) -> code: code objects compare by value (two coroutines with the same body in
+        # two modules are equal), and each must get its own local events
+        self._codes: dict[int, CodeType] = {}
         self._tool: int | None = None
         self._depth: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -302,7 +350,9 @@ class MonitoringHook(_Hook):
         mon = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
         with self._lock:
             if self._tool is None:
-                tool = next((t for t in range(6) if mon.get_tool(t) is None), None)
+                # 3 and 4 are the ids no kind of tool has reserved (0: debuggers, 1: coverage,
+                # 2: profilers, 5: optimizers); those only if nothing else is free
+                tool = next((t for t in _TOOL_IDS if mon.get_tool(t) is None), None)
                 if tool is None:
                     logger.warning(
                         "loopwatch: no free sys.monitoring tool id (all 6 in use); "
@@ -311,12 +361,14 @@ class MonitoringHook(_Hook):
                     return False
                 mon.use_tool_id(tool, self.NAME)
                 ev = mon.events
-                mon.register_callback(tool, ev.PY_START, self._on_start)
-                mon.register_callback(tool, ev.PY_RESUME, self._on_start)
-                mon.register_callback(tool, ev.PY_YIELD, self._on_end)
-                mon.register_callback(tool, ev.PY_RETURN, self._on_end)
-                mon.register_callback(tool, ev.PY_UNWIND, self._on_unwind)
-                mon.register_callback(tool, ev.PY_THROW, self._on_throw)
+                # the callbacks run inside the app's coroutines: nothing may escape them
+                start, end = _guarded(self._on_start), _guarded(self._on_end)
+                mon.register_callback(tool, ev.PY_START, start)
+                mon.register_callback(tool, ev.PY_RESUME, start)
+                mon.register_callback(tool, ev.PY_YIELD, end)
+                mon.register_callback(tool, ev.PY_RETURN, end)
+                mon.register_callback(tool, ev.PY_UNWIND, _guarded(self._on_unwind))
+                mon.register_callback(tool, ev.PY_THROW, _guarded(self._on_throw))
                 # not local events: global, and rare (exceptions, cancellation)
                 mon.set_events(tool, ev.PY_UNWIND | ev.PY_THROW)
                 self._tool = tool
@@ -334,7 +386,7 @@ class MonitoringHook(_Hook):
             if self._loops or self._tool is None:
                 return
             tool, self._tool = self._tool, None
-            for code in self._codes:
+            for code in self._codes.values():
                 mon.set_local_events(tool, code, 0)
             self._codes.clear()
             mon.set_events(tool, 0)
@@ -350,18 +402,23 @@ class MonitoringHook(_Hook):
             mon.free_tool_id(tool)
 
     def watch_task(self, task: Any) -> None:
-        """Called by the task factory on the loop thread for each new task."""
-        tool = self._tool
-        if tool is None:
+        """Called by the task factory on the loop thread for each new task; never raises
+        into the app's ``create_task``."""
+        try:
+            code = getattr(task.get_coro(), "cr_code", None)
+        except Exception:
             return
-        code = getattr(task.get_coro(), "cr_code", None)
-        if code is None or code in self._codes:
+        if code is None or id(code) in self._codes:
             return
-        self._codes.add(code)
         ev = sys.monitoring.events  # type: ignore[attr-defined,unused-ignore]
-        sys.monitoring.set_local_events(  # type: ignore[attr-defined,unused-ignore]
-            tool, code, ev.PY_START | ev.PY_RESUME | ev.PY_YIELD | ev.PY_RETURN
-        )
+        with self._lock:  # not while remove() frees the tool id
+            tool = self._tool
+            if tool is None or id(code) in self._codes:
+                return
+            self._codes[id(code)] = code
+            sys.monitoring.set_local_events(  # type: ignore[attr-defined,unused-ignore]
+                tool, code, ev.PY_START | ev.PY_RESUME | ev.PY_YIELD | ev.PY_RETURN
+            )
 
     def _on_start(self, code: CodeType, offset: int) -> None:
         ident = threading.get_ident()
@@ -369,7 +426,7 @@ class MonitoringHook(_Hook):
         if acct is None:
             return
         if acct.start is not None:  # the same code awaited inside a running step
-            self._depth[ident] += 1
+            self._depth[ident] = self._depth.get(ident, 0) + 1
             return
         owner = _current_request.get()
         acct.owner = owner
@@ -389,16 +446,16 @@ class MonitoringHook(_Hook):
         start = acct.start
         if start is None:
             return
-        seconds = time.perf_counter() - start
+        end = time.perf_counter()
         acct.start = None
-        _charge(acct, acct.owner or acct.bound, seconds)
+        _finish(acct, acct.owner, start, end)
 
     def _on_unwind(self, code: CodeType, offset: int, exc: BaseException) -> None:
-        if code in self._codes:
+        if id(code) in self._codes:
             self._on_end(code, offset, None)
 
     def _on_throw(self, code: CodeType, offset: int, exc: BaseException) -> None:
-        if code in self._codes:  # a task step that starts by throwing (cancellation)
+        if id(code) in self._codes:  # a task step that starts by throwing (cancellation)
             self._on_start(code, offset)
 
 

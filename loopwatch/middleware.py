@@ -202,8 +202,9 @@ class LoopWatchMiddleware:
         binding = bind_request(record)
         monitor.requests.add(record)
         accountant = monitor.accountant
-        if accountant is not None:
-            accountant.bound = record  # this callback runs it: its loop time is the request's
+        if accountant is not None:  # this callback runs it: from now on, the request's time
+            accountant.bound_at = time.perf_counter()
+            accountant.bound = record
         if not self.request_metrics:
             # stall attribution only: no status, no clock, no route unless a stall needs it
             try:

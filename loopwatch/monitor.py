@@ -369,11 +369,15 @@ class Monitor:
                 _await_exit(thread, timeout)
             else:
                 thread.join(timeout)
-        episode = self._episode
-        if (flush or on_loop) and episode is not None and not thread_alive(thread):
-            if self.last_beat == episode.beat:
-                self.last_beat = self._clock()  # the hold ended when the loop stopped
-            self._tick()
+        # this runs in the app's shutdown: a failure here is logged, never raised into it
+        try:
+            episode = self._episode
+            if (flush or on_loop) and episode is not None and not thread_alive(thread):
+                if self.last_beat == episode.beat:
+                    self.last_beat = self._clock()  # the hold ended when the loop stopped
+                self._tick()
+        except Exception:
+            logger.exception("loopwatch: delivering the last stall at stop failed")
         self._remove_hooks()
         if not thread_alive(thread):
             self._forget()  # a stopped monitor is never restarted: fold its figures away
@@ -512,11 +516,14 @@ class Monitor:
     def _remove_hooks(self) -> None:
         """Stopping leaves no hook behind: the loop-time hook (after booking what it measured
         last) and the task factory."""
-        accountant = self.accountant
-        if accountant is not None:
-            accountant.stop()
-            accountant.drain(list(self.requests))
-        uninstall_task_factory(self.loop)
+        try:
+            accountant = self.accountant
+            if accountant is not None:
+                accountant.stop()
+                accountant.drain(list(self.requests))
+            uninstall_task_factory(self.loop)
+        except Exception:  # called from the app's shutdown too: logged, never raised
+            logger.exception("loopwatch: removing the loop-time hooks failed")
 
     def _forget(self) -> None:
         """The loop is gone: drop it from the registry and fold its aggregates away."""

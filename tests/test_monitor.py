@@ -196,3 +196,25 @@ def test_a_stall_that_ends_as_the_last_user_releases_is_delivered(
         eventually(lambda: not [t for t in threading.enumerate() if t.name == "loopwatch-watchdog"])
     finally:
         lt.close()
+
+
+def test_a_failing_hook_removal_is_logged_and_stop_still_returns(
+    loop_thread: LoopThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    monitor, _ = start_monitor(loop_thread)
+    accountant = monitor.accountant
+    assert accountant is not None
+
+    def broken() -> None:
+        raise RuntimeError("hook removal bug")
+
+    accountant.stop = broken  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="loopwatch"):
+        loop_thread.call(monitor.stop)  # on the loop's thread, as an app's shutdown does
+    assert not monitor.running
+    assert [r for r in caplog.records if "removing the loop-time hooks" in r.getMessage()]
+    assert hasattr(asyncio.events.Handle._run, "__loopwatch__")  # still wrapped: put it back
+    from loopwatch.accounting import _handle_hook
+
+    _handle_hook.remove(accountant)  # what the broken stop left behind, for the next tests
+    assert not hasattr(asyncio.events.Handle._run, "__loopwatch__")
