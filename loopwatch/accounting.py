@@ -309,22 +309,6 @@ class HandleHook(_Hook):
 _TOOL_IDS = (3, 4, 2, 5, 1, 0)
 
 
-def _guarded(callback: Callable[..., None]) -> Callable[..., None]:
-    """A ``sys.monitoring`` callback that logs its first failure and never raises."""
-    failed = False
-
-    def guarded(*args: Any) -> None:
-        nonlocal failed
-        try:
-            callback(*args)
-        except Exception:
-            if not failed:
-                failed = True
-                logger.exception("loopwatch: loop-time hook failed; carrying on")
-
-    return guarded
-
-
 class MonitoringHook(_Hook):
     """Times each task step with ``sys.monitoring`` local events on the top coroutine code
     object of each task (registered by the task factory as tasks are created). A step starts
@@ -344,6 +328,7 @@ class MonitoringHook(_Hook):
         self._codes: dict[int, CodeType] = {}
         self._tool: int | None = None
         self._depth: dict[int, int] = {}
+        self._failed_once = False
         self._lock = threading.Lock()
 
     def add(self, accountant: Accountant) -> bool:
@@ -361,14 +346,13 @@ class MonitoringHook(_Hook):
                     return False
                 mon.use_tool_id(tool, self.NAME)
                 ev = mon.events
-                # the callbacks run inside the app's coroutines: nothing may escape them
-                start, end = _guarded(self._on_start), _guarded(self._on_end)
-                mon.register_callback(tool, ev.PY_START, start)
-                mon.register_callback(tool, ev.PY_RESUME, start)
-                mon.register_callback(tool, ev.PY_YIELD, end)
-                mon.register_callback(tool, ev.PY_RETURN, end)
-                mon.register_callback(tool, ev.PY_UNWIND, _guarded(self._on_unwind))
-                mon.register_callback(tool, ev.PY_THROW, _guarded(self._on_throw))
+                # the callbacks run inside the app's coroutines: nothing escapes them
+                mon.register_callback(tool, ev.PY_START, self._on_start)
+                mon.register_callback(tool, ev.PY_RESUME, self._on_start)
+                mon.register_callback(tool, ev.PY_YIELD, self._on_end)
+                mon.register_callback(tool, ev.PY_RETURN, self._on_end)
+                mon.register_callback(tool, ev.PY_UNWIND, self._on_unwind)
+                mon.register_callback(tool, ev.PY_THROW, self._on_throw)
                 # not local events: global, and rare (exceptions, cancellation)
                 mon.set_events(tool, ev.PY_UNWIND | ev.PY_THROW)
                 self._tool = tool
@@ -421,34 +405,44 @@ class MonitoringHook(_Hook):
             )
 
     def _on_start(self, code: CodeType, offset: int) -> None:
-        ident = threading.get_ident()
-        acct = self._loops.get(ident)
-        if acct is None:
-            return
-        if acct.start is not None:  # the same code awaited inside a running step
-            self._depth[ident] = self._depth.get(ident, 0) + 1
-            return
-        owner = _current_request.get()
-        acct.owner = owner
-        acct.bound = None
-        acct.server_running = False
-        acct.start = time.perf_counter()
+        try:  # inside the app's coroutine: nothing may escape (no wrapper: it runs per step)
+            ident = threading.get_ident()
+            acct = self._loops.get(ident)
+            if acct is None:
+                return
+            if acct.start is not None:  # the same code awaited inside a running step
+                self._depth[ident] = self._depth.get(ident, 0) + 1
+                return
+            acct.owner = _current_request.get()
+            acct.bound = None
+            acct.server_running = False
+            acct.start = time.perf_counter()
+        except Exception:
+            self._failed()
 
     def _on_end(self, code: CodeType, offset: int, value: object) -> None:
-        ident = threading.get_ident()
-        acct = self._loops.get(ident)
-        if acct is None:
-            return
-        depth = self._depth.get(ident, 0)
-        if depth:
-            self._depth[ident] = depth - 1
-            return
-        start = acct.start
-        if start is None:
-            return
-        end = time.perf_counter()
-        acct.start = None
-        _finish(acct, acct.owner, start, end)
+        try:
+            ident = threading.get_ident()
+            acct = self._loops.get(ident)
+            if acct is None:
+                return
+            depth = self._depth.get(ident, 0)
+            if depth:
+                self._depth[ident] = depth - 1
+                return
+            start = acct.start
+            if start is None:
+                return
+            end = time.perf_counter()
+            acct.start = None
+            _finish(acct, acct.owner, start, end)
+        except Exception:
+            self._failed()
+
+    def _failed(self) -> None:
+        if not self._failed_once:
+            self._failed_once = True
+            logger.exception("loopwatch: loop-time hook failed; carrying on")
 
     def _on_unwind(self, code: CodeType, offset: int, exc: BaseException) -> None:
         if id(code) in self._codes:
