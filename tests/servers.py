@@ -3,6 +3,7 @@ read the registry and the stall ring directly) or as a subprocess."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -29,6 +30,10 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serve(app: Any, *, loop: str = "asyncio", lifespan: str = "on", **config: Any) -> Iterator[str]:
     """Run ``app`` under a real uvicorn server in a thread; yields its base URL."""
+    if loop == "asyncio":
+        # uvicorn < 0.36 sets uvloop's event loop policy process-wide for loop="uvloop" and
+        # never resets it: a later "asyncio" server would run on uvloop
+        asyncio.set_event_loop_policy(None)
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
