@@ -150,15 +150,21 @@ def settle() -> None:
         monitor.settle(2.0)
 
 
-def test_stall_span_is_a_child_of_the_culprit_span_with_its_timing_and_attributes(
-    otel: Otel, registry: CollectorRegistry, loop_impl: str
-) -> None:
+def traced_stall(otel: Otel, registry: CollectorRegistry, loop_impl: str) -> tuple[Stall, Any]:
+    """A blocker and a victim on a traced app: the stall and its one span."""
     log = StallLog()
     with serve(build_app(otel, registry, log), loop=loop_impl) as url:
         blocker_with_victim(url)
         (stall,) = log.wait_for(1)
         eventually(lambda: len(otel.named("loopwatch.stall")) == 1, what="the stall span")
     (span,) = otel.named("loopwatch.stall")
+    return stall, span
+
+
+def test_stall_span_is_a_child_of_the_culprit_span_with_its_timing_and_attributes(
+    otel: Otel, registry: CollectorRegistry, loop_impl: str
+) -> None:
+    stall, span = traced_stall(otel, registry, loop_impl)
     server = otel.server_span("/block")
     (work,) = otel.named("handler.work")
     # the span active in the request when loopwatch saw it: the handler's own on 3.12+
@@ -196,12 +202,7 @@ def test_stall_span_is_a_child_of_the_culprit_span_with_its_timing_and_attribute
 def test_victims_get_an_event_and_innocent_traces_no_stall_span(
     otel: Otel, registry: CollectorRegistry, loop_impl: str
 ) -> None:
-    log = StallLog()
-    with serve(build_app(otel, registry, log), loop=loop_impl) as url:
-        blocker_with_victim(url)
-        (stall,) = log.wait_for(1)
-        eventually(lambda: len(otel.named("loopwatch.stall")) == 1, what="the stall span")
-    (stall_span,) = otel.named("loopwatch.stall")
+    stall, stall_span = traced_stall(otel, registry, loop_impl)
     victim = otel.server_span("/wait")
     (event,) = [e for e in victim.events if e.name == "loopwatch.blocked"]
     a = dict(event.attributes or {})
