@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,7 +32,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 from loopwatch import ConfigError, LoopWatchMiddleware, Monitor, Stall
 from loopwatch.attribution import HAS_TASK_CONTEXT
 from tests.helpers import StallLog, eventually, sample
-from tests.servers import serve
+from tests.servers import serve, serve_process
 
 BLOCK = 0.45  # seconds the blocker holds the loop; threshold 0.25
 THRESHOLD = 0.25
@@ -327,6 +328,60 @@ def test_otel_metrics_equal_the_prometheus_figures(
         registry, "loopwatch_event_loop_lag_seconds_bucket", le="0.25"
     )
     assert sum(lag.bucket_counts[list(lag.explicit_bounds).index(0.25) + 1 :]) == over >= 1
+
+
+def test_otel_in_flight_equals_prometheus_while_requests_are_in_flight(
+    otel: Otel, registry: CollectorRegistry
+) -> None:
+    def hold_route(app: FastAPI) -> None:
+        @app.get("/hold")
+        async def hold() -> dict[str, str]:
+            await asyncio.sleep(1.5)
+            return {}
+
+    log = StallLog()
+    with serve(build_app(otel, registry, log, inner=hold_route)) as url:
+        httpx.get(f"{url}/fast", timeout=10)  # the monitor runs
+        holders = [
+            threading.Thread(target=httpx.get, args=(f"{url}/hold",), kwargs={"timeout": 10})
+            for _ in range(3)
+        ]
+        for holder in holders:
+            holder.start()
+        eventually(lambda: sample(registry, "loopwatch_requests_in_flight") == 3, what="3 held")
+        (in_flight,) = otel.metrics()["loopwatch.requests.in_flight"]
+        assert in_flight.value == sample(registry, "loopwatch_requests_in_flight") == 3
+        for holder in holders:
+            holder.join(10)
+        eventually(lambda: sample(registry, "loopwatch_requests_in_flight") == 0, what="done")
+        (in_flight,) = otel.metrics()["loopwatch.requests.in_flight"]
+        assert in_flight.value == 0
+
+
+def test_multiprocess_mode_serves_openmetrics_without_exemplars_and_loses_no_stall(
+    tmp_path: Path,
+) -> None:
+    # prometheus_client's multiprocess files keep no exemplars: the traced stall is still
+    # counted, OpenMetrics still renders, and nothing fails (the README says so)
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "LOOPWATCH_THRESHOLD": "0.25"}
+    with serve_process("tests.otel_demo_app:app", env=env) as (url, proc):
+        assert httpx.get(f"{url}/async", timeout=10).status_code == 200  # 0.5 s on the loop
+        headers = {"accept": "application/openmetrics-text; version=1.0.0"}
+
+        def counted() -> bool:
+            text = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text
+            return (
+                'loopwatch_stall_duration_seconds_count{kind="wait",method="GET",route="/async"} 1.0'
+                in text
+            )
+
+        eventually(counted, what="the traced stall in the multiprocess files")
+        response = httpx.get(f"{url}/metrics", headers=headers, timeout=10)
+        output = Path(proc.output_path).read_text()  # type: ignore[attr-defined]
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    assert response.text.rstrip().endswith("# EOF")
+    assert "trace_id" not in response.text and "# {" not in response.text
+    assert "event loop blocked for" in output and "Traceback" not in output, output
 
 
 def test_exemplars_carry_the_culprit_trace_in_openmetrics_only(

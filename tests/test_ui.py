@@ -166,6 +166,38 @@ def test_metrics_app_serves_the_page_under_its_mount(site: Site) -> None:
     assert httpx.post(site.app + "/metrics/ui").status_code == 405
 
 
+def test_the_app_port_serves_no_page_unless_metrics_app_is_mounted() -> None:
+    # the same exposure rule as /stalls: the middleware alone answers nothing of its own
+    app = FastAPI()
+
+    @app.get("/ok")
+    async def ok() -> dict[str, str]:
+        return {}
+
+    registry = CollectorRegistry()
+    app.add_middleware(LoopWatchMiddleware, registry=registry)  # type: ignore[arg-type]
+    with serve(app) as url:
+        assert httpx.get(url + "/ok").status_code == 200
+        for path in (
+            "/",
+            "/ui",
+            "/ui/",
+            "/ui/app.js",
+            "/ui/state.json",
+            "/metrics",
+            "/metrics/ui",
+            "/metrics/ui/state.json",
+            "/stalls",
+            "/profile",
+        ):
+            response = httpx.get(url + path)
+            assert response.status_code == 404, path  # the app's own 404, nothing else
+            assert "loopwatch" not in response.text, path
+    assert registry.get_sample_value(
+        "loopwatch_requests_total", {"method": "GET", "route": "/ok", "status": "200"}
+    ) == 1.0  # fmt: skip
+
+
 def test_quantile_interpolates_like_histogram_quantile() -> None:
     counts = [0] * (len(LAG_BUCKETS) + 1)
     assert quantile(0.99, LAG_BUCKETS, counts) == 0.0
