@@ -207,8 +207,20 @@ def _walk_declared(routes: list[Any], prefix: str, out: set[tuple[str, str]], de
         if methods is None:
             if "websocket" in type(route).__name__.lower():
                 out.add(("WS", prefix + path))
-            continue
+                continue
+            methods = _class_endpoint_methods(getattr(route, "endpoint", None))
         for method in methods:
             if method == "HEAD" and "GET" in methods:
                 continue  # served by the GET route; one zero series is enough
             out.add((method, prefix + path))
+
+
+_HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _class_endpoint_methods(endpoint: Any) -> set[str]:
+    """The methods a class endpoint (Starlette's ``HTTPEndpoint``) answers: one handler
+    method each, named in lower case; a function or anything else declares none."""
+    if not isinstance(endpoint, type):
+        return set()
+    return {method for method in _HTTP_METHODS if callable(getattr(endpoint, method.lower(), None))}
