@@ -482,6 +482,8 @@ class SamplingHook(_Hook):
         owner = owner_of(task)
         if owner is not None:
             owner.busy += elapsed  # no other writer on this loop: the hook is this thread
+            if owner.done:  # a task it left running (a background task): book it too
+                accountant.finished.append(owner)
         else:
             accountant.background += elapsed
 

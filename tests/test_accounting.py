@@ -126,6 +126,34 @@ def test_route_loop_time_matches_the_work_it_did(
         assert per_request < 0.004, per_request
 
 
+def test_loop_time_of_a_background_task_after_the_response_is_the_routes(
+    loop_impl: str, registry: CollectorRegistry
+) -> None:
+    from starlette.background import BackgroundTask
+    from starlette.responses import PlainTextResponse
+
+    truth = Truth()
+    app = work_app(registry, truth)
+    done = threading.Event()
+
+    def after() -> None:
+        truth.burn("/later", 0.4)  # on the loop, after the client has its answer
+        done.set()
+
+    async def later_work() -> None:
+        after()
+
+    @app.get("/later")
+    async def later() -> PlainTextResponse:
+        return PlainTextResponse("ok", background=BackgroundTask(later_work))
+
+    with serve(app, loop=loop_impl) as url:
+        assert httpx.get(f"{url}/later", timeout=5).status_code == 200
+        assert done.wait(5)
+        time.sleep(0.6)  # the watchdog books every 0.25 s
+    assert busy(registry, "/later") >= 0.75 * truth.seconds["/later"], busy(registry, "/later")
+
+
 def test_a_long_hold_is_booked_while_it_lasts(loop_impl: str, registry: CollectorRegistry) -> None:
     port = free_port()
     truth = Truth()

@@ -126,3 +126,18 @@ def test_an_unwritable_svg_path_is_one_line_and_exit_1(
     assert main(["profile", loaded_app, "--svg", str(target), "--plain"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"loopwatch profile: error: cannot write {target}"), err
+
+
+def test_busy_seconds_are_keyed_as_the_profile_spells_the_route() -> None:
+    from loopwatch.cli.profile import busy_totals
+    from loopwatch.profile import route_label
+
+    text = (
+        "# TYPE loopwatch_event_loop_busy_seconds_total counter\n"
+        'loopwatch_event_loop_busy_seconds_total{method="GET",route="/a b/{id}"} 1.5\n'
+        'loopwatch_event_loop_busy_seconds_total{method="GET",route="/plain"} 0.25\n'
+    )
+    totals = busy_totals(text)
+    # the profile's first frame for a route with a space is "GET /a_b/{id}": the same key
+    assert totals[route_label("GET", "/a b/{id}")] == 1.5
+    assert totals["GET /plain"] == 0.25

@@ -24,7 +24,7 @@ from loopwatch.cli.errors import CliError
 from loopwatch.cli.output import Output
 from loopwatch.cli.scrape import Deadline, FetchError, fetch
 from loopwatch.flamegraph import flamegraph_svg
-from loopwatch.profile import DEFAULT_SECONDS, KEEP_SECONDS, Stack, parse_collapsed
+from loopwatch.profile import DEFAULT_SECONDS, KEEP_SECONDS, Stack, parse_collapsed, route_label
 
 __all__ = ["RouteProfile", "add_parser", "busy_totals", "run_profile", "summarise"]
 
@@ -102,7 +102,8 @@ def busy_totals(text: str) -> dict[str, float]:
             for sample in family.samples:
                 if sample.name == "loopwatch_event_loop_busy_seconds_total":
                     labels = sample.labels
-                    key = f"{labels.get('method', '-')} {labels.get('route', '-')}"
+                    # the profile's own spelling of the route (no spaces or separators)
+                    key = route_label(labels.get("method", "-"), labels.get("route", "-"))
                     totals[key] += float(sample.value)
     except Exception:  # another exporter's oddities: the busy column shows "-"
         return {}
