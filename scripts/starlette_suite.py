@@ -344,6 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "TestClient/ASGITransport did not take")  # fmt: skip
     if any(o.blockbuster == "off" for r in (bare, wrapped) for o in r.outcomes.values()):
         problems.append("blockbuster was off during some tests: Starlette's guard must be on")
+    for backend in ("asyncio", "trio"):  # the two backends must both have run
+        ran = sum(1 for o in wrapped.outcomes.values()
+                  if o.backend == backend and o.outcome == "passed")  # fmt: skip
+        if wrapped.outcomes and not ran:
+            problems.append(f"no test passed on {backend} in the wrapped run: is its backend "
+                            "installed in .venv-starlette?")  # fmt: skip
     regressions = compare(bare, wrapped, args.top)
     passed = sum(1 for o in wrapped.outcomes.values() if o.outcome == "passed")
     log(f"\nstarlette suite finished in {time.monotonic() - started:.0f}s")
