@@ -39,9 +39,9 @@ MATRIX = ROOT / ".venv-matrix"
 LOGS = MATRIX / "logs"
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 
-# Need a real Prometheus, the CLI's demo run, a pytester sub-suite or a real browser (the live
-# page): not version sensitive enough to be worth their minutes in every cell. Everything else
-# runs everywhere.
+# Need a real Prometheus, the CLI's demo run, a pytester sub-suite, a real browser (the live
+# page) or a start of each server (gunicorn, hypercorn, granian): not version sensitive enough
+# to be worth their minutes in every cell. Everything else runs everywhere.
 EXCLUDED_FILES = frozenset(
     {
         "test_e2e_prometheus.py",
@@ -49,6 +49,7 @@ EXCLUDED_FILES = frozenset(
         "test_cli.py",
         "test_cli_profile.py",
         "test_pytest_plugin.py",
+        "test_server_startup.py",
         "test_starlette_suite.py",
         "test_ui.py",
     }
