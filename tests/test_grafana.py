@@ -107,6 +107,7 @@ def test_exported_names_come_from_the_collector() -> None:
     assert EXPORTED["loopwatch_stall_in_progress_seconds"] == "gauge"
     assert EXPORTED["loopwatch_requests_total"] == "counter"
     assert EXPORTED["loopwatch_current_stall_seconds"] == "gauge"
+    assert EXPORTED["loopwatch_event_loops"] == "gauge"
     assert all(name.startswith("loopwatch_") for name in EXPORTED)
 
 
@@ -475,8 +476,29 @@ _OLD_LAG_RULE = """histogram_quantile(0.99,
         # without the fallback on the loop-wide gauge
         ("\n          or on (job, instance)\n", "\n          and on (job, instance)\n", None),
         ("up == 0\n", "up == 2\n", "LoopwatchTargetDown"),
+        # an hour's window: a target hung for two hours stopped firing
+        ("_count[1d])", "_count[1h])", "LoopwatchTargetDown"),
         # loop time: a saturated loop with no stall must still fire
         ("  ) > 0.9\n", "  ) > 1.5\n", "LoopwatchEventLoopSaturated"),
+        # divided by instances, not loops: two workers at 46% each read as one loop at 92%
+        (
+            'max_over_time(loopwatch_event_loops{loop_time!="off"}[5m])',
+            'max_over_time(loopwatch_event_loops{loop_time!="off"}[5m]) * 0 + 1',
+            "LoopwatchEventLoopSaturated",
+        ),
+        (
+            "(max_over_time(loopwatch_event_loops[5m]))",
+            "(max_over_time(loopwatch_event_loops[5m]) * 0 + 1)",
+            "LoopwatchEventLoopFrozen",
+        ),
+        # the route's own age decides again: a holder that changed within a freeze hides it
+        (
+            "+ on (job, instance) group_left ()\n"
+            "            max by (job, instance) (loopwatch_current_stall_seconds)\n",
+            "+ on (job, instance) group_left ()\n"
+            "            max by (job, instance) (loopwatch_stall_in_progress_seconds)\n",
+            "LoopwatchLongStallInProgress",
+        ),
     ],
 )
 def test_promtool_test_rules_catches_a_broken_rule(
