@@ -468,7 +468,10 @@ _OLD_LAG_RULE = """histogram_quantile(0.99,
         # the lag p99 counts heartbeats: a loop blocked a third of the time stays below 1 ms
         (
             """clamp_max(
-            sum by (job, instance) (rate(loopwatch_event_loop_lag_seconds_sum[5m])), 1
+            sum by (job, instance) (rate(loopwatch_event_loop_lag_seconds_sum[5m]))
+            / on (job, instance)
+            (sum by (job, instance) (max_over_time(loopwatch_event_loops[5m])) > 0),
+            1
           ) > 0.1""",
             _OLD_LAG_RULE,
             "LoopwatchEventLoopLagHigh",
@@ -487,9 +490,18 @@ _OLD_LAG_RULE = """histogram_quantile(0.99,
             "LoopwatchEventLoopSaturated",
         ),
         (
-            "(max_over_time(loopwatch_event_loops[5m]))",
-            "(max_over_time(loopwatch_event_loops[5m]) * 0 + 1)",
+            "_seconds_total[5m]))\n            / on (job, instance)\n"
+            "            (sum by (job, instance) (max_over_time(loopwatch_event_loops[5m]))",
+            "_seconds_total[5m]))\n            / on (job, instance)\n"
+            "            (sum by (job, instance) (max_over_time(loopwatch_event_loops[5m]) * 0 + 1)",
             "LoopwatchEventLoopFrozen",
+        ),
+        (
+            "_lag_seconds_sum[5m]))\n            / on (job, instance)\n"
+            "            (sum by (job, instance) (max_over_time(loopwatch_event_loops[5m]))",
+            "_lag_seconds_sum[5m]))\n            / on (job, instance)\n"
+            "            (sum by (job, instance) (max_over_time(loopwatch_event_loops[5m]) * 0 + 1)",
+            "LoopwatchEventLoopLagHigh",
         ),
         # the route's own age decides again: a holder that changed within a freeze hides it
         (
