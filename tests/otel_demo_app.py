@@ -25,4 +25,5 @@ async def long_endpoint() -> dict[str, float]:
     time.sleep(seconds)  # holds the loop: one long stall
     return {"held": seconds}
 
+
 __all__ = ["app"]
