@@ -306,6 +306,22 @@ def test_share_panels_are_clamped_with_a_minimum_interval() -> None:
         assert panel.get("interval") == "15s", panel["title"]
 
 
+def test_share_panels_divide_by_the_loops_over_the_rate_window() -> None:
+    # several workers behind one instance add up, and a count of instances drops at once
+    # when one goes stale while its rate() lingers: every share divides by the loops
+    # watched over the same window as its rate
+    shares = [p for p in PANELS if p["fieldConfig"]["defaults"].get("unit") == "percentunit"]
+    for panel in [*shares, *(p for p in PANELS if p["title"].startswith("Share of time"))]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            assert "count by (instance)" not in expr, (panel["title"], expr)
+            assert re.search(
+                r"last_over_time\(loopwatch_event_loops\{[^}]*\}\[\$__rate_interval\]\)", expr
+            ), (panel["title"], expr)
+            if "loopwatch_event_loop_busy_seconds_total" in expr:  # timed loops only
+                assert 'loop_time!="off"' in expr, (panel["title"], expr)
+
+
 def test_live_panels_read_the_live_counters_not_the_histogram() -> None:
     # the histogram's series is born holding its first stall and grows only when a stall
     # ends; panels on it must say so
