@@ -60,6 +60,8 @@ HELP = {
     "hold crosses the threshold.",
     "busy": "Seconds the event loop thread ran code, by the route of the request it ran for "
     "(<background>: outside requests, <server>: the server's own protocol work).",
+    "loops": "Event loops watched right now, by how their loop time is measured (exact: every "
+    "callback timed; sampled: uvloop before Python 3.12, reads short holds low; off).",
     "in_progress": "Age of the event loop stall in progress, by the route holding the loop; "
     "present only while a stall lasts.",
     "requests": "Requests served, by route template and status.",
@@ -198,6 +200,11 @@ class LoopwatchCollector(Collector):
             current.add_metric([], t.current_stall)
         yield current
 
+        loops = GaugeMetricFamily("loopwatch_event_loops", HELP["loops"], labels=["loop_time"])
+        for mode, count in t.loops.items() if t else ():
+            loops.add_metric([mode], count)
+        yield loops
+
         if t is None or t.busy is not None:
             busy = CounterMetricFamily(
                 "loopwatch_event_loop_busy_seconds", HELP["busy"], labels=["method", "route"]
@@ -241,8 +248,9 @@ class _MultiprocessMirror:
 
     The hot path stays lock-free; this runs on the watchdog thread about once a second and
     before a scrape, and sets absolute values (counters only grow, so setting is safe).
-    Gauges use ``livesum`` (in flight, threadpool) and ``livemax`` (the stall in progress):
-    a dead worker's gauges disappear once ``multiprocess.mark_process_dead(pid)`` runs.
+    Gauges use ``livesum`` (in flight, threadpool, event loops) and ``livemax`` (the stall in
+    progress): a dead worker's gauges disappear once ``multiprocess.mark_process_dead(pid)``
+    runs.
     """
 
     def __init__(self, book: StatsBook) -> None:
@@ -276,6 +284,11 @@ class _MultiprocessMirror:
         )  # fmt: skip
         self.current = Gauge(
             "loopwatch_current_stall_seconds", HELP["current"], multiprocess_mode="livemax",
+            registry=no_registry,
+        )  # fmt: skip
+        # each worker's running loops: the divisor that turns summed loop time into a share
+        self.loops = Gauge(
+            "loopwatch_event_loops", HELP["loops"], ["loop_time"], multiprocess_mode="livesum",
             registry=no_registry,
         )  # fmt: skip
         self.requests = Counter(
@@ -319,6 +332,8 @@ class _MultiprocessMirror:
             for bkey, seconds in (t.busy or {}).items():
                 self.busy.labels(*bkey)._value.set(seconds)
             self.current.set(t.current_stall)
+            for mode, count in t.loops.items():
+                self.loops.labels(mode).set(count)
             if self.book.request_metrics:
                 for rkey, n in t.requests.items():
                     self.requests.labels(*rkey)._value.set(n)

@@ -17,6 +17,7 @@ from loopwatch.stall import BACKGROUND, SERVER
 
 __all__ = [
     "LAG_BUCKETS",
+    "LOOP_TIME_MODES",
     "REQUEST_BUCKETS",
     "STALL_BUCKETS",
     "HistogramData",
@@ -34,6 +35,11 @@ STALL_BUCKETS: tuple[float, ...] = (
 ZERO_KEY = ("-", BACKGROUND)
 # The server's own protocol work (loop time only)
 SERVER_KEY = ("-", SERVER)
+
+# How a loop's busy time is measured: every callback timed ("exact": the Handle._run hook or
+# sys.monitoring), the current task sampled at each watchdog check ("sampled": uvloop before
+# 3.12, which under-reads short holds), or not at all ("off").
+LOOP_TIME_MODES = ("exact", "sampled", "off")
 
 REQUEST_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -123,6 +129,8 @@ class Totals:
         self.current_stall = 0.0
         # anyio's default threadpool: (size, busy threads, waiting tasks), when one is known
         self.threadpool: tuple[int, int, int] | None = None
+        # running event loops by how their loop time is measured (LOOP_TIME_MODES)
+        self.loops: dict[str, int] = dict.fromkeys(LOOP_TIME_MODES, 0)
 
 
 class StatsBook:
@@ -213,6 +221,8 @@ class StatsBook:
             if server:
                 out.busy.setdefault(SERVER_KEY, 0.0)
         for monitor in list(self.monitors):
+            if monitor.running:
+                out.loops[loop_time_mode(monitor.accountant)] += 1
             out.current_stall = max(out.current_stall, monitor.current_stall_seconds())
             live = monitor.stall_in_progress()
             if live is not None:
@@ -262,6 +272,13 @@ class StatsBook:
         """Loop time of (method, route), booked by the watchdog or a scrape."""
         with self.stall_lock:
             shard.busy[key] = shard.busy.get(key, 0.0) + seconds
+
+
+def loop_time_mode(accountant: Any) -> str:
+    """How the loop time of a monitor's loop is measured, from its accountant (None: off)."""
+    if accountant is None:
+        return "off"
+    return "exact" if accountant.exact else "sampled"
 
 
 def _add_stall_time(

@@ -27,8 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from loopwatch import BACKGROUND, LoopWatchMiddleware, metrics_app
 from loopwatch.attribution import CodeFilter
 from loopwatch.cli import main
-from loopwatch.cli.diagnosis import fix_hint
-from loopwatch.cli.output import render_plain_table
+from loopwatch.cli.diagnosis import diagnose, fix_hint, loop_time, print_diagnosis
+from loopwatch.cli.output import Output, render_plain_table
+from loopwatch.cli.scrape import Snapshot, parse_exposition
 from tests.servers import free_port, serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -876,3 +877,50 @@ def test_fix_hints_follow_the_kind_and_owner() -> None:
     assert "process pool" in fix_hint("wait+cpu", "/cpu", [], code)
     assert "asyncio.to_thread" in fix_hint("wait", BACKGROUND, [], code)
     assert "declare the endpoint `def`" in fix_hint("wait", "/x", [], code)  # no stack to read
+
+
+def _two_scrapes(loops: str) -> tuple[str, str]:
+    """Two expositions of an app whose loops ran GET /orders 9.2 s between them."""
+    before = (
+        "# TYPE loopwatch_event_loop_busy_seconds_total counter\n"
+        'loopwatch_event_loop_busy_seconds_total{method="GET",route="/orders"} 1.0\n'
+    )
+    after = before.replace(" 1.0\n", " 10.2\n")
+    return before + loops, after + loops
+
+
+@pytest.mark.parametrize(
+    ("loops", "utilization", "note"),
+    [
+        # two workers (PROMETHEUS_MULTIPROC_DIR) add up: 92% summed is 46% per loop
+        (
+            'loopwatch_event_loops{loop_time="exact"} 2.0\n'
+            'loopwatch_event_loops{loop_time="sampled"} 0.0\n'
+            'loopwatch_event_loops{loop_time="off"} 0.0\n',
+            "46% (busy / wall seconds / 2 event loops)",
+            False,
+        ),
+        # a loop with loop time off books nothing: not in the divisor
+        (
+            'loopwatch_event_loops{loop_time="sampled"} 1.0\n'
+            'loopwatch_event_loops{loop_time="off"} 1.0\n',
+            "92% (busy / wall seconds)",
+            True,
+        ),
+        # an older loopwatch without the gauge: one loop
+        ("", "92% (busy / wall seconds)", False),
+    ],
+    ids=["two workers", "sampled and off", "no gauge"],
+)
+def test_report_utilization_is_per_event_loop(
+    capsys: pytest.CaptureFixture[str], loops: str, utilization: str, note: bool
+) -> None:
+    before, after = _two_scrapes(loops)
+    first = Snapshot("a", parse_exposition(before, "a"), [], None, [], 100.0)
+    second = Snapshot("a", parse_exposition(after, "a"), [], None, [], 110.0)
+    loop = loop_time(second, first)
+    assert loop is not None and loop.utilization is not None and loop.utilization <= 1
+    print_diagnosis(Output(plain=True), second, diagnose(second, loop=loop), loop)
+    out = capsys.readouterr().out
+    assert f"Loop utilization: {utilization}." in out, out
+    assert ("Loop time is sampled here" in out) is note, out

@@ -107,6 +107,7 @@ def test_exported_names_come_from_the_collector() -> None:
     assert EXPORTED["loopwatch_stall_in_progress_seconds"] == "gauge"
     assert EXPORTED["loopwatch_requests_total"] == "counter"
     assert EXPORTED["loopwatch_current_stall_seconds"] == "gauge"
+    assert EXPORTED["loopwatch_event_loops"] == "gauge"
     assert all(name.startswith("loopwatch_") for name in EXPORTED)
 
 
@@ -305,6 +306,22 @@ def test_share_panels_are_clamped_with_a_minimum_interval() -> None:
         assert panel.get("interval") == "15s", panel["title"]
 
 
+def test_share_panels_divide_by_the_loops_over_the_rate_window() -> None:
+    # several workers behind one instance add up, and a count of instances drops at once
+    # when one goes stale while its rate() lingers: every share divides by the loops
+    # watched over the same window as its rate
+    shares = [p for p in PANELS if p["fieldConfig"]["defaults"].get("unit") == "percentunit"]
+    for panel in [*shares, *(p for p in PANELS if p["title"].startswith("Share of time"))]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            assert "count by (instance)" not in expr, (panel["title"], expr)
+            assert re.search(
+                r"last_over_time\(loopwatch_event_loops\{[^}]*\}\[\$__rate_interval\]\)", expr
+            ), (panel["title"], expr)
+            if "loopwatch_event_loop_busy_seconds_total" in expr:  # timed loops only
+                assert 'loop_time!="off"' in expr, (panel["title"], expr)
+
+
 def test_live_panels_read_the_live_counters_not_the_histogram() -> None:
     # the histogram's series is born holding its first stall and grows only when a stall
     # ends; panels on it must say so
@@ -467,7 +484,10 @@ _OLD_LAG_RULE = """histogram_quantile(0.99,
         # the lag p99 counts heartbeats: a loop blocked a third of the time stays below 1 ms
         (
             """clamp_max(
-            sum by (job, instance) (rate(loopwatch_event_loop_lag_seconds_sum[5m])), 1
+            sum by (job, instance) (rate(loopwatch_event_loop_lag_seconds_sum[5m]))
+            / on (job, instance)
+            (sum by (job, instance) (max_over_time(loopwatch_event_loops[5m])) > 0),
+            1
           ) > 0.1""",
             _OLD_LAG_RULE,
             "LoopwatchEventLoopLagHigh",
@@ -475,8 +495,38 @@ _OLD_LAG_RULE = """histogram_quantile(0.99,
         # without the fallback on the loop-wide gauge
         ("\n          or on (job, instance)\n", "\n          and on (job, instance)\n", None),
         ("up == 0\n", "up == 2\n", "LoopwatchTargetDown"),
+        # an hour's window: a target hung for two hours stopped firing
+        ("_count[1d])", "_count[1h])", "LoopwatchTargetDown"),
         # loop time: a saturated loop with no stall must still fire
         ("  ) > 0.9\n", "  ) > 1.5\n", "LoopwatchEventLoopSaturated"),
+        # divided by instances, not loops: two workers at 46% each read as one loop at 92%
+        (
+            'max_over_time(loopwatch_event_loops{loop_time!="off"}[5m])',
+            'max_over_time(loopwatch_event_loops{loop_time!="off"}[5m]) * 0 + 1',
+            "LoopwatchEventLoopSaturated",
+        ),
+        (
+            "_seconds_total[5m]))\n            / on (job, instance)\n"
+            "            (sum by (job, instance) (max_over_time(loopwatch_event_loops[5m]))",
+            "_seconds_total[5m]))\n            / on (job, instance)\n"
+            "            (sum by (job, instance) (max_over_time(loopwatch_event_loops[5m]) * 0 + 1)",
+            "LoopwatchEventLoopFrozen",
+        ),
+        (
+            "_lag_seconds_sum[5m]))\n            / on (job, instance)\n"
+            "            (sum by (job, instance) (max_over_time(loopwatch_event_loops[5m]))",
+            "_lag_seconds_sum[5m]))\n            / on (job, instance)\n"
+            "            (sum by (job, instance) (max_over_time(loopwatch_event_loops[5m]) * 0 + 1)",
+            "LoopwatchEventLoopLagHigh",
+        ),
+        # the route's own age decides again: a holder that changed within a freeze hides it
+        (
+            "+ on (job, instance) group_left ()\n"
+            "            max by (job, instance) (loopwatch_current_stall_seconds)\n",
+            "+ on (job, instance) group_left ()\n"
+            "            max by (job, instance) (loopwatch_stall_in_progress_seconds)\n",
+            "LoopwatchLongStallInProgress",
+        ),
     ],
 )
 def test_promtool_test_rules_catches_a_broken_rule(
@@ -545,3 +595,208 @@ def test_stall_histogram_panels_show_exemplars() -> None:
                 if panel["type"] == "heatmap":
                     assert panel["options"]["exemplars"]["color"], panel["title"]
     assert found >= 1
+
+
+# -- the dashboard's queries evaluated by promtool on series that really happen ------------
+
+# The Grafana variables as a 15 s scrape gives them: one job, every instance.
+PROMQL_VALUES = {**LINT_VALUES, "job": "api", "__rate_interval": "1m", "__range": "10m"}
+
+
+def _panel_expr(title_start: str, ref_id: str = "A") -> str:
+    (panel,) = [p for p in PANELS if p["title"].startswith(title_start)]
+    (target,) = [t for t in panel["targets"] if t["refId"] == ref_id]
+    return substitute(target["expr"], PROMQL_VALUES)
+
+
+def _promql_test(
+    tmp_path: Path, series: dict[str, str], cases: list[dict[str, Any]]
+) -> subprocess.CompletedProcess[str]:
+    """``promtool test rules`` on promql_expr_test cases (no rules), 15 s between samples."""
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "15s",
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": [{"series": k, "values": v} for k, v in series.items()],
+                "promql_expr_test": cases,
+            }
+        ],
+    }
+    path = tmp_path / "dashboard_test.yml"
+    path.write_text(yaml.safe_dump(tests, sort_keys=False))
+    return _promtool("test", "rules", str(path))
+
+
+def _series(metric: str, instance: str, labels: str = "") -> str:
+    """``metric{job="api",instance="<instance>:9100",<labels>}``."""
+    inner = f'job="api",instance="{instance}:9100"' + (f",{labels}" if labels else "")
+    return metric + "{" + inner + "}"
+
+
+def test_blocked_by_route_stack_stays_below_one_when_an_instance_goes_stale(
+    tmp_path: Path,
+) -> None:
+    # a is frozen for good (100%); b was frozen too, and its scrapes failed from 2m15s: its
+    # series went stale while its rate() lingers over the window. The stack's total is the
+    # share of the loops' time: at most 1 at every step.
+    series = {
+        _series("loopwatch_stall_seconds_total", "a", 'method="GET",route="/a"'): "0+15x20",
+        _series("loopwatch_stall_seconds_total", "b", 'method="GET",route="/b"'): ("0+15x8 stale"),
+        _series("loopwatch_event_loop_lag_seconds_count", "a"): "0+1x20",
+        _series("loopwatch_event_loop_lag_seconds_count", "b"): "0+1500x8 stale",
+        _series("loopwatch_event_loops", "a", 'loop_time="exact"'): "1x20",
+        _series("loopwatch_event_loops", "b", 'loop_time="exact"'): "1x8 stale",
+        _series("up", "a"): "1x20",
+        _series("up", "b"): "1x8 0x12",
+    }
+    stack = _panel_expr("Seconds blocked per second by route")
+    cases = [
+        {"expr": f"sum({stack}) <= bool 1", "eval_time": t, "exp_samples": [{"value": 1}]}
+        for t in ("2m", "2m15s", "2m30s", "2m45s", "3m", "3m15s", "4m")
+    ]
+    # and the per-instance share, the same way
+    share = _panel_expr("Share of time the loop is blocked")
+    cases.append(
+        {
+            "expr": f"max({share}) <= bool 1",
+            "eval_time": "2m30s",
+            "exp_samples": [{"value": 1}],
+        }
+    )
+    result = _promql_test(tmp_path, series, cases)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_shares_are_per_loop_with_two_workers(tmp_path: Path) -> None:
+    # instance w runs three workers (PROMETHEUS_MULTIPROC_DIR): the counters sum them. Each
+    # loop is blocked 50%, busy 75% and late 25% of the time; instance s is one loop, blocked
+    # and busy 25%. Divided by instances, w would read 150% and 225% (clamped to 100%).
+    route_a, route_b = 'method="GET",route="/a"', 'method="GET",route="/b"'
+    series = {
+        _series("loopwatch_stall_seconds_total", "w", route_a): "0+22.5x40",
+        _series("loopwatch_event_loop_busy_seconds_total", "w", route_a): "0+33.75x40",
+        _series("loopwatch_event_loop_lag_seconds_sum", "w"): "0+11.25x40",
+        _series("loopwatch_event_loops", "w", 'loop_time="exact"'): "3x40",
+        _series("loopwatch_event_loops", "w", 'loop_time="off"'): "0x40",
+        _series("loopwatch_stall_seconds_total", "s", route_b): "0+3.75x40",
+        _series("loopwatch_event_loop_busy_seconds_total", "s", route_b): "0+3.75x40",
+        _series("loopwatch_event_loop_lag_seconds_sum", "s"): "0+3.75x40",
+        _series("loopwatch_event_loops", "s", 'loop_time="sampled"'): "1x40",
+        _series("up", "w"): "1x40",
+        _series("up", "s"): "1x40",
+    }
+
+    def case(title: str, samples: list[tuple[str, float]]) -> dict[str, Any]:
+        return {
+            "expr": _panel_expr(title),
+            "eval_time": "5m",
+            "exp_samples": [{"labels": labels, "value": value} for labels, value in samples],
+        }
+
+    w, s = '{instance="w:9100"}', '{instance="s:9100"}'
+    a, b = "{" + route_a + "}", "{" + route_b + "}"
+    cases = [
+        case("Share of time the loop is blocked", [(w, 0.5), (s, 0.25)]),
+        case("Event loop utilization", [(w, 0.75), (s, 0.25)]),
+        case("Time the loop ran late", [(w, 0.25), (s, 0.25)]),
+        # over both instances' four loops: 2.25 / 4 and 0.25 / 4 busy, 1.5 / 4 blocked
+        case("Loop time by route", [(a, 0.5625), (b, 0.0625)]),
+        case(
+            "Seconds blocked per second by route",
+            [(a, 0.375), (b, 0.0625)],
+        ),
+    ]
+    result = _promql_test(tmp_path, series, cases)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cpu_share_is_empty_for_a_first_stall(tmp_path: Path) -> None:
+    # /first stalled once (wait): its histogram series is born holding that stall, so its
+    # increase is 0 and its kind unknown: no value, not 0/0 = NaN. /cpu stalled twice more
+    # after its first (cpu).
+    series = {
+        _series(
+            "loopwatch_stall_duration_seconds_sum", "a", 'method="GET",route="/first",kind="wait"'
+        ): "_x20 0.3x20",
+        _series(
+            "loopwatch_stall_duration_seconds_sum", "a", 'method="GET",route="/cpu",kind="cpu"'
+        ): "0.5x10 1.5x30",
+    }
+    cases = [
+        {
+            "expr": _panel_expr("Worst routes", "E"),
+            "eval_time": "10m",
+            "exp_samples": [{"labels": '{method="GET",route="/cpu"}', "value": 1}],
+        }
+    ]
+    result = _promql_test(tmp_path, series, cases)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+STAT_TILES = (
+    "Stall in progress, by instance",
+    "Share of time the loop is blocked, by instance",
+    "Stalls per second",
+    "Requests in flight",
+)
+
+
+def test_stat_tiles_say_not_answering_for_a_hung_target(tmp_path: Path) -> None:
+    # a hangs at 2m15s: its scrapes fail (up 0) and every loopwatch series goes stale. b
+    # answers. With b deselected (a the only target), every tile says "not answering"
+    # (-1, mapped to red text), not a green 0.
+    series = {
+        _series("up", "a"): "1x8 0x20",
+        _series("loopwatch_current_stall_seconds", "a"): "0x8 stale",
+        _series("loopwatch_stall_seconds_total", "a", 'method="GET",route="/a"'): ("0x8 stale"),
+        _series("loopwatch_stalls_total", "a", 'method="GET",route="/a"'): "0x8 stale",
+        _series("loopwatch_event_loops", "a", 'loop_time="exact"'): "1x8 stale",
+        _series("loopwatch_requests_in_flight", "a"): "3x8 stale",
+        _series("up", "b"): "1x28",
+        _series("loopwatch_current_stall_seconds", "b"): "0x28",
+        _series("loopwatch_stall_seconds_total", "b", 'method="GET",route="/a"'): "0x28",
+        _series("loopwatch_stalls_total", "b", 'method="GET",route="/a"'): "0x28",
+        _series("loopwatch_event_loops", "b", 'loop_time="exact"'): "1x28",
+        _series("loopwatch_requests_in_flight", "b"): "2x28",
+    }
+    only_a = {**PROMQL_VALUES, "instance": "a:9100"}
+    every = {**PROMQL_VALUES, "instance": ".+"}
+    by_instance = set(STAT_TILES[:2])
+    cases = []
+    for title in STAT_TILES:
+        (panel,) = [p for p in PANELS if p["title"] == title]
+        expr = panel["targets"][0]["expr"]
+        labels = '{instance="a:9100"}' if title in by_instance else "{}"
+        # a alone, hung: not answering
+        cases.append(
+            {
+                "expr": substitute(expr, only_a),
+                "eval_time": "4m",
+                "exp_samples": [{"labels": labels, "value": -1}],
+            }
+        )
+        # a alone, healthy: its figure
+        healthy = 3 if title.startswith("Requests") else 0
+        cases.append(
+            {
+                "expr": substitute(expr, only_a),
+                "eval_time": "1m",
+                "exp_samples": [{"labels": labels, "value": healthy}],
+            }
+        )
+        # both: a per-instance tile names a; a summed one shows b's figure
+        if title in by_instance:
+            both = [{"labels": '{instance="a:9100"}', "value": -1}]
+            both.append({"labels": '{instance="b:9100"}', "value": 0})
+        else:
+            both = [{"labels": "{}", "value": 2 if title.startswith("Requests") else 0}]
+        cases.append({"expr": substitute(expr, every), "eval_time": "4m", "exp_samples": both})
+    result = _promql_test(tmp_path, series, cases)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for title in STAT_TILES:
+        (panel,) = [p for p in PANELS if p["title"] == title]
+        (mapping,) = panel["fieldConfig"]["defaults"]["mappings"]
+        assert mapping["options"]["result"]["text"] == "not answering", title
+        assert mapping["options"]["from"] < -1 < mapping["options"]["to"] < 0, title

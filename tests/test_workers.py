@@ -4,8 +4,10 @@ stalls and loop time exactly once, and the threadpool gauges."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +16,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.servers import free_port, serve_process
+
+# uvloop has no exact hook before 3.12: its loop time is sampled (and reads short holds low)
+_UVLOOP_MODE = "exact" if sys.version_info >= (3, 12) else "sampled"
+_AUTO_MODE = _UVLOOP_MODE if importlib.util.find_spec("uvloop") else "exact"
 
 
 def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -82,6 +88,29 @@ def test_two_workers_one_scrape_counts_every_stall_once(tmp_path: Path) -> None:
     assert samples(side, "loopwatch_event_loop_busy_seconds_total")[route] == pytest.approx(
         busy[route], abs=0.05
     )
+    # loop time sums the workers, so a share divides by the loops watched: two (uvicorn's
+    # "auto" loop is uvloop when installed), summed over the live workers
+    loops = {dict(k)["loop_time"]: v for k, v in samples(text, "loopwatch_event_loops").items()}
+    assert loops == {m: 2.0 * (m == _AUTO_MODE) for m in ("exact", "sampled", "off")}, loops
+    assert samples(side, "loopwatch_event_loops") == samples(text, "loopwatch_event_loops")
+
+
+@pytest.mark.parametrize(
+    ("loop", "env", "mode"),
+    [
+        ("asyncio", {}, "exact"),
+        ("uvloop", {}, _UVLOOP_MODE),
+        ("asyncio", {"LOOPWATCH_LOOP_TIME": "0"}, "off"),
+    ],
+)
+def test_one_process_exports_its_one_loop_and_how_it_is_timed(
+    loop: str, env: dict[str, str], mode: str
+) -> None:
+    with serve_process("tests.workers_app:app", args=("--loop", loop), env=env) as (url, _):
+        httpx.get(f"{url}/pid", timeout=5)
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+    loops = {dict(k)["loop_time"]: v for k, v in samples(text, "loopwatch_event_loops").items()}
+    assert loops == {m: float(m == mode) for m in ("exact", "sampled", "off")}, loops
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])

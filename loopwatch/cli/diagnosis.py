@@ -42,6 +42,10 @@ class LoopTime:
     busy: dict[Key, float]  # seconds per (method, route) in the window
     window: str  # "since the app started", "over the last 2.0s (...)"
     wall: float | None  # seconds between the two scrapes; None for one scrape
+    # event loops whose loop time is measured (workers add up); 1 for a source without
+    # loopwatch_event_loops
+    loops: float = 1.0
+    sampled: bool = False  # some loop is sampled (uvloop before 3.12): short holds read low
 
     @property
     def total(self) -> float:
@@ -49,8 +53,15 @@ class LoopTime:
 
     @property
     def utilization(self) -> float | None:
-        """Busy seconds per wall second (Node's ELU): needs two scrapes."""
-        return self.total / self.wall if self.wall else None
+        """Busy seconds per wall second per loop (Node's ELU), 0..1: needs two scrapes."""
+        return self.total / self.wall / self.loops if self.wall else None
+
+
+def _timed_loops(snapshot: Snapshot) -> tuple[float, bool]:
+    """(event loops with loop time measured, whether any is sampled) at ``snapshot``."""
+    loops = snapshot.expo.loops
+    timed = loops.get("exact", 0.0) + loops.get("sampled", 0.0)
+    return (timed if timed >= 1 else 1.0), loops.get("sampled", 0.0) > 0
 
 
 def loop_time(
@@ -72,8 +83,13 @@ def loop_time(
         if all(d >= -1e-6 for d in delta.values()):  # else a counter went back: a restart
             wall = snapshot.taken - previous.taken
             label = window or f"over the last {wall:.1f}s (difference of two scrapes)"
-            return LoopTime({k: max(d, 0.0) for k, d in delta.items()}, label, wall)
-    return LoopTime(dict(now), "since the app started", None)
+            # a worker that left within the window still counted its share: the larger count
+            loops = max(_timed_loops(snapshot)[0], _timed_loops(previous)[0])
+            sampled = _timed_loops(snapshot)[1]
+            busy = {k: max(d, 0.0) for k, d in delta.items()}
+            return LoopTime(busy, label, wall, loops, sampled)
+    loops, sampled = _timed_loops(snapshot)
+    return LoopTime(dict(now), "since the app started", None, loops, sampled)
 
 
 @dataclass
@@ -305,9 +321,15 @@ def print_diagnosis(
         text = f"The loop ran code {loop.total:.2f}s {loop.window}; loop % is each route's share"
         utilization = loop.utilization
         if utilization is not None:
-            text += f". Loop utilization: {utilization:.0%} (busy / wall seconds)."
+            per = f" / {loop.loops:g} event loops" if loop.loops != 1 else ""
+            text += f". Loop utilization: {utilization:.0%} (busy / wall seconds{per})."
         else:
             text += ". Loop utilization needs two scrapes (report --watch)."
+        if loop.sampled:
+            text += (
+                " Loop time is sampled here (uvloop before Python 3.12): holds of a few ms "
+                "are mostly missed, so it reads low."
+            )
         out.line(text)
     for note in snapshot.notes:
         out.line(note)

@@ -45,6 +45,9 @@ class Exposition:
     # (method, route) -> seconds the loop ran code for it since start (summed over workers);
     # empty when the source has no loop-time metric (an older loopwatch, loop_time off)
     busy: dict[tuple[str, str], float] = field(default_factory=dict)
+    # loop_time ("exact", "sampled", "off") -> event loops watched (summed over workers);
+    # empty when the source predates loopwatch_event_loops
+    loops: dict[str, float] = field(default_factory=dict)
     current_stall: float = 0.0
     lag_count: float = 0.0
     has_loopwatch: bool = False
@@ -81,6 +84,9 @@ def parse_exposition(text: str, source: str) -> Exposition:
                         pair[0 if suffix == "count" else 1] += value
                 elif name == "loopwatch_event_loop_busy_seconds_total":
                     expo.busy[key] = expo.busy.get(key, 0.0) + value
+                elif name == "loopwatch_event_loops":
+                    mode = labels.get("loop_time", "exact")
+                    expo.loops[mode] = expo.loops.get(mode, 0.0) + value
                 elif name == "loopwatch_current_stall_seconds":
                     expo.current_stall = value
                 elif name == "loopwatch_event_loop_lag_seconds_count":
