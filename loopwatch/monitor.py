@@ -235,6 +235,11 @@ class Monitor:
         # ((method, route), start) of the stall being booked live, for the in-progress gauge
         self._live: tuple[tuple[str, str], float] | None = None
         self._tick_failed = False
+        # stop() on the loop's thread: when the loop let go (the watchdog's last check closes
+        # the hold there, off the loop) and whether it was running then; whether that last
+        # check has run
+        self._stopped: tuple[float, bool] | None = None
+        self._last_checked = False
         self.checks = 0  # watchdog checks done; settle() waits for one more
         self._lock = threading.Lock()
         # anyio's default CapacityLimiter for this loop (the threadpool of def endpoints),
@@ -351,8 +356,13 @@ class Monitor:
         On the loop's thread (an app's lifespan shutdown, or ``flush=True`` once the loop has
         stopped running, as a test runner does), the hold in progress ends now and its stall
         is delivered before this returns: a stall that ends as the app shuts down is not
-        lost."""
+        lost. The watchdog's last check delivers it (reading /proc, logging, calling back),
+        not the loop's thread: that would be a blocking call on the loop."""
         on_loop = self._on_loop_thread()
+        thread = self._thread
+        if (flush or on_loop) and thread is not None:
+            # The loop runs no code of the app while this runs: whatever held it let go now.
+            self._stopped = (self._clock(), self.loop.is_running())
         self._stop.set()
         heartbeat, self._heartbeat = self._heartbeat, None
         if heartbeat is not None and not self.loop.is_closed():
@@ -363,27 +373,39 @@ class Monitor:
                     self.loop.call_soon_threadsafe(heartbeat.cancel)
             except RuntimeError:  # the loop closed meanwhile
                 pass
-        thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             if on_loop:
                 _await_exit(thread, timeout)
             else:
                 thread.join(timeout)
-        # this runs in the app's shutdown: a failure here is logged, never raised into it
-        try:
-            episode = self._episode
-            if (flush or on_loop) and episode is not None and not thread_alive(thread):
-                if self.last_beat == episode.beat:
-                    self.last_beat = self._clock()  # the hold ended when the loop stopped
-                self._tick()
-        except Exception:
-            logger.exception("loopwatch: delivering the last stall at stop failed")
+        stopped = self._stopped
+        if stopped is not None and not self._last_checked and not thread_alive(thread):
+            self._last_check(*stopped)  # no watchdog left to do it
         self._remove_hooks()
         if not thread_alive(thread):
             self._forget()  # a stopped monitor is never restarted: fold its figures away
         with self._registry_lock:
             if self._by_loop.get(self.loop) is self:
                 del self._by_loop[self.loop]
+
+    def _last_check(self, stopped_at: float, running: bool) -> None:
+        """Close the hold in progress as ended at ``stopped_at`` and deliver its stall: once,
+        from the watchdog's thread if it still runs. A failure is logged, never raised into
+        the app's shutdown."""
+        self._last_checked = True
+        try:
+            episode = self._episode
+            if episode is None and running:
+                # a hold the watchdog had not seen yet (a late check on a busy machine):
+                # opened now, then closed (a loop that no longer ran was not held)
+                self._tick()
+                episode = self._episode
+            if episode is not None:
+                if self.last_beat == episode.beat:
+                    self.last_beat = stopped_at  # the hold ended when the loop stopped
+                self._tick()
+        except Exception:
+            logger.exception("loopwatch: delivering the last stall at stop failed")
 
     def _on_loop_thread(self) -> bool:
         return threading.get_ident() == self._loop_thread_id
@@ -503,7 +525,10 @@ class Monitor:
                 next_sync = now + (0.1 if self._episode is not None else 1.0)
                 self._sync_mirrors()
         self._stop.set()
-        if self._episode is not None and self.loop.is_closed():
+        stopped = self._stopped
+        if stopped is not None:
+            self._last_check(*stopped)  # stopped on the loop's thread, which waits for it
+        elif self._episode is not None and self.loop.is_closed():
             try:  # the loop closed right after a stall: deliver it, as the next check would
                 self._tick()
             except Exception:
