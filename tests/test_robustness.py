@@ -35,7 +35,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from loopwatch import BACKGROUND, UNMATCHED, LoopWatchMiddleware, metrics_app
 from loopwatch import attribution as attribution_module
 from tests.helpers import StallLog, eventually, sample, series
-from tests.servers import serve
+from tests.servers import free_port, serve
 
 Message = MutableMapping[str, Any]
 ASGIApp = Callable[..., Any]
@@ -894,6 +894,61 @@ def test_blockbuster_a_shutdown_handler_stall_is_delivered_off_the_loop_under_uv
     assert 0.34 <= stall.duration <= 0.7
     background = {"method": "-", "route": BACKGROUND, "kind": "cpu"}
     assert sample(registry, "loopwatch_stall_duration_seconds_count", **background) == 1
+
+
+def scrape_then_rebind(port: int, check: Callable[[], None]) -> None:
+    """The side port answers; once ``check`` (the app's run) returns, it is free at once."""
+    check()
+    with socket.socket() as squatter:
+        # as servers do (the side port too): the scrape's connection may linger in TIME_WAIT
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", port))  # EADDRINUSE while the side port still listens
+        squatter.listen()
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
+def test_blockbuster_sees_no_blocking_call_from_the_side_port_under_testclient(
+    use_uvloop: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    from blockbuster import blockbuster_ctx
+
+    registry = CollectorRegistry()
+    errors: list[BaseException] = []
+    port = free_port()
+    app = catching(blockbuster_app(StallLog(), registry, metrics_port=port), errors)
+
+    def run() -> None:
+        with TestClient(app, backend_options={"use_uvloop": use_uvloop}) as client:
+            assert client.get("/ok").status_code == 200
+            scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+            assert 'route="/ok"' in scraped.text
+
+    with caplog.at_level(logging.WARNING, logger="loopwatch"), blockbuster_ctx():
+        scrape_then_rebind(port, run)
+    assert errors == [] and loopwatch_errors(caplog) == []
+    eventually(lambda: not [t for t in threading.enumerate() if t.name.startswith("loopwatch-m")])
+
+
+def test_blockbuster_sees_no_blocking_call_from_the_side_port_under_uvicorn(
+    loop_impl: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from blockbuster import blockbuster_ctx
+
+    registry = CollectorRegistry()
+    errors: list[BaseException] = []
+    port = free_port()
+    app = catching(blockbuster_app(StallLog(), registry, metrics_port=port), errors)
+
+    def run() -> None:
+        with serve(app, loop=loop_impl) as url:
+            assert httpx.get(f"{url}/ok").status_code == 200
+            scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+            assert 'route="/ok"' in scraped.text
+
+    with caplog.at_level(logging.WARNING, logger="loopwatch"), blockbuster_ctx():
+        scrape_then_rebind(port, run)
+    assert errors == [] and loopwatch_errors(caplog) == []
+    eventually(lambda: not [t for t in threading.enumerate() if t.name.startswith("loopwatch-m")])
 
 
 # -- trio (anyio's trio backend): not watched, passed through untouched ----------------------
