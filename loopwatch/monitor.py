@@ -394,12 +394,12 @@ class Monitor:
         the app's shutdown."""
         self._last_checked = True
         try:
-            episode = self._episode
-            if episode is None and running:
-                # a hold the watchdog had not seen yet (a late check on a busy machine):
-                # opened now, then closed (a loop that no longer ran was not held)
+            if running:
+                # Up to date first (the last check may be long ago on a busy machine): a hold
+                # that ended is closed, one in progress not seen yet is opened. A loop that
+                # no longer runs was not held: nothing is opened for it.
                 self._tick()
-                episode = self._episode
+            episode = self._episode
             if episode is not None:
                 if self.last_beat == episode.beat:
                     self.last_beat = stopped_at  # the hold ended when the loop stopped
