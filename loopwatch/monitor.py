@@ -147,6 +147,7 @@ class _Segment:
         "start",
         "told",
         "trace",
+        "victims",
     )  # fmt: skip
 
     def __init__(self, key: object, record: RequestRecord | None, start: float,
@@ -174,6 +175,9 @@ class _Segment:
         self.trace: object = None
         self.end: float | None = None
         self.told = False
+        # the other traced requests in flight as the hold was first seen (none can arrive
+        # while the loop is held): told, live or at the close, and only they
+        self.victims: tuple[RequestRecord, ...] = ()
 
 
 class _Episode:
@@ -616,6 +620,8 @@ class Monitor:
             segment.in_flight = self.in_flight  # the requests the stall holds up
             if otel is not None:
                 segment.trace = otel.context_of(task, record)
+                if otel.tracing:
+                    segment.victims = self._victims(record)
             if self._sched is not None:
                 segment.sched0 = self._sched()
         episode.last_sample = now
@@ -624,12 +630,30 @@ class Monitor:
             self._sample_stack(segment, age, now)
         if age >= self.threshold:
             self._book_live(segment, age, now)
-            if segment.confirmed and not segment.told and otel is not None and otel.tracing:
+            if segment.confirmed:
                 # Tell the other requests in flight before they answer (and their spans
                 # end): on the loop, first thing once it is free again.
-                segment.told = True
-                with contextlib.suppress(RuntimeError):  # the loop closed
-                    self.loop.call_soon_threadsafe(self._tell_victims, segment)
+                self._schedule_telling(segment)
+
+    def _victims(self, culprit: RequestRecord | None) -> tuple[RequestRecord, ...]:
+        """The traced requests in flight but ``culprit``, copied off the loop's set (which
+        the loop may change if it just let go: then a second try)."""
+        for _ in range(2):
+            try:
+                requests = tuple(self.requests)
+            except RuntimeError:  # changed size during the copy
+                continue
+            return tuple(r for r in requests if r is not culprit and r.trace is not None)
+        return ()
+
+    def _schedule_telling(self, segment: _Segment) -> None:
+        otel = self.otel
+        if segment.told or otel is None or not otel.tracing:
+            return
+        segment.told = True
+        if segment.victims:
+            with contextlib.suppress(RuntimeError):  # the loop closed
+                self.loop.call_soon_threadsafe(self._tell_victims, segment)
 
     def _book_live(self, segment: _Segment, age: float, now: float) -> None:
         """Book the stall's seconds while it lasts, so ``rate()`` shows a freeze as it
@@ -716,6 +740,9 @@ class Monitor:
             cpu_seconds = self._cpu() - segment.cpu0
             if wall > 0 and cpu_seconds >= 0.5 * wall:
                 kind = "cpu"
+        # a stall not confirmed while it lasted (short, or first taken for starvation): its
+        # victims are told now; those that answered meanwhile are skipped (span ended)
+        self._schedule_telling(segment)
         top = segment.culprits.most_common(1)
         stall = Stall(
             route=BACKGROUND,
@@ -774,10 +801,9 @@ class Monitor:
             method, route = _BACKGROUND_STALL
         else:
             method, route = record.method, record.current_route() or "<routing>"
-        victims = [r for r in self.requests if r is not record and r.trace is not None]
         try:
             otel.tell_victims(
-                victims, method=method, route=route, culprit=format_culprit(top),
+                segment.victims, method=method, route=route, culprit=format_culprit(top),
                 duration=end - segment.start,
                 started_at=time.time() - (self._clock() - segment.start),
                 culprit_trace=segment.trace,
