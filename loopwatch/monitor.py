@@ -38,7 +38,7 @@ from loopwatch.attribution import (
     uninstall_task_factory,
 )
 from loopwatch.config import Settings
-from loopwatch.profile import LoopSampler
+from loopwatch.profile import ROUTING, LoopSampler
 from loopwatch.stall import BACKGROUND, UNMATCHED, Stall, remember
 from loopwatch.stats import LAG_BUCKETS, HistogramData, Shard, StatsBook
 from loopwatch.timeline import Timeline
@@ -673,10 +673,11 @@ class Monitor:
         if record is None:
             key = _BACKGROUND_STALL
         else:
+            # Held before routing (a middleware inside loopwatch): the route is not known while
+            # the loop is held, so the seconds go to a fixed placeholder, zero from start-up,
+            # and stay there (a counter never moves back); the delivered stall names its route.
             route = record.current_route()
-            if route is None:
-                return  # not routed yet: its stall is booked when it is delivered
-            key = (record.method, route)
+            key = (record.method, route if route is not None else ROUTING)
         stalls = 0 if segment.counted else 1
         segment.counted = True
         seconds = now - segment.booked_until
