@@ -8,6 +8,7 @@ import errno
 import gzip
 import json
 import logging
+import selectors
 import socket
 import sys
 import threading
@@ -225,11 +226,28 @@ class MetricsServer:
 
         self._httpd = make_server(host, port, app, Server, handler_class=_QuietHandler)
         self.port: int = self._httpd.server_address[1]
+        self._closing = False
         # Its own thread: it answers while the event loop is frozen.
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="loopwatch-metrics-server", daemon=True
+            target=self._serve, name="loopwatch-metrics-server", daemon=True
         )
         self._thread.start()
+
+    def _serve(self) -> None:
+        """``serve_forever``, on the platform's default selector (epoll, kqueue) rather than
+        socketserver's poll(): a poll() in progress holds the listening socket open after
+        ``release()`` closed it, keeping the port bound until it returns (up to 0.5 s)."""
+        httpd = self._httpd
+        httpd.timeout = 0.5  # handle_request()'s own wait, should the client have gone
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(httpd.socket, selectors.EVENT_READ)
+                while not self._closing:
+                    if selector.select(0.5) and not self._closing:
+                        httpd.handle_request()
+        except (OSError, ValueError):
+            if not self._closing:  # else: its socket was closed under it by release()
+                raise
 
     @classmethod
     def acquire(cls, settings: Settings, registry: CollectorRegistry) -> MetricsServer | None:
@@ -271,9 +289,10 @@ class MetricsServer:
             for key, server in list(self._servers.items()):
                 if server is self:
                     del self._servers[key]
-        self._httpd.shutdown()
+        # On the event loop (the app's shutdown): close, never wait for the serving thread.
+        # The port is free when this returns; the thread ends within its 0.5 s poll.
+        self._closing = True
         self._httpd.server_close()
-        self._thread.join(1.0)
 
     @property
     def url(self) -> str:

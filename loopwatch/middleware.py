@@ -27,6 +27,7 @@ from loopwatch.config import ConfigError, Settings
 from loopwatch.exposition import MetricsServer
 from loopwatch.metrics import book_for, resolve_registry
 from loopwatch.monitor import Monitor, StallCallback
+from loopwatch.profile import ROUTING
 from loopwatch.routes import declared_routes
 from loopwatch.stats import Shard
 
@@ -329,9 +330,10 @@ class LoopWatchMiddleware:
         if id(app) in self._declared_apps:
             return
         self._declared_apps.add(id(app))
-        self.book.declared.update(
-            (method, route) for method, route in declared_routes(app) if method in _LABELS
-        )
+        declared = [(m, route) for m, route in declared_routes(app) if m in _LABELS]
+        # a stall before routing is booked live under <routing>: zero from start-up too
+        self.book.declared.update(declared)
+        self.book.declared.update((m, ROUTING) for m in {m for m, _ in declared})
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False

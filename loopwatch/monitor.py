@@ -38,7 +38,7 @@ from loopwatch.attribution import (
     uninstall_task_factory,
 )
 from loopwatch.config import Settings
-from loopwatch.profile import LoopSampler
+from loopwatch.profile import ROUTING, LoopSampler
 from loopwatch.stall import BACKGROUND, UNMATCHED, Stall, remember
 from loopwatch.stats import LAG_BUCKETS, HistogramData, Shard, StatsBook
 from loopwatch.timeline import Timeline
@@ -147,6 +147,7 @@ class _Segment:
         "start",
         "told",
         "trace",
+        "victims",
     )  # fmt: skip
 
     def __init__(self, key: object, record: RequestRecord | None, start: float,
@@ -174,6 +175,9 @@ class _Segment:
         self.trace: object = None
         self.end: float | None = None
         self.told = False
+        # the other traced requests in flight as the hold was first seen (none can arrive
+        # while the loop is held): told, live or at the close, and only they
+        self.victims: tuple[RequestRecord, ...] = ()
 
 
 class _Episode:
@@ -235,6 +239,11 @@ class Monitor:
         # ((method, route), start) of the stall being booked live, for the in-progress gauge
         self._live: tuple[tuple[str, str], float] | None = None
         self._tick_failed = False
+        # stop() on the loop's thread: when the loop let go (the watchdog's last check closes
+        # the hold there, off the loop) and whether it was running then; whether that last
+        # check has run
+        self._stopped: tuple[float, bool] | None = None
+        self._last_checked = False
         self.checks = 0  # watchdog checks done; settle() waits for one more
         self._lock = threading.Lock()
         # anyio's default CapacityLimiter for this loop (the threadpool of def endpoints),
@@ -351,8 +360,13 @@ class Monitor:
         On the loop's thread (an app's lifespan shutdown, or ``flush=True`` once the loop has
         stopped running, as a test runner does), the hold in progress ends now and its stall
         is delivered before this returns: a stall that ends as the app shuts down is not
-        lost."""
+        lost. The watchdog's last check delivers it (reading /proc, logging, calling back),
+        not the loop's thread: that would be a blocking call on the loop."""
         on_loop = self._on_loop_thread()
+        thread = self._thread
+        if (flush or on_loop) and thread is not None:
+            # The loop runs no code of the app while this runs: whatever held it let go now.
+            self._stopped = (self._clock(), self.loop.is_running())
         self._stop.set()
         heartbeat, self._heartbeat = self._heartbeat, None
         if heartbeat is not None and not self.loop.is_closed():
@@ -363,27 +377,39 @@ class Monitor:
                     self.loop.call_soon_threadsafe(heartbeat.cancel)
             except RuntimeError:  # the loop closed meanwhile
                 pass
-        thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             if on_loop:
                 _await_exit(thread, timeout)
             else:
                 thread.join(timeout)
-        # this runs in the app's shutdown: a failure here is logged, never raised into it
-        try:
-            episode = self._episode
-            if (flush or on_loop) and episode is not None and not thread_alive(thread):
-                if self.last_beat == episode.beat:
-                    self.last_beat = self._clock()  # the hold ended when the loop stopped
-                self._tick()
-        except Exception:
-            logger.exception("loopwatch: delivering the last stall at stop failed")
+        stopped = self._stopped
+        if stopped is not None and not self._last_checked and not thread_alive(thread):
+            self._last_check(*stopped)  # no watchdog left to do it
         self._remove_hooks()
         if not thread_alive(thread):
             self._forget()  # a stopped monitor is never restarted: fold its figures away
         with self._registry_lock:
             if self._by_loop.get(self.loop) is self:
                 del self._by_loop[self.loop]
+
+    def _last_check(self, stopped_at: float, running: bool) -> None:
+        """Close the hold in progress as ended at ``stopped_at`` and deliver its stall: once,
+        from the watchdog's thread if it still runs. A failure is logged, never raised into
+        the app's shutdown."""
+        self._last_checked = True
+        try:
+            if running:
+                # Up to date first (the last check may be long ago on a busy machine): a hold
+                # that ended is closed, one in progress not seen yet is opened. A loop that
+                # no longer runs was not held: nothing is opened for it.
+                self._tick()
+            episode = self._episode
+            if episode is not None:
+                if self.last_beat == episode.beat:
+                    self.last_beat = stopped_at  # the hold ended when the loop stopped
+                self._tick()
+        except Exception:
+            logger.exception("loopwatch: delivering the last stall at stop failed")
 
     def _on_loop_thread(self) -> bool:
         return threading.get_ident() == self._loop_thread_id
@@ -503,7 +529,10 @@ class Monitor:
                 next_sync = now + (0.1 if self._episode is not None else 1.0)
                 self._sync_mirrors()
         self._stop.set()
-        if self._episode is not None and self.loop.is_closed():
+        stopped = self._stopped
+        if stopped is not None:
+            self._last_check(*stopped)  # stopped on the loop's thread, which waits for it
+        elif self._episode is not None and self.loop.is_closed():
             try:  # the loop closed right after a stall: deliver it, as the next check would
                 self._tick()
             except Exception:
@@ -591,6 +620,8 @@ class Monitor:
             segment.in_flight = self.in_flight  # the requests the stall holds up
             if otel is not None:
                 segment.trace = otel.context_of(task, record)
+                if otel.tracing:
+                    segment.victims = self._victims(record)
             if self._sched is not None:
                 segment.sched0 = self._sched()
         episode.last_sample = now
@@ -599,12 +630,30 @@ class Monitor:
             self._sample_stack(segment, age, now)
         if age >= self.threshold:
             self._book_live(segment, age, now)
-            if segment.confirmed and not segment.told and otel is not None and otel.tracing:
+            if segment.confirmed:
                 # Tell the other requests in flight before they answer (and their spans
                 # end): on the loop, first thing once it is free again.
-                segment.told = True
-                with contextlib.suppress(RuntimeError):  # the loop closed
-                    self.loop.call_soon_threadsafe(self._tell_victims, segment)
+                self._schedule_telling(segment)
+
+    def _victims(self, culprit: RequestRecord | None) -> tuple[RequestRecord, ...]:
+        """The traced requests in flight but ``culprit``, copied off the loop's set (which
+        the loop may change if it just let go: then a second try)."""
+        for _ in range(2):
+            try:
+                requests = tuple(self.requests)
+            except RuntimeError:  # changed size during the copy
+                continue
+            return tuple(r for r in requests if r is not culprit and r.trace is not None)
+        return ()
+
+    def _schedule_telling(self, segment: _Segment) -> None:
+        otel = self.otel
+        if segment.told or otel is None or not otel.tracing:
+            return
+        segment.told = True
+        if segment.victims:
+            with contextlib.suppress(RuntimeError):  # the loop closed
+                self.loop.call_soon_threadsafe(self._tell_victims, segment)
 
     def _book_live(self, segment: _Segment, age: float, now: float) -> None:
         """Book the stall's seconds while it lasts, so ``rate()`` shows a freeze as it
@@ -624,10 +673,11 @@ class Monitor:
         if record is None:
             key = _BACKGROUND_STALL
         else:
+            # Held before routing (a middleware inside loopwatch): the route is not known while
+            # the loop is held, so the seconds go to a fixed placeholder, zero from start-up,
+            # and stay there (a counter never moves back); the delivered stall names its route.
             route = record.current_route()
-            if route is None:
-                return  # not routed yet: its stall is booked when it is delivered
-            key = (record.method, route)
+            key = (record.method, route if route is not None else ROUTING)
         stalls = 0 if segment.counted else 1
         segment.counted = True
         seconds = now - segment.booked_until
@@ -691,6 +741,9 @@ class Monitor:
             cpu_seconds = self._cpu() - segment.cpu0
             if wall > 0 and cpu_seconds >= 0.5 * wall:
                 kind = "cpu"
+        # a stall not confirmed while it lasted (short, or first taken for starvation): its
+        # victims are told now; those that answered meanwhile are skipped (span ended)
+        self._schedule_telling(segment)
         top = segment.culprits.most_common(1)
         stall = Stall(
             route=BACKGROUND,
@@ -749,10 +802,9 @@ class Monitor:
             method, route = _BACKGROUND_STALL
         else:
             method, route = record.method, record.current_route() or "<routing>"
-        victims = [r for r in self.requests if r is not record and r.trace is not None]
         try:
             otel.tell_victims(
-                victims, method=method, route=route, culprit=format_culprit(top),
+                segment.victims, method=method, route=route, culprit=format_culprit(top),
                 duration=end - segment.start,
                 started_at=time.time() - (self._clock() - segment.start),
                 culprit_trace=segment.trace,

@@ -179,6 +179,8 @@ def test_a_stall_that_ends_as_the_last_user_releases_is_delivered(
     lt = LoopThread(loop_impl)
     try:
         monitor, log = start_monitor(lt)
+        delivered_on: list[str] = []
+        monitor.add_callback(lambda stall: delivered_on.append(threading.current_thread().name))
 
         def shutdown_handler_then_release() -> None:
             time.sleep(0.4)
@@ -188,6 +190,8 @@ def test_a_stall_that_ends_as_the_last_user_releases_is_delivered(
             lt.call(shutdown_handler_then_release)
             # delivered before release() returned, not by a watchdog that may be gone
             assert len(log.stalls) == 1
+        # by the watchdog's last check, while the loop's thread waited: never on the loop
+        assert delivered_on == ["loopwatch-watchdog"]
         [stall] = log.stalls
         assert stall.route == BACKGROUND and 0.34 <= stall.duration <= 0.5
         assert "in shutdown_handler_then_release" in stall.culprit

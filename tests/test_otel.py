@@ -226,6 +226,69 @@ def test_victims_get_an_event_and_innocent_traces_no_stall_span(
     assert stall_trace not in {s.context.trace_id for s in innocent}  # type: ignore[union-attr]
 
 
+def test_a_stall_barely_over_the_threshold_tells_its_victims_and_no_later_request(
+    otel: Otel, registry: CollectorRegistry, loop_impl: str
+) -> None:
+    """A hold that ends just past the threshold is seldom seen live at that age: the stall
+    is confirmed only when the watchdog closes it. Its victims are still told; a request
+    that arrives after it (still in flight at the close) is not."""
+    log = StallLog()
+    rounds = 5
+
+    def inner(app: FastAPI) -> None:
+        @app.get("/barely")
+        async def barely() -> dict[str, str]:
+            # Held from just after a heartbeat to 15 ms past the threshold: the watchdog's
+            # checks (every 50 ms) see that age while it lasts about a quarter of the time.
+            monitor = Monitor.current()
+            assert monitor is not None
+            while time.monotonic() - monitor.last_beat > 0.005:
+                await asyncio.sleep(0.001)
+            time.sleep(monitor.last_beat + THRESHOLD + 0.015 - time.monotonic())
+            return {"ok": "barely"}
+
+        @app.get("/victim")
+        @app.get("/late")
+        async def linger() -> dict[str, str]:
+            await asyncio.sleep(1.0)  # in flight well past the watchdog's close
+            return {"ok": "linger"}
+
+    def get(client: httpx.Client, url: str) -> threading.Thread:
+        thread = threading.Thread(target=lambda: client.get(url).raise_for_status())
+        thread.start()
+        return thread
+
+    def in_flight() -> float:
+        return sample(registry, "loopwatch_requests_in_flight")
+
+    app = build_app(otel, registry, log, inner, interval=0.05)
+    with serve(app, loop=loop_impl) as url, httpx.Client(timeout=10) as client:
+        client.get(f"{url}/fast")  # warm: the monitor runs
+        for _ in range(rounds):
+            victim = get(client, f"{url}/victim")
+            eventually(lambda: in_flight() == 1, what="the victim in flight")
+            assert client.get(f"{url}/barely").status_code == 200
+            late = get(client, f"{url}/late")  # before the watchdog's next check
+            victim.join(10)
+            late.join(10)
+            time.sleep(0.1)
+        stalls = log.wait_for(rounds)
+        settle()
+    assert [s.route for s in stalls] == ["/barely"] * rounds
+    assert all(THRESHOLD <= s.duration < THRESHOLD + 0.1 for s in stalls)
+
+    def told(route: str) -> list[int]:
+        spans = [
+            s for s in otel.spans()
+            if s.kind == trace.SpanKind.SERVER and (s.attributes or {}).get("http.route") == route
+        ]  # fmt: skip
+        assert len(spans) == rounds
+        return [len([e for e in s.events if e.name == "loopwatch.blocked"]) for s in spans]
+
+    assert told("/victim") == [1] * rounds
+    assert told("/late") == [0] * rounds
+
+
 def test_background_stall_is_a_root_span(otel: Otel, registry: CollectorRegistry) -> None:
     log = StallLog()
     app = build_app(otel, registry, log)

@@ -32,10 +32,10 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from loopwatch import UNMATCHED, LoopWatchMiddleware, metrics_app
+from loopwatch import BACKGROUND, UNMATCHED, LoopWatchMiddleware, metrics_app
 from loopwatch import attribution as attribution_module
 from tests.helpers import StallLog, eventually, sample, series
-from tests.servers import serve
+from tests.servers import free_port, serve
 
 Message = MutableMapping[str, Any]
 ASGIApp = Callable[..., Any]
@@ -770,7 +770,14 @@ def spin(seconds: float) -> None:
         pass
 
 
-def blockbuster_app(log: StallLog, registry: CollectorRegistry) -> Starlette:
+def blockbuster_app(
+    log: StallLog, registry: CollectorRegistry, *, shutdown_spin: float = 0.0, **options: Any
+) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        spin(shutdown_spin)  # flushing a cache, say: the loop is held as the app shuts down
+
     async def ok(request: Request) -> Response:
         return PlainTextResponse("ok")
 
@@ -778,9 +785,26 @@ def blockbuster_app(log: StallLog, registry: CollectorRegistry) -> Starlette:
         spin(BLOCK)
         return PlainTextResponse("spun")
 
-    app = Starlette(routes=[Route("/ok", ok), Route("/cpu", cpu)])
-    app.add_middleware(LoopWatchMiddleware, registry=registry, on_stall=log)  # type: ignore[arg-type]
+    app = Starlette(routes=[Route("/ok", ok), Route("/cpu", cpu)], lifespan=lifespan)
+    app.add_middleware(LoopWatchMiddleware, registry=registry, on_stall=log, **options)  # type: ignore[arg-type]
     return app
+
+
+def catching(inner: ASGIApp, errors: list[BaseException]) -> ASGIApp:
+    """``inner``, keeping what it raises: TestClient swallows errors at lifespan shutdown."""
+
+    async def app(scope: Message, receive: Any, send: Any) -> None:
+        try:
+            await inner(scope, receive, send)
+        except BaseException as exc:
+            errors.append(exc)
+            raise
+
+    return app
+
+
+def loopwatch_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "loopwatch" and r.levelno >= 40]
 
 
 @pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
@@ -791,16 +815,8 @@ def test_blockbuster_sees_no_blocking_call_from_loopwatch_under_testclient(
 
     registry = CollectorRegistry()
     log = StallLog()
-    inner = blockbuster_app(log, registry)
     errors: list[BaseException] = []
-
-    async def app(scope: Message, receive: Any, send: Any) -> None:
-        try:
-            await inner(scope, receive, send)
-        except BaseException as exc:  # TestClient swallows errors at lifespan shutdown
-            errors.append(exc)
-            raise
-
+    app = catching(blockbuster_app(log, registry), errors)
     with blockbuster_ctx():
         # a fresh process's first monitor: library dirs and /proc probes not computed yet
         attribution_module._library_dirs.cache_clear()
@@ -830,6 +846,109 @@ def test_blockbuster_sees_no_blocking_call_from_loopwatch_under_uvicorn(loop_imp
     assert (stall.route, stall.kind) == ("/cpu", "cpu")
     ok = sample(registry, "loopwatch_requests_total", method="GET", route="/ok", status="200")
     assert ok == 2
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
+def test_blockbuster_a_shutdown_handler_stall_is_delivered_off_the_loop_under_testclient(
+    use_uvloop: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    from blockbuster import blockbuster_ctx
+
+    registry = CollectorRegistry()
+    log = StallLog()
+    errors: list[BaseException] = []
+    app = catching(blockbuster_app(log, registry, shutdown_spin=0.4), errors)
+    with caplog.at_level(logging.WARNING, logger="loopwatch"), blockbuster_ctx():
+        with TestClient(app, backend_options={"use_uvloop": use_uvloop}) as client:
+            assert client.get("/ok").status_code == 200
+        # delivered by the time the shutdown has completed, once
+        delivered = list(log.stalls)
+        time.sleep(0.2)
+    assert errors == [] and loopwatch_errors(caplog) == []
+    assert delivered == log.stalls
+    [stall] = log.stalls
+    assert (stall.route, stall.kind) == (BACKGROUND, "cpu")
+    assert 0.34 <= stall.duration <= 0.7
+    background = {"method": "-", "route": BACKGROUND, "kind": "cpu"}
+    assert sample(registry, "loopwatch_stall_duration_seconds_count", **background) == 1
+
+
+def test_blockbuster_a_shutdown_handler_stall_is_delivered_off_the_loop_under_uvicorn(
+    loop_impl: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from blockbuster import blockbuster_ctx
+
+    registry = CollectorRegistry()
+    log = StallLog()
+    errors: list[BaseException] = []
+    app = catching(blockbuster_app(log, registry, shutdown_spin=0.4), errors)
+    with caplog.at_level(logging.WARNING, logger="loopwatch"), blockbuster_ctx():
+        with serve(app, loop=loop_impl) as url:
+            assert httpx.get(f"{url}/ok").status_code == 200
+        delivered = list(log.stalls)
+        time.sleep(0.2)
+    assert errors == [] and loopwatch_errors(caplog) == []
+    assert delivered == log.stalls
+    [stall] = log.stalls
+    assert (stall.route, stall.kind) == (BACKGROUND, "cpu")
+    assert 0.34 <= stall.duration <= 0.7
+    background = {"method": "-", "route": BACKGROUND, "kind": "cpu"}
+    assert sample(registry, "loopwatch_stall_duration_seconds_count", **background) == 1
+
+
+def scrape_then_rebind(port: int, check: Callable[[], None]) -> None:
+    """The side port answers; once ``check`` (the app's run) returns, it is free at once."""
+    check()
+    with socket.socket() as squatter:
+        # as servers do (the side port too): the scrape's connection may linger in TIME_WAIT
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", port))  # EADDRINUSE while the side port still listens
+        squatter.listen()
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
+def test_blockbuster_sees_no_blocking_call_from_the_side_port_under_testclient(
+    use_uvloop: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    from blockbuster import blockbuster_ctx
+
+    registry = CollectorRegistry()
+    errors: list[BaseException] = []
+    port = free_port()
+    app = catching(blockbuster_app(StallLog(), registry, metrics_port=port), errors)
+
+    def run() -> None:
+        with TestClient(app, backend_options={"use_uvloop": use_uvloop}) as client:
+            assert client.get("/ok").status_code == 200
+            scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+            assert 'route="/ok"' in scraped.text
+
+    with caplog.at_level(logging.WARNING, logger="loopwatch"), blockbuster_ctx():
+        scrape_then_rebind(port, run)
+    assert errors == [] and loopwatch_errors(caplog) == []
+    eventually(lambda: not [t for t in threading.enumerate() if t.name.startswith("loopwatch-m")])
+
+
+def test_blockbuster_sees_no_blocking_call_from_the_side_port_under_uvicorn(
+    loop_impl: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from blockbuster import blockbuster_ctx
+
+    registry = CollectorRegistry()
+    errors: list[BaseException] = []
+    port = free_port()
+    app = catching(blockbuster_app(StallLog(), registry, metrics_port=port), errors)
+
+    def run() -> None:
+        with serve(app, loop=loop_impl) as url:
+            assert httpx.get(f"{url}/ok").status_code == 200
+            scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+            assert 'route="/ok"' in scraped.text
+
+    with caplog.at_level(logging.WARNING, logger="loopwatch"), blockbuster_ctx():
+        scrape_then_rebind(port, run)
+    assert errors == [] and loopwatch_errors(caplog) == []
+    eventually(lambda: not [t for t in threading.enumerate() if t.name.startswith("loopwatch-m")])
 
 
 # -- trio (anyio's trio backend): not watched, passed through untouched ----------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.endpoints import HTTPEndpoint
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
@@ -84,6 +86,8 @@ EXPECTED = {
     ("GET", "/t/{tenant}/deep/x"),
     ("GET", "/things"),
 }
+# where a stall before routing is booked while it lasts, one per method the app declares
+PLACEHOLDERS = {("GET", "<routing>"), ("POST", "<routing>"), ("WS", "<routing>")}
 
 
 def stall_series(registry: CollectorRegistry, name: str) -> set[tuple[str, str]]:
@@ -93,8 +97,9 @@ def stall_series(registry: CollectorRegistry, name: str) -> set[tuple[str, str]]
 def test_every_declared_route_has_zero_series_from_start_up(registry: CollectorRegistry) -> None:
     with TestClient(routed_app(registry)):  # lifespan start-up, no request yet
         for name in ("loopwatch_stall_seconds_total", "loopwatch_stalls_total"):
-            assert stall_series(registry, name) == EXPECTED
-            assert all(sample(registry, name, method=m, route=r) == 0 for m, r in EXPECTED)
+            assert stall_series(registry, name) == EXPECTED | PLACEHOLDERS
+            zero = EXPECTED | PLACEHOLDERS
+            assert all(sample(registry, name, method=m, route=r) == 0 for m, r in zero)
         assert series(registry, "loopwatch_stall_in_progress_seconds") == []
 
 
@@ -214,3 +219,65 @@ def test_background_stall_is_booked_under_background(
     assert sample(
         registry, "loopwatch_stall_seconds_total", method="-", route=BACKGROUND
     ) == pytest.approx(stall.duration, abs=1e-6)
+
+
+ROUTING = (("method", "GET"), ("route", "<routing>"))
+
+
+def test_a_stall_before_routing_is_booked_while_it_lasts(
+    loop_impl: str, registry: CollectorRegistry
+) -> None:
+    """A middleware inside loopwatch holds the loop before the router runs (an auth check):
+    its seconds grow under the fixed <routing> placeholder while it lasts, with its stall in
+    progress, and are never moved; the delivered stall names the route."""
+    port = free_port()
+    log = StallLog()
+
+    class SlowAuth:  # pure ASGI, inside loopwatch: before routing
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and scope.get("query_string") == b"auth=slow":
+                time.sleep(1.5)
+            await self.app(scope, receive, send)
+
+    app = routed_app(registry, metrics_port=port, threshold=0.25, on_stall=log)
+    app.user_middleware.append(Middleware(SlowAuth))  # the innermost: inside loopwatch
+    with serve(app, loop=loop_impl) as url:
+        before = _scrape(port)
+        assert before[("loopwatch_stall_seconds_total", ROUTING)] == 0
+        blocker = threading.Thread(
+            target=httpx.get, args=(f"{url}/api/items/1?auth=slow",), kwargs={"timeout": 10}
+        )
+        started = time.monotonic()
+        blocker.start()
+        readings: list[tuple[float, float, float | None]] = []
+        while blocker.is_alive():
+            now = _scrape(port)
+            readings.append((
+                time.monotonic() - started,
+                now[("loopwatch_stall_seconds_total", ROUTING)],
+                now.get(("loopwatch_stall_in_progress_seconds", ROUTING)),
+            ))  # fmt: skip
+            time.sleep(0.1)
+        blocker.join()
+        [stall] = log.wait_for(1)
+        after = _scrape(port)
+    during = [r for r in readings if r[1] > 0]
+    assert len(during) >= 4, readings
+    booked = [r[1] for r in during]
+    assert booked == sorted(booked) and booked[-1] - booked[0] > 0.4, readings
+    live = [r for r in during if r[2] is not None]
+    assert len(live) >= 3, readings
+    assert all(r[2] - 0.05 <= r[1] <= r[2] + 1e-3 for r in live), readings
+    # the whole stall stays where it was booked; the stall itself names its route
+    assert stall.route == "/api/items/{item_id}"
+    assert after[("loopwatch_stall_seconds_total", ROUTING)] == pytest.approx(
+        stall.duration, abs=1e-6
+    )
+    assert after[("loopwatch_stalls_total", ROUTING)] == 1
+    item = (("method", "GET"), ("route", "/api/items/{item_id}"))
+    assert after[("loopwatch_stall_seconds_total", item)] == 0
+    hist = after[("loopwatch_stall_duration_seconds_count", (("kind", stall.kind), *item))]
+    assert hist == 1
