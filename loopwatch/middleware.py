@@ -27,8 +27,8 @@ from loopwatch.config import ConfigError, Settings
 from loopwatch.exposition import MetricsServer
 from loopwatch.metrics import book_for, resolve_registry
 from loopwatch.monitor import Monitor, StallCallback
-from loopwatch.profile import ROUTING
 from loopwatch.routes import declared_routes
+from loopwatch.stall import ROUTING
 from loopwatch.stats import Shard
 
 if TYPE_CHECKING:

@@ -38,8 +38,8 @@ from loopwatch.attribution import (
     uninstall_task_factory,
 )
 from loopwatch.config import Settings
-from loopwatch.profile import ROUTING, LoopSampler
-from loopwatch.stall import BACKGROUND, UNMATCHED, Stall, remember
+from loopwatch.profile import LoopSampler
+from loopwatch.stall import BACKGROUND, ROUTING, UNMATCHED, Stall, remember
 from loopwatch.stats import LAG_BUCKETS, HistogramData, Shard, StatsBook
 from loopwatch.timeline import Timeline
 

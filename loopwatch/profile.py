@@ -51,7 +51,7 @@ from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
 from loopwatch.attribution import RequestRecord, owner_of
-from loopwatch.stall import BACKGROUND, SERVER
+from loopwatch.stall import BACKGROUND, ROUTING, SERVER
 
 if TYPE_CHECKING:
     from loopwatch.monitor import Monitor
@@ -76,7 +76,6 @@ MAX_NAME = 200
 # one sample never stands for more than this (a watchdog that was itself held up, a suspend)
 MAX_SAMPLE_MS = 1000
 
-ROUTING = "<routing>"
 OTHER_STACKS = "<other stacks>"
 MORE_FRAMES = "<more frames>"
 

@@ -13,6 +13,7 @@ __all__ = ["BACKGROUND", "UNMATCHED", "Stall", "clear_recent_stalls", "recent_st
 UNMATCHED = "<unmatched>"
 BACKGROUND = "<background>"
 SERVER = "<server>"  # the server's own protocol work (loop time only)
+ROUTING = "<routing>"  # a hold before the request was routed (stall counters only)
 
 RING_SIZE = 256
 

@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from loopwatch.stall import BACKGROUND, SERVER
+from loopwatch.stall import BACKGROUND, ROUTING, SERVER
 
 __all__ = [
     "LAG_BUCKETS",
@@ -217,7 +217,8 @@ class StatsBook:
             out.stall_time.setdefault(key, [0, 0.0])
         if out.busy is not None:  # the same zero series, and the server's own work
             for key in out.stall_time:
-                out.busy.setdefault(key, 0.0)
+                if key[1] != ROUTING:  # loop time waits for the route: never booked there
+                    out.busy.setdefault(key, 0.0)
             if server:
                 out.busy.setdefault(SERVER_KEY, 0.0)
         for monitor in list(self.monitors):
