@@ -906,9 +906,9 @@ def scrape_then_rebind(port: int, check: Callable[[], None]) -> None:
         squatter.listen()
 
 
-@pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
-def test_blockbuster_sees_no_blocking_call_from_the_side_port_under_testclient(
-    use_uvloop: bool, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("runner", ["testclient", "uvicorn"])
+def test_blockbuster_sees_no_blocking_call_from_the_side_port(
+    runner: str, loop_impl: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     from blockbuster import blockbuster_ctx
 
@@ -917,33 +917,20 @@ def test_blockbuster_sees_no_blocking_call_from_the_side_port_under_testclient(
     port = free_port()
     app = catching(blockbuster_app(StallLog(), registry, metrics_port=port), errors)
 
-    def run() -> None:
-        with TestClient(app, backend_options={"use_uvloop": use_uvloop}) as client:
-            assert client.get("/ok").status_code == 200
-            scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
-            assert 'route="/ok"' in scraped.text
-
-    with caplog.at_level(logging.WARNING, logger="loopwatch"), blockbuster_ctx():
-        scrape_then_rebind(port, run)
-    assert errors == [] and loopwatch_errors(caplog) == []
-    eventually(lambda: not [t for t in threading.enumerate() if t.name.startswith("loopwatch-m")])
-
-
-def test_blockbuster_sees_no_blocking_call_from_the_side_port_under_uvicorn(
-    loop_impl: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    from blockbuster import blockbuster_ctx
-
-    registry = CollectorRegistry()
-    errors: list[BaseException] = []
-    port = free_port()
-    app = catching(blockbuster_app(StallLog(), registry, metrics_port=port), errors)
+    def scrape() -> None:
+        scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert 'route="/ok"' in scraped.text
 
     def run() -> None:
-        with serve(app, loop=loop_impl) as url:
-            assert httpx.get(f"{url}/ok").status_code == 200
-            scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
-            assert 'route="/ok"' in scraped.text
+        if runner == "testclient":
+            options = {"use_uvloop": loop_impl == "uvloop"}
+            with TestClient(app, backend_options=options) as client:
+                assert client.get("/ok").status_code == 200
+                scrape()
+        else:
+            with serve(app, loop=loop_impl) as url:
+                assert httpx.get(f"{url}/ok").status_code == 200
+                scrape()
 
     with caplog.at_level(logging.WARNING, logger="loopwatch"), blockbuster_ctx():
         scrape_then_rebind(port, run)
