@@ -30,6 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.plugin_cost import export_loopwatch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Runs in the subprocess: ``python probe.py background|shutdown|testclient LOOP [REQUESTS]``;
@@ -175,16 +177,6 @@ elif mode == "testclient":
 """
 
 
-def _export(ref: str, into: Path) -> Path:
-    """The ``loopwatch`` package as of git revision ``ref``, unpacked under ``into``."""
-    archive = subprocess.run(
-        ["git", "archive", ref, "loopwatch"], cwd=ROOT, capture_output=True, check=True
-    )
-    into.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
-    return into
-
-
 def _probe(probe: Path, env: dict[str, str], *args: str) -> object:
     proc = subprocess.run(
         [sys.executable, str(probe), *args], env=env, capture_output=True, text=True, timeout=120
@@ -212,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         probe.write_text(PROBE)
         trees = {"tree": env}
         if args.baseline:
-            old = _export(args.baseline, Path(tmp) / "baseline")
+            old = export_loopwatch(args.baseline, Path(tmp) / "baseline")
             trees[args.baseline] = {
                 **env,
                 "PYTHONPATH": os.pathsep.join([str(old), env["PYTHONPATH"]]),

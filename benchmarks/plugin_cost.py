@@ -115,7 +115,7 @@ def _run(directory: Path, env: dict[str, str], args: list[str]) -> float:
     return float(match["seconds"])
 
 
-def _export(ref: str, into: Path) -> Path:
+def export_loopwatch(ref: str, into: Path) -> Path:
     """The ``loopwatch`` package as of git revision ``ref``, unpacked under ``into``."""
     archive = subprocess.run(
         ["git", "archive", ref, "loopwatch"], cwd=ROOT, capture_output=True, check=True
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     with tempfile.TemporaryDirectory(prefix="loopwatch-plugin-cost-") as tmp:
         if args.baseline:
-            old = _export(args.baseline, Path(tmp) / "baseline")
+            old = export_loopwatch(args.baseline, Path(tmp) / "baseline")
             old_env = {**env, "PYTHONPATH": os.pathsep.join([str(old), env["PYTHONPATH"]])}
             variants[f"plugin@{args.baseline}"] = (old_env, ["--loopwatch"])
         header = " | ".join(f"{name} s" for name in variants)

@@ -35,6 +35,7 @@ import httpx
 import pytest
 
 from tests.servers import free_port
+from tests.test_config import QUICKSTART
 
 # The same app wrapped directly at import (``LoopWatchMiddleware(app)``), not by Starlette.
 WRAPPED = """
@@ -51,19 +52,6 @@ async def root() -> dict[str, bool]:
 app = LoopWatchMiddleware(inner)
 """
 
-QUICKSTART = """
-from fastapi import FastAPI
-from loopwatch import LoopWatchMiddleware, metrics_app
-
-app = FastAPI()
-app.add_middleware(LoopWatchMiddleware)
-app.mount("/metrics", metrics_app())
-
-
-@app.get("/")
-async def root() -> dict[str, bool]:
-    return {"ok": True}
-"""
 
 # server -> its exit status after a failed start-up, or (where its status says nothing, see
 # above) the line it logs for a failed lifespan start-up
