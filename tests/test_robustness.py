@@ -17,7 +17,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -848,43 +848,32 @@ def test_blockbuster_sees_no_blocking_call_from_loopwatch_under_uvicorn(loop_imp
     assert ok == 2
 
 
-@pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
-def test_blockbuster_a_shutdown_handler_stall_is_delivered_off_the_loop_under_testclient(
-    use_uvloop: bool, caplog: pytest.LogCaptureFixture
-) -> None:
-    from blockbuster import blockbuster_ctx
-
-    registry = CollectorRegistry()
-    log = StallLog()
-    errors: list[BaseException] = []
-    app = catching(blockbuster_app(log, registry, shutdown_spin=0.4), errors)
-    with caplog.at_level(logging.WARNING, logger="loopwatch"), blockbuster_ctx():
-        with TestClient(app, backend_options={"use_uvloop": use_uvloop}) as client:
-            assert client.get("/ok").status_code == 200
-        # delivered by the time the shutdown has completed, once
-        delivered = list(log.stalls)
-        time.sleep(0.2)
-    assert errors == [] and loopwatch_errors(caplog) == []
-    assert delivered == log.stalls
-    [stall] = log.stalls
-    assert (stall.route, stall.kind) == (BACKGROUND, "cpu")
-    assert 0.34 <= stall.duration <= 0.7
-    background = {"method": "-", "route": BACKGROUND, "kind": "cpu"}
-    assert sample(registry, "loopwatch_stall_duration_seconds_count", **background) == 1
-
-
-def test_blockbuster_a_shutdown_handler_stall_is_delivered_off_the_loop_under_uvicorn(
-    loop_impl: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    from blockbuster import blockbuster_ctx
-
-    registry = CollectorRegistry()
-    log = StallLog()
-    errors: list[BaseException] = []
-    app = catching(blockbuster_app(log, registry, shutdown_spin=0.4), errors)
-    with caplog.at_level(logging.WARNING, logger="loopwatch"), blockbuster_ctx():
+@contextlib.contextmanager
+def running(runner: str, app: Any, loop_impl: str) -> Iterator[Callable[[str], int]]:
+    """The app under TestClient or a real uvicorn, on ``loop_impl``: yields GET -> status."""
+    if runner == "testclient":
+        options = {"use_uvloop": loop_impl == "uvloop"}
+        with TestClient(app, backend_options=options) as client:
+            yield lambda path: client.get(path).status_code
+    else:
         with serve(app, loop=loop_impl) as url:
-            assert httpx.get(f"{url}/ok").status_code == 200
+            yield lambda path: httpx.get(url + path).status_code
+
+
+@pytest.mark.parametrize("runner", ["testclient", "uvicorn"])
+def test_blockbuster_a_shutdown_handler_stall_is_delivered_off_the_loop(
+    runner: str, loop_impl: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from blockbuster import blockbuster_ctx
+
+    registry = CollectorRegistry()
+    log = StallLog()
+    errors: list[BaseException] = []
+    app = catching(blockbuster_app(log, registry, shutdown_spin=0.4), errors)
+    with caplog.at_level(logging.WARNING, logger="loopwatch"), blockbuster_ctx():
+        with running(runner, app, loop_impl) as get:
+            assert get("/ok") == 200
+        # delivered by the time the shutdown has completed, once
         delivered = list(log.stalls)
         time.sleep(0.2)
     assert errors == [] and loopwatch_errors(caplog) == []
@@ -922,15 +911,9 @@ def test_blockbuster_sees_no_blocking_call_from_the_side_port(
         assert 'route="/ok"' in scraped.text
 
     def run() -> None:
-        if runner == "testclient":
-            options = {"use_uvloop": loop_impl == "uvloop"}
-            with TestClient(app, backend_options=options) as client:
-                assert client.get("/ok").status_code == 200
-                scrape()
-        else:
-            with serve(app, loop=loop_impl) as url:
-                assert httpx.get(f"{url}/ok").status_code == 200
-                scrape()
+        with running(runner, app, loop_impl) as get:
+            assert get("/ok") == 200
+            scrape()
 
     with caplog.at_level(logging.WARNING, logger="loopwatch"), blockbuster_ctx():
         scrape_then_rebind(port, run)
