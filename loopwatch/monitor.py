@@ -148,6 +148,7 @@ class _Segment:
         "told",
         "trace",
         "victims",
+        "within",
     )  # fmt: skip
 
     def __init__(self, key: object, record: RequestRecord | None, start: float,
@@ -178,6 +179,10 @@ class _Segment:
         # the other traced requests in flight as the hold was first seen (none can arrive
         # while the loop is held): told, live or at the close, and only they
         self.victims: tuple[RequestRecord, ...] = ()
+        # (time, CPU clock, schedstat) read at the last check while the hold still lasted:
+        # the close uses these, so the time between the hold's end and the check that sees
+        # it (long on a loaded machine) is not mistaken for the hold's CPU or starvation
+        self.within: tuple[float, float | None, tuple[float, float] | None] | None = None
 
 
 class _Episode:
@@ -628,6 +633,11 @@ class Monitor:
         age = now - segment.start
         if age >= self.threshold / 2:
             self._sample_stack(segment, age, now)
+            segment.within = (
+                now,
+                self._cpu() if self._cpu is not None else None,
+                self._sched() if self._sched is not None else None,
+            )
         if age >= self.threshold:
             self._book_live(segment, age, now)
             if segment.confirmed:
@@ -727,9 +737,16 @@ class Monitor:
             return
         kind = "wait"
         cpu_seconds = 0.0
-        wall = now - segment.cpu_t0  # the part of the segment the CPU figures cover
-        if self._sched is not None and segment.sched0 is not None:
-            on_cpu, starved = (b - a for a, b in zip(segment.sched0, self._sched(), strict=True))
+        within = segment.within
+        if within is not None and within[0] <= end:  # read while the hold lasted
+            until, cpu_now, sched_now = within
+        else:  # a hold too short to have been read inside: the figures now
+            until = now
+            cpu_now = self._cpu() if self._cpu is not None else None
+            sched_now = self._sched() if self._sched is not None else None
+        wall = until - segment.cpu_t0  # the part of the segment the CPU figures cover
+        if sched_now is not None and segment.sched0 is not None:
+            on_cpu, starved = (b - a for a, b in zip(segment.sched0, sched_now, strict=True))
             if duration - starved < self.threshold and not confirmed:
                 # runnable but not scheduled: the machine was busy, the code did not block
                 logger.debug("loopwatch: %.3fs hold was CPU starvation, not a stall", duration)
@@ -737,8 +754,8 @@ class Monitor:
             cpu_seconds = on_cpu
             if wall > starved and on_cpu >= 0.5 * (wall - starved):
                 kind = "cpu"
-        elif self._cpu is not None and segment.cpu0 is not None:
-            cpu_seconds = self._cpu() - segment.cpu0
+        elif cpu_now is not None and segment.cpu0 is not None:
+            cpu_seconds = cpu_now - segment.cpu0
             if wall > 0 and cpu_seconds >= 0.5 * wall:
                 kind = "cpu"
         # a stall not confirmed while it lasted (short, or first taken for starvation): its
