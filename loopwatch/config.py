@@ -82,6 +82,10 @@ _ENV_EXPECTED = {
 }
 
 
+# the watchdog's period is at most this fraction of the threshold
+INTERVAL_RATIO = 3
+
+
 @dataclass(frozen=True)
 class Settings:
     """Validated options shared by the middleware, the monitor and the pytest plugin."""
@@ -124,6 +128,10 @@ class Settings:
                 sources[option] = "default"
         if explicit:
             raise TypeError(f"unexpected option(s): {', '.join(sorted(explicit))}")
+        threshold = values.get("threshold")
+        if "interval" not in values and isinstance(threshold, (int, float)) and threshold > 0:
+            # a low threshold brings the default period down with it (see validate)
+            values["interval"] = min(cls.interval, threshold / INTERVAL_RATIO)
         settings = cls(**values, sources=sources)
         settings.validate()
         return settings
@@ -144,12 +152,16 @@ class Settings:
                 or value <= 0
             ):
                 raise self._fail(option, "a finite number of seconds above 0")
-        if self.interval >= self.threshold:
+        if self.interval > self.threshold / INTERVAL_RATIO * (1 + 1e-9):  # 0.3 / 3 < 0.1
+            # a hold opens once the heartbeat is 1.5 intervals late, and the healthy watchdog
+            # looks every interval or more: above threshold/3 a hold just over the threshold
+            # can end between two looks and go unseen
             raise ConfigError(
                 "interval",
                 self.interval,
                 self.source("interval"),
-                f"a number of seconds below threshold={self.threshold!r}",
+                f"a number of seconds at most threshold/{INTERVAL_RATIO} "
+                f"({self.threshold / INTERVAL_RATIO:.4g} for threshold={self.threshold!r})",
             )
         if self.long_stall <= self.threshold:
             raise ConfigError(

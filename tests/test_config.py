@@ -31,8 +31,9 @@ async def _app(scope: object, receive: object, send: object) -> None:
         ({"threshold": float("nan")}, "threshold", "finite"),
         ({"threshold": "fast"}, "threshold", "number of seconds"),
         ({"interval": 0}, "interval", "above 0"),
-        ({"interval": 0.2}, "interval", "below threshold=0.1"),
-        ({"threshold": 0.05, "interval": 0.05}, "interval", "below threshold=0.05"),
+        ({"interval": 0.2}, "interval", "at most threshold/3"),
+        ({"threshold": 0.05, "interval": 0.05}, "interval", "0.01667 for threshold=0.05"),
+        ({"threshold": 0.1, "interval": 0.05}, "interval", "at most threshold/3 (0.03333"),
         ({"metrics_port": 70000}, "metrics_port", "1 to 65535"),
         ({"metrics_port": -5}, "metrics_port", "1 to 65535"),
         ({"metrics_port": True}, "metrics_port", "1 to 65535"),
@@ -100,6 +101,13 @@ def test_environment_fills_in_and_explicit_arguments_win() -> None:
     explicit = Settings.resolve(env=env, threshold=0.5, request_metrics=True)
     assert explicit.threshold == 0.5 and explicit.request_metrics is True
     assert explicit.source("threshold") == "argument"
+
+
+def test_a_low_threshold_brings_the_default_interval_down_with_it() -> None:
+    assert Settings.resolve(env={}, threshold=0.015).interval == pytest.approx(0.005)
+    assert Settings.resolve(env={"LOOPWATCH_THRESHOLD": "0.6"}).interval == 0.01
+    # an interval given is never changed, only checked
+    assert Settings.resolve(env={}, threshold=0.3, interval=0.1).interval == 0.1
 
 
 def test_defaults() -> None:

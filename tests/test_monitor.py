@@ -277,3 +277,19 @@ def test_a_late_check_does_not_charge_the_time_after_the_hold_to_it(after: str) 
     assert stall.route == BACKGROUND
     assert stall.kind == "wait" and stall.cpu_seconds == 0.0
     assert stall.duration == pytest.approx(0.3)
+
+
+def test_at_the_longest_interval_a_hold_just_over_the_threshold_is_seen(
+    loop_thread: LoopThread,
+) -> None:
+    # interval = threshold / 3, the longest allowed: the watchdog still looks inside every
+    # hold a little longer than the threshold (with interval = threshold / 2 it could not)
+    monitor, log = start_monitor(loop_thread, threshold=0.15, interval=0.05)
+    try:
+        for _ in range(5):
+            time.sleep(0.2)  # the heartbeat runs between two holds
+            loop_thread.loop.call_soon_threadsafe(time.sleep, 0.18)
+        stalls = log.wait_for(5)
+    finally:
+        loop_thread.call(monitor.release, loop_thread)
+    assert len(stalls) == 5 and all(0.17 <= s.duration <= 0.3 for s in stalls), stalls
