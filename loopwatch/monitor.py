@@ -679,15 +679,7 @@ class Monitor:
             ):
                 return  # so far mostly CPU starvation
             segment.confirmed = True
-        record = segment.record
-        if record is None:
-            key = _BACKGROUND_STALL
-        else:
-            # Held before routing (a middleware inside loopwatch): the route is not known while
-            # the loop is held, so the seconds go to a fixed placeholder, zero from start-up,
-            # and stay there (a counter never moves back); the delivered stall names its route.
-            route = record.current_route()
-            key = (record.method, route if route is not None else ROUTING)
+        key = segment.live_key or self._stall_key(segment.record)
         stalls = 0 if segment.counted else 1
         segment.counted = True
         seconds = now - segment.booked_until
@@ -696,6 +688,18 @@ class Monitor:
         self._live = (key, segment.start)
         for book, shard in list(self.books.items()):
             book.book_stall_time(shard, key[0], key[1], stalls, seconds)
+
+    @staticmethod
+    def _stall_key(record: RequestRecord | None) -> tuple[str, str]:
+        """Where a stall's seconds are booked, from its first live booking on (one stall, one
+        key). Held before routing (a middleware inside loopwatch), the route is not known
+        while the loop is held: a fixed placeholder, zero from start-up, where they stay (a
+        counter never moves back), the rest of the hold too; the delivered stall names its
+        route."""
+        if record is None:
+            return _BACKGROUND_STALL
+        route = record.current_route()
+        return (record.method, route if route is not None else ROUTING)
 
     def _sample_stack(self, segment: _Segment, age: float, now: float) -> None:
         frame = self._frames().get(self._loop_thread_id or 0)
@@ -786,20 +790,22 @@ class Monitor:
             self.deliver(dataclasses.replace(stall, route=route), booked=booked)
         else:
             # Blocked before routing (another middleware): wait for the route it will match.
+            # What was booked live (under <routing>) goes along, so the rest is booked there
+            # too and the stall is counted once.
             try:
-                self.loop.call_soon_threadsafe(self._hold_until_routed, record, stall)
+                self.loop.call_soon_threadsafe(self._hold_until_routed, record, stall, booked)
             except RuntimeError:
-                self.deliver(dataclasses.replace(stall, route=record.finish()))
+                self.deliver(dataclasses.replace(stall, route=record.finish()), booked=booked)
 
-    def _hold_until_routed(self, record: RequestRecord, stall: Stall) -> None:
+    def _hold_until_routed(self, record: RequestRecord, stall: Stall, booked: _Booked) -> None:
         if record.route is not None or record.done:
-            self.deliver(dataclasses.replace(stall, route=record.finish()))
+            self.deliver(dataclasses.replace(stall, route=record.finish()), booked=booked)
         elif (route := record.current_route()) is not None:  # routed meanwhile
-            self.deliver(dataclasses.replace(stall, route=route))
+            self.deliver(dataclasses.replace(stall, route=route), booked=booked)
         elif record.pending is None:
-            record.pending = [stall]
+            record.pending = [(stall, booked)]
         else:
-            record.pending.append(stall)
+            record.pending.append((stall, booked))
 
     def _tell_victims(self, segment: _Segment) -> None:
         """On the loop, as soon as a stall lets go of it: every other traced request in flight
@@ -835,8 +841,8 @@ class Monitor:
         """Called by the middleware on the loop when a request with held stalls finishes."""
         pending, record.pending = record.pending, None
         route = record.route or record.current_route() or UNMATCHED
-        for stall in pending or ():
-            self.deliver(dataclasses.replace(stall, route=route))
+        for stall, booked in pending or ():
+            self.deliver(dataclasses.replace(stall, route=route), booked=booked)
 
     # -- reporting ----------------------------------------------------------------------
 

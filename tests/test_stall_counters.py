@@ -227,12 +227,15 @@ def test_background_stall_is_booked_under_background(
 ROUTING = (("method", "GET"), ("route", "<routing>"))
 
 
+@pytest.mark.parametrize("then", ["routes", "awaits"])
 def test_a_stall_before_routing_is_booked_while_it_lasts(
-    loop_impl: str, registry: CollectorRegistry
+    then: str, loop_impl: str, registry: CollectorRegistry
 ) -> None:
     """A middleware inside loopwatch holds the loop before the router runs (an auth check):
     its seconds grow under the fixed <routing> placeholder while it lasts, with its stall in
-    progress, and are never moved; the delivered stall names the route."""
+    progress, and are never moved; the delivered stall names the route. ``awaits``: the
+    middleware then awaits before routing, so the stall ends before its route is known (it
+    is held until then) and must still be booked once, under <routing>."""
     port = free_port()
     log = StallLog()
 
@@ -243,6 +246,8 @@ def test_a_stall_before_routing_is_booked_while_it_lasts(
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
             if scope["type"] == "http" and scope.get("query_string") == b"auth=slow":
                 time.sleep(1.5)
+                if then == "awaits":
+                    await asyncio.sleep(0.3)  # the watchdog closes the hold before routing
             await self.app(scope, receive, send)
 
     app = routed_app(registry, metrics_port=port, threshold=0.25, on_stall=log)
