@@ -29,7 +29,10 @@ BLOCK = 0.5
 
 
 def within(value: float, expected: float, tolerance: float = 0.15) -> bool:
-    return abs(value - expected) <= expected * tolerance
+    """A stall is timed from the last heartbeat to the next one: a little long, never short.
+    Long by more under load (the watchdog and the heartbeat wait for a core), so the test
+    allows 25 % over and 15 % under; the accuracy itself is measured in benchmarks/."""
+    return expected * (1 - tolerance) <= value <= expected * 1.25
 
 
 def build_app(registry: CollectorRegistry, log: StallLog) -> FastAPI:
