@@ -57,6 +57,11 @@ _BACKGROUND_KEY = object()
 _BACKGROUND_STALL = ("-", BACKGROUND)
 
 
+# (time, the loop thread's CPU clock, its schedstat (on CPU, runnable but waiting)), read
+# together; None where the platform has no such figure
+_Figures = tuple[float, float | None, tuple[float, float] | None]
+
+
 class _Booked(NamedTuple):
     """What the watchdog booked of a stall while it lasted: under which (method, route)
     (None: nothing yet), and how many seconds."""
@@ -182,7 +187,7 @@ class _Segment:
         # (time, CPU clock, schedstat) read at the last check while the hold still lasted:
         # the close uses these, so the time between the hold's end and the check that sees
         # it (long on a loaded machine) is not mistaken for the hold's CPU or starvation
-        self.within: tuple[float, float | None, tuple[float, float] | None] | None = None
+        self.within: _Figures | None = None
 
 
 class _Episode:
@@ -633,17 +638,21 @@ class Monitor:
         age = now - segment.start
         if age >= self.threshold / 2:
             self._sample_stack(segment, age, now)
-            segment.within = (
-                now,
-                self._cpu() if self._cpu is not None else None,
-                self._sched() if self._sched is not None else None,
-            )
+            segment.within = self._figures(now)
         if age >= self.threshold:
             self._book_live(segment, age, now)
             if segment.confirmed:
                 # Tell the other requests in flight before they answer (and their spans
                 # end): on the loop, first thing once it is free again.
                 self._schedule_telling(segment)
+
+    def _figures(self, now: float) -> _Figures:
+        """The loop thread's CPU clock and schedstat, read now (``now`` is their time)."""
+        return (
+            now,
+            self._cpu() if self._cpu is not None else None,
+            self._sched() if self._sched is not None else None,
+        )
 
     def _victims(self, culprit: RequestRecord | None) -> tuple[RequestRecord, ...]:
         """The traced requests in flight but ``culprit``, copied off the loop's set (which
@@ -716,7 +725,7 @@ class Monitor:
             method = segment.record.method if segment.record is not None else "-"
             logger.warning(
                 "event loop blocked for %.1fs so far (still blocked) by %s %s at %s\n%s",
-                age, method, route or "<routing>",
+                age, method, route or ROUTING,
                 format_culprit(self._filter.culprit(frame)), format_stack(frame),
             )  # fmt: skip
 
@@ -742,12 +751,9 @@ class Monitor:
         kind = "wait"
         cpu_seconds = 0.0
         within = segment.within
-        if within is not None and within[0] <= end:  # read while the hold lasted
-            until, cpu_now, sched_now = within
-        else:  # a hold too short to have been read inside: the figures now
-            until = now
-            cpu_now = self._cpu() if self._cpu is not None else None
-            sched_now = self._sched() if self._sched is not None else None
+        if within is None or within[0] > end:  # a hold too short to have been read inside
+            within = self._figures(now)
+        until, cpu_now, sched_now = within
         wall = until - segment.cpu_t0  # the part of the segment the CPU figures cover
         if sched_now is not None and segment.sched0 is not None:
             on_cpu, starved = (b - a for a, b in zip(segment.sched0, sched_now, strict=True))
@@ -824,7 +830,7 @@ class Monitor:
         if record is None:
             method, route = _BACKGROUND_STALL
         else:
-            method, route = record.method, record.current_route() or "<routing>"
+            method, route = record.method, record.current_route() or ROUTING
         try:
             otel.tell_victims(
                 segment.victims, method=method, route=route, culprit=format_culprit(top),

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from loopwatch.config import ConfigError, Settings
-from loopwatch.stall import BACKGROUND, Stall
+from loopwatch.stall import BACKGROUND, SERVER, Stall
 
 if TYPE_CHECKING:
     import asyncio
@@ -854,7 +854,7 @@ class _RemoteStalls:
         )
 
 
-_PLACEHOLDERS = ("<background>", "<server>")
+_PLACEHOLDERS = (BACKGROUND, SERVER)
 
 
 def _test_loop_time(routes: dict[str, float]) -> dict[str, object]:
