@@ -83,9 +83,9 @@ def loop_time(
         if all(d >= -1e-6 for d in delta.values()):  # else a counter went back: a restart
             wall = snapshot.taken - previous.taken
             label = window or f"over the last {wall:.1f}s (difference of two scrapes)"
+            loops, sampled = _timed_loops(snapshot)
             # a worker that left within the window still counted its share: the larger count
-            loops = max(_timed_loops(snapshot)[0], _timed_loops(previous)[0])
-            sampled = _timed_loops(snapshot)[1]
+            loops = max(loops, _timed_loops(previous)[0])
             busy = {k: max(d, 0.0) for k, d in delta.items()}
             return LoopTime(busy, label, wall, loops, sampled)
     loops, sampled = _timed_loops(snapshot)
