@@ -37,8 +37,15 @@ from collections.abc import Callable
 from types import CodeType
 from typing import Any
 
-from loopwatch.attribution import RequestRecord, _current_request, owner_of, watch_tasks
-from loopwatch.stall import BACKGROUND, SERVER, UNMATCHED
+from loopwatch.attribution import (
+    RequestRecord,
+    ServerCode,
+    _current_request,
+    callback_is_server,
+    owner_of,
+    watch_tasks,
+)
+from loopwatch.stall import BACKGROUND, OWN, SERVER, UNMATCHED
 
 __all__ = ["Accountant", "BusySink", "start_accounting"]
 
@@ -50,12 +57,8 @@ SERVER_KEY = ("-", SERVER)
 # books seconds for (method, route); the monitor passes one that writes its shards
 BusySink = Callable[[tuple[str, str], float], None]
 
-# a callback that is a method of one of these is the server's own protocol work
-_SERVER_TYPES: tuple[type, ...] = (
-    asyncio.BaseTransport,
-    asyncio.BaseProtocol,
-    asyncio.AbstractEventLoop,
-)
+# the server's own code: its protocol callbacks and the steps of its own tasks
+_server_code = ServerCode()
 
 # a callback still running is booked live once it is this old (shorter ones at their end)
 LIVE_AFTER = 0.05
@@ -167,10 +170,11 @@ class Accountant:
             owner = bound
         seconds = now - since
         if owner is not None:
-            route = owner.current_route()
-            if route is None:
-                return  # not routed yet: the hook's time is booked once it is
-            self._sink((owner.method, route), seconds)
+            if owner.route == OWN:
+                return  # loopwatch's own work: never booked to the app
+            # a long callback of a request not routed yet is a hold before routing: its
+            # owner is the one its stall has (``<routing>``), as in every view
+            self._sink((owner.method, owner.owner_route()), seconds)
             owner.booked += seconds
         else:
             self._book_ownerless(server, seconds)
@@ -274,7 +278,8 @@ class HandleHook(_Hook):
         loops = self._loops
         perf_counter = time.perf_counter
         var = _current_request
-        server_types = _SERVER_TYPES
+        is_server = callback_is_server
+        server_code = _server_code
 
         def _run(self: asyncio.Handle) -> None:
             acct = loops.get(self._loop)  # type: ignore[attr-defined]
@@ -284,10 +289,7 @@ class HandleHook(_Hook):
             acct.owner = owner
             acct.bound = None
             if owner is None:
-                acct.server_running = isinstance(
-                    getattr(self._callback, "__self__", None),  # type: ignore[attr-defined]
-                    server_types,
-                )
+                acct.server_running = is_server(self._callback, server_code)  # type: ignore[attr-defined]
             start = acct.start = perf_counter()
             try:
                 original(self)
@@ -413,9 +415,10 @@ class MonitoringHook(_Hook):
             if acct.start is not None:  # the same code awaited inside a running step
                 self._depth[ident] = self._depth.get(ident, 0) + 1
                 return
-            acct.owner = _current_request.get()
+            owner = acct.owner = _current_request.get()
             acct.bound = None
-            acct.server_running = False
+            # a step of the server's own task (its main loop, a connection before the app)
+            acct.server_running = owner is None and _server_code.is_server(code)
             acct.start = time.perf_counter()
         except Exception:
             self._failed()
@@ -480,10 +483,16 @@ class SamplingHook(_Hook):
         if task is None:
             return
         owner = owner_of(task)
-        if owner is not None:
+        if owner is not None and owner.route is None and owner.current_route() is None:
+            # a request not routed yet: its code now is a hold before routing, booked where
+            # its stall is (``<routing>``), never moved to the route it gets later
+            accountant._sink((owner.method, owner.unrouted), elapsed)
+        elif owner is not None:
             owner.busy += elapsed  # no other writer on this loop: the hook is this thread
             if owner.done:  # a task it left running (a background task): book it too
                 accountant.finished.append(owner)
+        elif _server_code.task_is_server(task):
+            accountant.server += elapsed
         else:
             accountant.background += elapsed
 

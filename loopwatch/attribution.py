@@ -19,11 +19,11 @@ import sysconfig
 import traceback
 import weakref
 from collections.abc import Callable
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 from loopwatch.routes import route_template
-from loopwatch.stall import UNMATCHED
+from loopwatch.stall import BACKGROUND, OWN, ROUTING, SERVER, UNMATCHED
 
 __all__ = [
     "CodeFilter",
@@ -56,21 +56,23 @@ class RequestRecord:
         "busy",
         "done",
         "method",
-        "pending",
         "root_path",
         "route",
         "scope",
         "trace",
+        "unrouted",
     )  # fmt: skip
 
-    def __init__(self, method: str, scope: Any, root_path: str) -> None:
+    def __init__(self, method: str, scope: Any, root_path: str, *, routed: bool = True) -> None:
         self.method = method
         self.scope = scope
         self.root_path = root_path
         self.route: str | None = None  # set once, by finish()
         self.done = False  # the app returned; the route can be read from the scope any time
-        # stalls that ended before the request was routed; the middleware flushes them
-        self.pending: list[Any] | None = None
+        # what owns this request's code while no route is known: ``<routing>`` in an app
+        # with a router (code before it, a middleware), ``<unmatched>`` in one without (it
+        # is never routed): one owner for a hold from its first booking to every view
+        self.unrouted = ROUTING if routed else UNMATCHED
         # loop time: seconds the loop ran this request's code (written on the loop thread
         # by the accounting hook), and how much of it is booked (by the watchdog)
         self.busy = 0.0
@@ -88,11 +90,52 @@ class RequestRecord:
         except Exception:  # a framework's object misbehaving must not break the watchdog
             return None
 
+    def owner_route(self) -> str:
+        """The route a hold in this request's code is booked under now."""
+        route = self.current_route()
+        return route if route is not None else self.unrouted
+
     def finish(self) -> str:
         self.done = True
         route = self.current_route()
         self.route = route if route is not None else UNMATCHED
         return self.route
+
+
+def _fixed_owner(route: str) -> RequestRecord:
+    """An owner that is no request: its route is fixed, and as it is ``done`` the loop time
+    charged to it is booked at the next drain (``accounting``), like a finished request's."""
+    record = RequestRecord("-", None, "")
+    record.route = route
+    record.done = True
+    return record
+
+
+def background_owner() -> RequestRecord:
+    """The owner of the app's code that runs outside any request, bound where loopwatch knows
+    it runs it (the lifespan), so the server's task that calls it is not taken for the
+    server's own work."""
+    return _fixed_owner(BACKGROUND)
+
+
+def own_owner() -> RequestRecord:
+    """The owner of loopwatch's own code on one loop (the heartbeat, its start-up work, the
+    callbacks the watchdog schedules): every hook sees it like a request, and as it is not
+    ``done`` nor in flight, what is charged to it (``busy``) is never booked to the app."""
+    record = RequestRecord("-", None, "")
+    record.route = OWN
+    return record
+
+
+def is_own(owner: object) -> bool:
+    return isinstance(owner, RequestRecord) and owner.route == OWN
+
+
+def own_context(owner: RequestRecord) -> contextvars.Context:
+    """A context in which code is loopwatch's own (pass to ``create_task``/``call_soon``)."""
+    context = contextvars.Context()
+    context.run(_current_request.set, owner)
+    return context
 
 
 Binding = tuple[contextvars.Token["RequestRecord | None"], "asyncio.Task[Any] | None", Any]
@@ -195,6 +238,104 @@ def uninstall_task_factory(loop: asyncio.AbstractEventLoop) -> None:
     current = loop.get_task_factory()
     if getattr(current, "_loopwatch", False) and not loop.is_closed():
         loop.set_task_factory(current._previous)  # type: ignore[union-attr]
+
+
+# The servers whose own tasks and callbacks are ``<server>`` work (the app's code they call
+# runs bound to a request, or to the lifespan's owner, by the middleware).
+SERVER_PACKAGES = ("uvicorn", "uvicorn_worker", "hypercorn", "granian", "gunicorn", "daphne")
+# a callback that is a method of one of these is the server's (or the loop's) protocol work
+SERVER_TYPES: tuple[type, ...] = (
+    asyncio.BaseTransport,
+    asyncio.BaseProtocol,
+    asyncio.AbstractEventLoop,
+)
+
+
+class ServerCode:
+    """Tells the server's own code from the app's by the file of a code object: inside a
+    server package loaded in this process. Results are cached per code object."""
+
+    def __init__(self) -> None:
+        self._dirs: tuple[str, ...] | None = None
+        self._known: dict[int, bool] = {}
+
+    def dirs(self) -> tuple[str, ...]:
+        if self._dirs is None:
+            found = []
+            for name in SERVER_PACKAGES:
+                module = sys.modules.get(name)
+                path = getattr(module, "__file__", None)
+                if isinstance(path, str):
+                    found.append(os.path.join(os.path.dirname(path), ""))
+            self._dirs = tuple(found)
+        return self._dirs
+
+    def is_server(self, code: CodeType) -> bool:
+        known = self._known.get(id(code))
+        if known is None:
+            known = code.co_filename.startswith(self.dirs()) if self.dirs() else False
+            if len(self._known) < 10_000:
+                self._known[id(code)] = known  # code objects of a module live as long as it
+        return known
+
+    def task_is_server(self, task: Any) -> bool:
+        """An ownerless task that runs the server's code (its main loop, a connection)."""
+        try:
+            code = getattr(task.get_coro(), "cr_code", None)
+        except Exception:
+            return False
+        return code is not None and self.is_server(code)
+
+
+def callback_is_server(callback: Any, server_code: ServerCode) -> bool:
+    """A plain callback (not a task step) that is protocol work, or a server task's step."""
+    target = getattr(callback, "__self__", None)
+    if isinstance(target, SERVER_TYPES):
+        return True
+    return isinstance(target, asyncio.Task) and server_code.task_is_server(target)
+
+
+def running_callback_owner(
+    frame: FrameType | None, server_code: ServerCode, entry_codes: frozenset[CodeType]
+) -> RequestRecord | str | None:
+    """Read from the watchdog while the loop thread runs no task: the owner of the plain
+    callback it runs (one scheduled with ``call_soon``/``call_later``, or protocol work).
+
+    On a pure-Python loop the callback runs inside ``Handle._run``, whose handle carries the
+    context it was scheduled in (a request's, for a callback a request scheduled) and the
+    callback itself. A C loop (uvloop) shows no handle: only the outermost Python frame
+    inside the loop's run call (``entry_codes``: the frame that called into it), which tells
+    the server's protocol code from anything else. A request record, ``SERVER`` or None
+    (background)."""
+    outermost = None
+    while frame is not None and frame.f_code not in entry_codes:
+        code = frame.f_code
+        if code.co_name == "_run" and code.co_filename.endswith(_EVENTS_PY):
+            try:
+                handle = frame.f_locals.get("self")
+                context = getattr(handle, "_context", None)
+                owner = context.get(_current_request) if context is not None else None
+                if owner is not None:
+                    return owner  # type: ignore[no-any-return]
+                callback = getattr(handle, "_callback", None)
+            except Exception:  # read across threads: a torn read is background
+                return None
+            return SERVER if callback_is_server(callback, server_code) else None
+        outermost = frame
+        frame = frame.f_back
+    if outermost is not None:
+        if server_code.is_server(outermost.f_code):
+            return SERVER
+        try:
+            target = outermost.f_locals.get("self")
+        except Exception:
+            return None
+        if isinstance(target, SERVER_TYPES):
+            return SERVER
+    return None
+
+
+_EVENTS_PY = os.path.join("asyncio", "events.py")
 
 
 @functools.cache

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from loopwatch.attribution import (
     RequestRecord,
+    background_owner,
     bind_request,
     install_task_factory,
     unbind_request,
@@ -27,7 +28,7 @@ from loopwatch.config import ConfigError, Settings
 from loopwatch.exposition import MetricsServer
 from loopwatch.metrics import book_for, resolve_registry
 from loopwatch.monitor import Monitor, StallCallback
-from loopwatch.routes import declared_routes
+from loopwatch.routes import declared_routes, has_router
 from loopwatch.stall import ROUTING
 from loopwatch.stats import Shard
 
@@ -138,7 +139,8 @@ class LoopWatchMiddleware:
         self._exact = frozenset(self.settings.exclude)
         self._prefixes = tuple(p.rstrip("/") + "/" for p in self.settings.exclude)
         self._metrics_mounts: dict[int, frozenset[str]] = {}
-        self._declared_apps: set[int] = set()
+        # id(app) -> whether it routes requests, read once per app with its route table
+        self._routers: dict[int, bool] = {}
         if self.settings.metrics_port is not None:
             # Bound now, so a busy port fails start-up rather than the first request.
             try:
@@ -195,7 +197,8 @@ class LoopWatchMiddleware:
         if monitor is None or shard is None:  # pragma: no cover - set by _bind
             raise RuntimeError("loopwatch: monitor not bound")
 
-        record = RequestRecord(method, scope, scope.get("root_path", ""))
+        routed = self._routers.get(id(scope.get("app") or self.app), True)
+        record = RequestRecord(method, scope, scope.get("root_path", ""), routed=routed)
         capture = self._capture_trace
         if capture is not None:
             record.trace = capture()
@@ -215,9 +218,6 @@ class LoopWatchMiddleware:
                 monitor.requests.discard(record)
                 if accountant is not None:
                     accountant.finished.append(record)
-                if record.pending:
-                    record.finish()
-                    monitor.flush_pending(record)
                 unbind_request(binding)
             return
 
@@ -238,8 +238,6 @@ class LoopWatchMiddleware:
                 accountant.finished.append(record)
             shard.in_flight -= 1
             shard.count_request(method, route, status, elapsed)
-            if record.pending:
-                monitor.flush_pending(record)
 
         async def send_and_watch(message: Message) -> None:
             nonlocal status
@@ -251,12 +249,8 @@ class LoopWatchMiddleware:
                 return
             if mtype == "http.response.start" or mtype == "websocket.http.response.start":
                 status = _STATUSES.get(message.get("status", 0), "other")
-                if record.pending:  # stalls from before routing: routed by now
-                    monitor.flush_pending(record)
             elif mtype == "websocket.accept":
                 status = "101"
-                if record.pending:
-                    monitor.flush_pending(record)
             elif mtype == "websocket.close" and status == "500":
                 status = "403"  # closed before accepting: the server answers 403
             elif mtype == "http.response.pathsend":  # the ASGI pathsend extension: final
@@ -271,8 +265,6 @@ class LoopWatchMiddleware:
         finally:
             if not answered:
                 count()
-            elif record.pending:
-                monitor.flush_pending(record)
             unbind_request(binding)
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -281,8 +273,6 @@ class LoopWatchMiddleware:
         self._shard = monitor.attach(self.book)
         if self.on_stall is not None:
             monitor.add_callback(self.on_stall)
-        if monitor.threadpool is None:
-            monitor.threadpool = _default_threadpool()
         self._monitor = monitor
         self._loop = loop
         self._otel_resolved = False  # a new monitor: hand it to OpenTelemetry too
@@ -327,9 +317,9 @@ class LoopWatchMiddleware:
 
     def _declare(self, app: Any) -> None:
         """Zero series for the app's routes, read from its route table once per app."""
-        if id(app) in self._declared_apps:
+        if id(app) in self._routers:
             return
-        self._declared_apps.add(id(app))
+        self._routers[id(app)] = has_router(app)
         declared = [(m, route) for m, route in declared_routes(app) if m in _LABELS]
         # a stall before routing is booked live under <routing>: zero from start-up too
         self.book.declared.update(declared)
@@ -369,6 +359,9 @@ class LoopWatchMiddleware:
                 self._start_otel()
             await send(message)
 
+        # The app's start-up and shutdown code runs in a task of the server's: bound to the
+        # background's owner, so that a hold in it is the app's, not ``<server>``
+        binding = bind_request(background_owner()) if _on_asyncio() else None
         try:
             await self.app(scope, receive_and_start, send_and_watch)
         except ConfigError as error:
@@ -378,6 +371,8 @@ class LoopWatchMiddleware:
         finally:
             # An app that ignores lifespan returns at once: keep the side port and let the
             # first request start the monitor. After a real start-up, this is the shutdown.
+            if binding is not None:
+                unbind_request(binding)
             if started:
                 self.close()
 
@@ -433,6 +428,14 @@ class LoopWatchMiddleware:
         return False
 
 
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio: loopwatch does not watch it
+        return False
+    return True
+
+
 def _in_event_loop() -> bool:
     """Code running inside a server's event loop (asyncio, or trio through sniffio)."""
     try:
@@ -467,19 +470,6 @@ def _note_unmonitored() -> None:
         "through unmonitored and uncounted",
         library,
     )
-
-
-def _default_threadpool() -> Any:
-    """anyio's default CapacityLimiter for the running loop: the threadpool that runs ``def``
-    endpoints and ``run_in_threadpool``. Only when anyio is already loaded (Starlette loads it);
-    must run on the loop, inside a task."""
-    anyio = sys.modules.get("anyio")
-    if anyio is None:
-        return None
-    try:
-        return anyio.to_thread.current_default_thread_limiter()
-    except Exception:
-        return None
 
 
 def _find_metrics_mounts(app: Any) -> frozenset[str]:

@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import contextvars
-import dataclasses
+import importlib
 import inspect
 import logging
 import os
@@ -31,15 +30,20 @@ from loopwatch.attribution import (
     CodeFilter,
     FrameSource,
     RequestRecord,
+    ServerCode,
     format_culprit,
     format_stack,
     install_task_factory,
+    is_own,
+    own_context,
+    own_owner,
     owner_of,
+    running_callback_owner,
     uninstall_task_factory,
 )
 from loopwatch.config import Settings
 from loopwatch.profile import LoopSampler
-from loopwatch.stall import BACKGROUND, ROUTING, UNMATCHED, Stall, remember
+from loopwatch.stall import BACKGROUND, SERVER, Stall, remember
 from loopwatch.stats import LAG_BUCKETS, HistogramData, Shard, StatsBook
 from loopwatch.timeline import Timeline
 
@@ -52,9 +56,13 @@ logger = logging.getLogger("loopwatch")
 
 StallCallback = Callable[[Stall], Any]
 
-# owner key of code that runs outside any request (callbacks, startup tasks)
+# owner keys of code that runs outside any request: the app's (callbacks, startup tasks),
+# the server's own (its protocol callbacks and tasks), and loopwatch's (never booked)
 _BACKGROUND_KEY = object()
+_SERVER_KEY = object()
+_OWN_KEY = object()
 _BACKGROUND_STALL = ("-", BACKGROUND)
+_SERVER_STALL = ("-", SERVER)
 
 
 # (time, the loop thread's CPU clock, its schedstat (on CPU, runnable but waiting)), read
@@ -116,6 +124,31 @@ def _loop_entry_codes() -> frozenset[CodeType]:
     return frozenset({caller.f_code})
 
 
+def _import_threadpool_backend() -> None:
+    """Import anyio's asyncio backend, if anyio is in use, on the watchdog's thread: the first
+    call for the threadpool's limiter would import it on the loop (45-55 ms on anyio 3, more
+    under load), a hold loopwatch would make and then blame on the app."""
+    if "anyio" not in sys.modules:
+        return
+    try:
+        importlib.import_module("anyio._backends._asyncio")
+    except Exception:  # another anyio layout: the limiter is read without it
+        logger.debug("loopwatch: anyio's asyncio backend not imported ahead", exc_info=True)
+
+
+def _default_threadpool() -> Any:
+    """anyio's default CapacityLimiter for the running loop: the threadpool that runs ``def``
+    endpoints and ``run_in_threadpool``. Only when anyio is already loaded (Starlette loads
+    it); runs on the loop, inside a task (the heartbeat)."""
+    anyio = sys.modules.get("anyio")
+    if anyio is None:
+        return None
+    try:
+        return anyio.to_thread.current_default_thread_limiter()
+    except Exception:
+        return None
+
+
 def thread_alive(thread: threading.Thread | None) -> bool:
     return thread is not None and thread.is_alive()
 
@@ -146,6 +179,7 @@ class _Segment:
         "key",
         "live_key",
         "next_long",
+        "owner",
         "record",
         "sched0",
         "stack",
@@ -156,10 +190,13 @@ class _Segment:
         "within",
     )  # fmt: skip
 
-    def __init__(self, key: object, record: RequestRecord | None, start: float,
-                 cpu0: float | None, now: float, long_stall: float) -> None:  # fmt: skip
+    def __init__(self, key: object, record: RequestRecord | None, owner: tuple[str, str],
+                 start: float, cpu0: float | None, now: float, long_stall: float) -> None:  # fmt: skip
         self.key = key
         self.record = record
+        # (method, route) that owns the hold, fixed as it is first seen (the loop is held,
+        # so its request cannot be routed meanwhile): every view of the hold names it
+        self.owner = owner
         self.start = start
         self.cpu0 = cpu0
         self.cpu_t0 = now
@@ -170,8 +207,8 @@ class _Segment:
         self.next_long = long_stall
         self.in_flight = 0
         # Live booking: once the hold is known to be a stall (``confirmed``), the watchdog
-        # books its seconds every check up to ``booked_until``, under ``live_key``
-        # (method, route), and the close books the rest.
+        # books its seconds every check up to ``booked_until``, under ``live_key`` (its
+        # owner, once booked), and the close books the rest.
         self.confirmed = False
         self.counted = False
         self.booked_until = start
@@ -230,6 +267,10 @@ class Monitor:
         self.timeline = Timeline()  # the last minutes, one point a second, for the live page
         # requests in flight on this loop, kept by the middleware
         self.requests: set[RequestRecord] = set()
+        # loopwatch's own code on this loop runs bound to this owner: never the app's
+        self.own = own_owner()
+        self._own_context = own_context(self.own)
+        self._server_code = ServerCode()
         # loop time per request (accounting), when on
         self.accountant: Accountant | None = None
         # more takers of booked loop time, beside the books (the pytest plugin's per test)
@@ -257,8 +298,10 @@ class Monitor:
         self.checks = 0  # watchdog checks done; settle() waits for one more
         self._lock = threading.Lock()
         # anyio's default CapacityLimiter for this loop (the threadpool of def endpoints),
-        # handed over by the middleware; read from the scrape thread, never awaited
+        # read by the heartbeat once the watchdog has imported anyio's backend off the loop;
+        # read from the scrape thread, never awaited
         self.threadpool: Any = None
+        self._backend_ready = False
         # OpenTelemetry (``loopwatch.otel``), when a middleware found a real provider; the
         # heartbeat hands its lag values to it through ``lag_tap``
         self.otel: OtelBridge | None = None
@@ -325,14 +368,18 @@ class Monitor:
         # The CPU clock and schedstat probes read /proc: here, never on the loop it watches.
         self._cpu = _thread_cpu_clock(self._loop_thread_id or 0)
         self._sched = _thread_schedstat(native_id)
+        self._server_code.dirs()
+        _import_threadpool_backend()  # here, not on the loop: 50 ms or more on anyio 3
+        self._backend_ready = True
         self._run()
 
     def _start_heartbeat(self) -> None:
         if self._stop.is_set() or self.loop.is_closed():
             return
         self.last_beat = self._clock()
-        # An empty context: the heartbeat must never look like part of a request.
-        heartbeat = contextvars.Context().run(self.loop.create_task, self._beat())
+        # loopwatch's own context: the heartbeat is never part of a request, nor the app's
+        # background work, in any view
+        heartbeat = self._own_context.run(self.loop.create_task, self._beat())
         # a loop may close without running it again (shutdown): that is not an error
         heartbeat._log_destroy_pending = False  # type: ignore[attr-defined]
         self._heartbeat = heartbeat
@@ -432,6 +479,9 @@ class Monitor:
         try:
             while True:
                 await sleep(interval)
+                if self.threadpool is None and self._backend_ready:
+                    self.threadpool = _default_threadpool()  # once: the backend is loaded
+                    self._backend_ready = False
                 now = clock()
                 late = now - expected if now > expected else 0.0
                 lag.observe(late)
@@ -614,8 +664,7 @@ class Monitor:
         if episode is None:
             episode = self._episode = _Episode(beat, now)
         task = asyncio.current_task(self.loop)
-        record = owner_of(task)
-        key = record if record is not None else _BACKGROUND_KEY
+        key, record = self._owner(task)
         segment = episode.segment
         if segment is None or segment.key is not key:
             if segment is None:
@@ -625,8 +674,9 @@ class Monitor:
                 self._close(segment, end=start, now=now)
             cpu0 = self._cpu() if self._cpu is not None else None
             segment = episode.segment = _Segment(
-                key, record, start, cpu0, now, self.settings.long_stall
-            )
+                key, record, self._owner_key(key, record), start, cpu0, now,
+                self.settings.long_stall,
+            )  # fmt: skip
             segment.in_flight = self.in_flight  # the requests the stall holds up
             if otel is not None:
                 segment.trace = otel.context_of(task, record)
@@ -645,6 +695,41 @@ class Monitor:
                 # Tell the other requests in flight before they answer (and their spans
                 # end): on the loop, first thing once it is free again.
                 self._schedule_telling(segment)
+
+    def _owner(self, task: asyncio.Task[Any] | None) -> tuple[object, RequestRecord | None]:
+        """Who holds the loop now, as the watchdog sees it: (owner key, request or None).
+
+        The one rule every view follows (loop time charges callbacks the same way): a task
+        step belongs to the request bound in the task's context; a plain callback to the
+        request whose context it was scheduled in (``call_later`` from a request); code of
+        the server's own (its tasks, its protocol callbacks) to ``<server>``; loopwatch's own
+        to none of the app's books; anything else to ``<background>``."""
+        if task is not None:
+            record = owner_of(task)
+            if record is None:
+                server = self._server_code.task_is_server(task)
+                return (_SERVER_KEY if server else _BACKGROUND_KEY), None
+        else:
+            frame = self._frames().get(self._loop_thread_id or 0)
+            found = running_callback_owner(frame, self._server_code, self._idle_codes)
+            if found is None:
+                return _BACKGROUND_KEY, None
+            if isinstance(found, str):
+                return _SERVER_KEY, None
+            record = found
+        if record is self.own or is_own(record):
+            return _OWN_KEY, None
+        return record, record
+
+    @staticmethod
+    def _owner_key(key: object, record: RequestRecord | None) -> tuple[str, str]:
+        """(method, route) of a hold's owner, fixed as it is first seen. A request's code
+        before it is routed (a middleware inside loopwatch) is ``<routing>``, or
+        ``<unmatched>`` in an app with no router: the route it gets later is not known
+        while the loop is held, and a hold has one owner in every view."""
+        if record is not None:
+            return (record.method, record.owner_route())
+        return _SERVER_STALL if key is _SERVER_KEY else _BACKGROUND_STALL
 
     def _figures(self, now: float) -> _Figures:
         """The loop thread's CPU clock and schedstat, read now (``now`` is their time)."""
@@ -672,11 +757,15 @@ class Monitor:
         segment.told = True
         if segment.victims:
             with contextlib.suppress(RuntimeError):  # the loop closed
-                self.loop.call_soon_threadsafe(self._tell_victims, segment)
+                self.loop.call_soon_threadsafe(
+                    self._tell_victims, segment, context=self._own_context
+                )
 
     def _book_live(self, segment: _Segment, age: float, now: float) -> None:
         """Book the stall's seconds while it lasts, so ``rate()`` shows a freeze as it
         happens. The same tests as ``_close`` decide first that the hold is a stall."""
+        if segment.key is _OWN_KEY:
+            return  # loopwatch's own: never the app's
         if not segment.confirmed:
             if segment.key is _BACKGROUND_KEY and segment.idle and segment.culprits:
                 return  # a paused or starved process idle in its selector: no code
@@ -688,7 +777,7 @@ class Monitor:
             ):
                 return  # so far mostly CPU starvation
             segment.confirmed = True
-        key = segment.live_key or self._stall_key(segment.record)
+        key = segment.owner
         stalls = 0 if segment.counted else 1
         segment.counted = True
         seconds = now - segment.booked_until
@@ -697,18 +786,6 @@ class Monitor:
         self._live = (key, segment.start)
         for book, shard in list(self.books.items()):
             book.book_stall_time(shard, key[0], key[1], stalls, seconds)
-
-    @staticmethod
-    def _stall_key(record: RequestRecord | None) -> tuple[str, str]:
-        """Where a stall's seconds are booked, from its first live booking on (one stall, one
-        key). Held before routing (a middleware inside loopwatch), the route is not known
-        while the loop is held: a fixed placeholder, zero from start-up, where they stay (a
-        counter never moves back), the rest of the hold too; the delivered stall names its
-        route."""
-        if record is None:
-            return _BACKGROUND_STALL
-        route = record.current_route()
-        return (record.method, route if route is not None else ROUTING)
 
     def _sample_stack(self, segment: _Segment, age: float, now: float) -> None:
         frame = self._frames().get(self._loop_thread_id or 0)
@@ -719,13 +796,12 @@ class Monitor:
             segment.idle = False
         if segment.stack is None and age >= self.threshold:
             segment.stack = format_stack(frame)
-        if age >= segment.next_long:
+        if age >= segment.next_long and segment.key is not _OWN_KEY:
             segment.next_long *= 2
-            route = segment.record.current_route() if segment.record is not None else BACKGROUND
-            method = segment.record.method if segment.record is not None else "-"
+            method, route = segment.owner
             logger.warning(
                 "event loop blocked for %.1fs so far (still blocked) by %s %s at %s\n%s",
-                age, method, route or ROUTING,
+                age, method, route,
                 format_culprit(self._filter.culprit(frame)), format_stack(frame),
             )  # fmt: skip
 
@@ -744,6 +820,9 @@ class Monitor:
         duration = end - segment.start
         confirmed = segment.confirmed  # booked live already: a stall whatever comes next
         if duration < self.threshold and not confirmed:
+            return
+        if segment.key is _OWN_KEY:
+            logger.debug("loopwatch: %.3fs hold in loopwatch's own code: not the app's", duration)
             return
         if segment.key is _BACKGROUND_KEY and segment.idle and segment.culprits and not confirmed:
             logger.debug("loopwatch: %.3fs late heartbeat with the loop idle: not code", duration)
@@ -772,9 +851,10 @@ class Monitor:
         # victims are told now; those that answered meanwhile are skipped (span ended)
         self._schedule_telling(segment)
         top = segment.culprits.most_common(1)
+        method, route = segment.owner
         stall = Stall(
-            route=BACKGROUND,
-            method="-",
+            route=route,
+            method=method,
             kind=kind,
             duration=duration,
             started_at=time.time() - (now - segment.start),
@@ -785,33 +865,7 @@ class Monitor:
             **(self.otel.stall_fields(segment.trace) if self.otel is not None else {}),
         )
         # what the live booking already counted, so the stall is booked once in all
-        booked = _Booked(segment.live_key, segment.booked_until - segment.start)
-        record = segment.record
-        if record is None:
-            self.deliver(stall, booked=booked)
-            return
-        stall = dataclasses.replace(stall, method=record.method)
-        route = record.current_route()
-        if route is not None:
-            self.deliver(dataclasses.replace(stall, route=route), booked=booked)
-        else:
-            # Blocked before routing (another middleware): wait for the route it will match.
-            # What was booked live (under <routing>) goes along, so the rest is booked there
-            # too and the stall is counted once.
-            try:
-                self.loop.call_soon_threadsafe(self._hold_until_routed, record, stall, booked)
-            except RuntimeError:
-                self.deliver(dataclasses.replace(stall, route=record.finish()), booked=booked)
-
-    def _hold_until_routed(self, record: RequestRecord, stall: Stall, booked: _Booked) -> None:
-        if record.route is not None or record.done:
-            self.deliver(dataclasses.replace(stall, route=record.finish()), booked=booked)
-        elif (route := record.current_route()) is not None:  # routed meanwhile
-            self.deliver(dataclasses.replace(stall, route=route), booked=booked)
-        elif record.pending is None:
-            record.pending = [(stall, booked)]
-        else:
-            record.pending.append((stall, booked))
+        self.deliver(stall, booked=_Booked(segment.live_key, segment.booked_until - segment.start))
 
     def _tell_victims(self, segment: _Segment) -> None:
         """On the loop, as soon as a stall lets go of it: every other traced request in flight
@@ -821,16 +875,12 @@ class Monitor:
         if otel is None:
             return
         end = segment.end if segment.end is not None else self._clock()
-        record = segment.record
         try:
             culprits = dict(segment.culprits)  # one C-level copy: the watchdog may sample
         except RuntimeError:
             culprits = {}
         top = max(culprits, key=culprits.__getitem__) if culprits else None
-        if record is None:
-            method, route = _BACKGROUND_STALL
-        else:
-            method, route = record.method, record.current_route() or ROUTING
+        method, route = segment.owner
         try:
             otel.tell_victims(
                 segment.victims, method=method, route=route, culprit=format_culprit(top),
@@ -842,13 +892,6 @@ class Monitor:
             if not self._otel_failed:
                 self._otel_failed = True
                 logger.exception("loopwatch: OpenTelemetry victim events failed")
-
-    def flush_pending(self, record: RequestRecord) -> None:
-        """Called by the middleware on the loop when a request with held stalls finishes."""
-        pending, record.pending = record.pending, None
-        route = record.route or record.current_route() or UNMATCHED
-        for stall, booked in pending or ():
-            self.deliver(dataclasses.replace(stall, route=route), booked=booked)
 
     # -- reporting ----------------------------------------------------------------------
 

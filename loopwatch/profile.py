@@ -51,7 +51,7 @@ from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
 from loopwatch.attribution import RequestRecord, owner_of
-from loopwatch.stall import BACKGROUND, ROUTING, SERVER
+from loopwatch.stall import BACKGROUND, OWN, SERVER
 
 if TYPE_CHECKING:
     from loopwatch.monitor import Monitor
@@ -271,7 +271,9 @@ class LoopSampler:
         if not frames:
             return
         if owner is not None:
-            label = route_label(owner.method, owner.current_route() or ROUTING)
+            if owner.route == OWN:
+                return  # loopwatch's own work is not the app's profile
+            label = route_label(owner.method, owner.owner_route())
         else:
             label = route_label("-", SERVER if server else BACKGROUND)
         weight = min(MAX_SAMPLE_MS, max(1, round(elapsed * 1000)))

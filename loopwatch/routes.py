@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["declared_routes", "route_template"]
+__all__ = ["declared_routes", "has_router", "route_template"]
 
 _PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(:[a-zA-Z_][a-zA-Z0-9_]*)?}")
 
@@ -169,6 +169,15 @@ def _legacy_template(router: Any, endpoint: Any) -> str | None:
 
 
 _MAX_DECLARED = 10_000
+
+
+def has_router(app: Any) -> bool:
+    """Whether an app routes its requests (a Starlette/FastAPI route table): in one that does
+    not, a request is never routed, and its code is ``<unmatched>`` from the start."""
+    try:
+        return getattr(app, "routes", None) is not None or getattr(app, "router", None) is not None
+    except Exception:  # a framework's object misbehaving: assume it routes, as before
+        return True
 
 
 def declared_routes(app: Any) -> set[tuple[str, str]]:

@@ -12,8 +12,9 @@ __all__ = ["BACKGROUND", "UNMATCHED", "Stall", "clear_recent_stalls", "recent_st
 # Fixed label placeholders: label values are route templates or one of these, never raw input.
 UNMATCHED = "<unmatched>"
 BACKGROUND = "<background>"
-SERVER = "<server>"  # the server's own protocol work (loop time only)
-ROUTING = "<routing>"  # a hold before the request was routed (stall counters only)
+SERVER = "<server>"  # the server's own work: protocol callbacks, its main loop
+ROUTING = "<routing>"  # a request's code before it was routed (a middleware inside ours)
+OWN = "<loopwatch>"  # loopwatch's own work on the loop: never booked to the app
 
 RING_SIZE = 256
 

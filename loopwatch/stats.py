@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from loopwatch.stall import BACKGROUND, ROUTING, SERVER
+from loopwatch.stall import BACKGROUND, SERVER
 
 __all__ = [
     "LAG_BUCKETS",
@@ -216,9 +216,8 @@ class StatsBook:
         for key in list(self.declared):
             out.stall_time.setdefault(key, [0, 0.0])
         if out.busy is not None:  # the same zero series, and the server's own work
-            for key in out.stall_time:
-                if key[1] != ROUTING:  # loop time waits for the route: never booked there
-                    out.busy.setdefault(key, 0.0)
+            for key in out.stall_time:  # <routing> too: where a hold before routing goes
+                out.busy.setdefault(key, 0.0)
             if server:
                 out.busy.setdefault(SERVER_KEY, 0.0)
         for monitor in list(self.monitors):
