@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from loopwatch.middleware import LoopWatchMiddleware
     from loopwatch.monitor import Monitor
 
-__version__ = "0.1.0"
+from loopwatch.version import __version__
 
 __all__ = [
     "BACKGROUND",

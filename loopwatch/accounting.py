@@ -100,6 +100,17 @@ class Accountant:
         self._undo: Callable[[], None] | None = None  # restores the task factory
         self._last_sample = time.perf_counter()
 
+    def bind(self, record: RequestRecord) -> None:
+        """On the loop, from the callback that binds ``record`` (a request's first step):
+        from now on, the callback's time is the request's."""
+        self.bound_at = time.perf_counter()
+        self.bound = record
+
+    def finished_request(self, record: RequestRecord) -> None:
+        """On the loop: ``record`` is over; its last loop time is booked at the next drain
+        (work it left running queues it again)."""
+        self.finished.append(record)
+
     # -- booking (watchdog or scrape thread) ---------------------------------------------
 
     def check(self) -> None:

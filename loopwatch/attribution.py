@@ -20,7 +20,7 @@ import traceback
 import weakref
 from collections.abc import Callable
 from types import CodeType, FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 from loopwatch.routes import route_template
 from loopwatch.stall import BACKGROUND, OWN, ROUTING, SERVER, UNMATCHED
@@ -336,6 +336,64 @@ def running_callback_owner(
 
 
 _EVENTS_PY = os.path.join("asyncio", "events.py")
+
+
+class Owner(NamedTuple):
+    """Who holds the loop: the one answer every view gives for a hold."""
+
+    key: object  # identity: the request's record, or one fixed object per placeholder
+    record: RequestRecord | None
+    label: tuple[str, str]  # (method, route) in every view
+    booked: bool = True  # False: loopwatch's own work, never booked to the app
+    background: bool = False  # code outside any request (an idle process looks like it)
+    task: Any = None  # the loop's current task, if it runs one
+
+
+_BACKGROUND = Owner(object(), None, ("-", BACKGROUND), background=True)
+_SERVER = Owner(object(), None, ("-", SERVER))
+_OWN = Owner(object(), None, ("-", OWN), booked=False)
+
+
+class Attributor:
+    """Decides who holds one loop now, read from the watchdog's thread (the loop is held).
+
+    The one rule every view follows, and that loop time charges callbacks by too: a task step
+    belongs to the request bound in the task's context; a plain callback to the request whose
+    context it was scheduled in (``call_later`` from a request); the server's own code (its
+    tasks, its protocol callbacks) to ``<server>``; loopwatch's own to none of the app's
+    books; anything else to ``<background>``. A request's code before it is routed (a
+    middleware inside loopwatch) is ``<routing>``, or ``<unmatched>`` in an app with no
+    router: the route it gets later is not known while the loop is held."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        own: RequestRecord,
+        frame: Callable[[], FrameType | None],
+        entry_codes: Callable[[], frozenset[CodeType]],
+    ) -> None:
+        self._loop = loop
+        self._own = own
+        self._frame = frame
+        self._entry_codes = entry_codes
+        self.server_code = ServerCode()
+
+    def owner(self) -> Owner:
+        task = asyncio.current_task(self._loop)
+        if task is not None:
+            record = owner_of(task)
+            if record is None:
+                return _SERVER if self.server_code.task_is_server(task) else _BACKGROUND
+        else:
+            found = running_callback_owner(self._frame(), self.server_code, self._entry_codes())
+            if found is None:
+                return _BACKGROUND
+            if isinstance(found, str):
+                return _SERVER
+            record = found
+        if record is self._own or is_own(record):
+            return _OWN
+        return Owner(record, record, (record.method, record.owner_route()), task=task)
 
 
 @functools.cache

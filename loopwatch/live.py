@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry
 
 from loopwatch.metrics import book_for
 from loopwatch.stall import Stall, recent_stalls
-from loopwatch.stats import StatsBook
+from loopwatch.stats import StatsBook, WatchedLoop
 from loopwatch.timeline import KEEP
 
 __all__ = ["Response", "respond", "serves"]
@@ -128,8 +128,8 @@ def _float(values: list[str] | None, default: float) -> float:
         return default
 
 
-def _monitors(book: StatsBook) -> list[Any]:
-    return [m for m in list(book.monitors) if m.running]
+def _monitors(book: StatsBook) -> list[WatchedLoop]:
+    return [m for m in book.loops() if m.running]
 
 
 def state(book: StatsBook, side_port: bool) -> dict[str, Any]:

@@ -8,7 +8,6 @@ It imports no web framework: the route template is read from the scope after dis
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import os
@@ -135,7 +134,7 @@ class LoopWatchMiddleware:
         self.book = book_for(self.registry)
         self.request_metrics = self.settings.request_metrics
         if self.request_metrics:
-            self.book.request_metrics = True
+            self.book.count_requests()
         self._exact = frozenset(self.settings.exclude)
         self._prefixes = tuple(p.rstrip("/") + "/" for p in self.settings.exclude)
         self._metrics_mounts: dict[int, frozenset[str]] = {}
@@ -207,8 +206,7 @@ class LoopWatchMiddleware:
         monitor.requests.add(record)
         accountant = monitor.accountant
         if accountant is not None:  # this callback runs it: from now on, the request's time
-            accountant.bound_at = time.perf_counter()
-            accountant.bound = record
+            accountant.bind(record)
         if not self.request_metrics:
             # stall attribution only: no status, no clock, no route unless a stall needs it
             try:
@@ -217,7 +215,7 @@ class LoopWatchMiddleware:
                 record.done = True
                 monitor.requests.discard(record)
                 if accountant is not None:
-                    accountant.finished.append(record)
+                    accountant.finished_request(record)
                 unbind_request(binding)
             return
 
@@ -235,7 +233,7 @@ class LoopWatchMiddleware:
             route = record.finish()
             monitor.requests.discard(record)
             if accountant is not None:  # its last loop time; later work re-queues it
-                accountant.finished.append(record)
+                accountant.finished_request(record)
             shard.in_flight -= 1
             shard.count_request(method, route, status, elapsed)
 
@@ -309,10 +307,7 @@ class LoopWatchMiddleware:
         if bridge is None:
             return
         self.otel = bridge
-        if monitor.otel is None:  # the loop's first middleware with OpenTelemetry wins
-            monitor.otel = bridge
-            if bridge.metrics is not None:
-                monitor.lag_tap = collections.deque(maxlen=100_000)
+        monitor.use_otel(bridge)  # the loop's first middleware with OpenTelemetry wins
         self._capture_trace = bridge.capture
 
     def _declare(self, app: Any) -> None:
@@ -322,8 +317,8 @@ class LoopWatchMiddleware:
         self._routers[id(app)] = has_router(app)
         declared = [(m, route) for m, route in declared_routes(app) if m in _LABELS]
         # a stall before routing is booked live under <routing>: zero from start-up too
-        self.book.declared.update(declared)
-        self.book.declared.update((m, ROUTING) for m in {m for m, _ in declared})
+        self.book.declare(declared)
+        self.book.declare((m, ROUTING) for m in {m for m, _ in declared})
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False

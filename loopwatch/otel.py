@@ -152,7 +152,7 @@ def _metrics_for(provider: Any, book: StatsBook) -> OtelMetrics:
     for metrics in known:
         if metrics.provider is provider:
             return metrics
-    from loopwatch import __version__
+    from loopwatch.version import __version__
 
     metrics = OtelMetrics(provider, provider.get_meter(SCOPE, __version__), book)
     known.append(metrics)
@@ -294,7 +294,7 @@ def start(
     tracer = None
     metrics = None
     if is_real_provider(tracer_provider):
-        from loopwatch import __version__
+        from loopwatch.version import __version__
 
         tracer = tracer_provider.get_tracer(SCOPE, __version__)
     if is_real_provider(meter_provider):

@@ -48,13 +48,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from types import CodeType, FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from loopwatch.attribution import RequestRecord, owner_of
+from loopwatch.accounting import Accountant
+from loopwatch.attribution import Owner
+from loopwatch.detect import Detector
 from loopwatch.stall import BACKGROUND, OWN, SERVER
-
-if TYPE_CHECKING:
-    from loopwatch.monitor import Monitor
 
 __all__ = [
     "DEFAULT_SECONDS",
@@ -230,11 +229,22 @@ _ACCOUNTING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "acc
 
 
 class LoopSampler:
-    """Samples one monitor's loop, called by its watchdog thread at every check."""
+    """Samples one loop, called by its watchdog thread at every check. The owner of a sample
+    is the one ``attribute`` gives a hold (or the exact hook's running callback's)."""
 
-    def __init__(self, monitor: Monitor, store: ProfileStore = PROFILE) -> None:
-        self.monitor = monitor
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        detector: Detector,
+        accountant: Callable[[], Accountant | None],
+        attribute: Callable[[], Owner],
+        store: ProfileStore = PROFILE,
+    ) -> None:
+        self.loop = loop
+        self.detector = detector
         self.store = store
+        self._accountant = accountant
+        self._attribute = attribute
         self._last = time.perf_counter()
         self._frame_names: dict[tuple[CodeType, int], str] = {}
         self._loop_codes: dict[CodeType, bool] = {}
@@ -242,42 +252,43 @@ class LoopSampler:
     def sample(self) -> None:
         now = time.perf_counter()
         elapsed, self._last = now - self._last, now
-        monitor = self.monitor
-        accountant = monitor.accountant
+        detector = self.detector
+        accountant = self._accountant()
         start: float | None = None
-        owner: RequestRecord | None = None
-        server = False
+        label: tuple[str, str] | None = None
         if accountant is not None and accountant.exact:
             start = accountant.start
             if start is not None:
                 owner = accountant.owner or accountant.bound
-                server = accountant.server_running
-            elif not monitor.stalling:
+                if owner is not None:
+                    if owner.route == OWN:
+                        return  # loopwatch's own work is not the app's profile
+                    label = (owner.method, owner.owner_route())
+                else:
+                    label = ("-", SERVER if accountant.server_running else BACKGROUND)
+            elif not detector.stalling:
                 return  # the loop waits for I/O
         if start is None:
             try:
-                task = asyncio.current_task(monitor.loop)
+                task = asyncio.current_task(self.loop)
             except RuntimeError:  # the loop closed
                 return
-            if task is None and not monitor.stalling:
+            if task is None and not detector.stalling:
                 return
-            owner = owner_of(task)
-        frame = monitor._frames().get(monitor._loop_thread_id or 0)
-        if frame is None or monitor._is_idle(frame):
+            found = self._attribute()
+            if not found.booked:
+                return
+            label = found.label
+        frame = detector.loop_frame()
+        if frame is None or detector.is_idle(frame) or label is None:
             return
         if start is not None and accountant is not None and accountant.start != start:
             return  # that callback ended meanwhile: the stack is someone else's
         frames = self._stack(frame)
         if not frames:
             return
-        if owner is not None:
-            if owner.route == OWN:
-                return  # loopwatch's own work is not the app's profile
-            label = route_label(owner.method, owner.owner_route())
-        else:
-            label = route_label("-", SERVER if server else BACKGROUND)
         weight = min(MAX_SAMPLE_MS, max(1, round(elapsed * 1000)))
-        self.store.add((label, *frames), weight)
+        self.store.add((route_label(*label), *frames), weight)
 
     def _stack(self, frame: FrameType | None) -> list[str]:
         """The frames above the event loop's own, root to leaf, at most ``MAX_DEPTH``."""
@@ -307,7 +318,7 @@ class LoopSampler:
         if known is None:
             path = code.co_filename
             known = (
-                code in self.monitor._idle_codes
+                code in self.detector.idle_codes
                 or (
                     os.path.dirname(path) == _ASYNCIO_DIR
                     and (os.path.basename(path), code.co_name) in _LOOP_FUNCTIONS

@@ -454,7 +454,7 @@ class _Guard:
         own = not monitor.running
         watch = _Watch(self, monitor, owner, own)
         monitor.add_callback(watch.on_stall)
-        monitor.busy_sinks.append(watch.on_busy)
+        monitor.add_busy_sink(watch.on_busy)
         monitor.acquire(watch)
         with self._lock:
             self._live.add(watch)
@@ -471,11 +471,9 @@ class _Guard:
             else:
                 monitor.flush_loop_time()
                 monitor.release(watch)
-                with contextlib.suppress(ValueError):
-                    monitor.callbacks.remove(watch.on_stall)
+                monitor.remove_callback(watch.on_stall)
         finally:
-            with contextlib.suppress(ValueError):
-                monitor.busy_sinks.remove(watch.on_busy)
+            monitor.remove_busy_sink(watch.on_busy)
             with self._lock:
                 self._live.discard(watch)
 
@@ -778,7 +776,7 @@ class _Guard:
         counts = {v: 0 for v in ("failed", "allowed", "below-threshold")}
         for stall in everything.stalls:
             counts[str(stall["verdict"])] += 1
-        from loopwatch import __version__
+        from loopwatch.version import __version__
 
         document = {
             "version": REPORT_VERSION,

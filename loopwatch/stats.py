@@ -10,10 +10,11 @@ from __future__ import annotations
 import bisect
 import threading
 import weakref
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 from loopwatch.stall import BACKGROUND, SERVER
+from loopwatch.timeline import Timeline
 
 __all__ = [
     "LAG_BUCKETS",
@@ -82,12 +83,38 @@ def _keep_newer(
                 mine[index] = exemplar
 
 
+class WatchedLoop(Protocol):
+    """What a scrape or the live page reads of a watched loop besides its shard (a
+    ``Monitor``)."""
+
+    threshold: float
+    timeline: Timeline
+
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def hold_culprit(self) -> str | None: ...
+
+    def flush_loop_time(self) -> bool | None: ...
+
+    def loop_time_mode(self) -> str: ...
+
+    def current_stall_seconds(self) -> float: ...
+
+    def stall_in_progress(self) -> tuple[tuple[str, str], float] | None: ...
+
+    def threadpool_stats(self) -> tuple[int, int, int] | None: ...
+
+
 class Shard:
     """The aggregates of one event loop."""
 
-    def __init__(self) -> None:
-        # written by the loop thread (the lag data is the monitor's own, shared)
-        self.lag = HistogramData(LAG_BUCKETS)
+    def __init__(self, lag: HistogramData | None = None) -> None:
+        # written by the loop thread (the lag data is the loop's own, shared by its shards)
+        self.lag = lag if lag is not None else HistogramData(LAG_BUCKETS)
         self.requests: dict[tuple[str, str, str], int] = {}
         self.latency: dict[tuple[str, str], HistogramData] = {}
         self.in_flight = 0
@@ -138,7 +165,8 @@ class StatsBook:
 
     def __init__(self) -> None:
         self.shards: list[Shard] = []
-        self.monitors: weakref.WeakSet[Any] = weakref.WeakSet()  # live ones, for the stall gauge
+        # the loops that write shards here, for the gauges read at scrape time
+        self._loops: weakref.WeakSet[WatchedLoop] = weakref.WeakSet()
         self.request_metrics = False
         # (method, route) pairs the app declares (its route table, read at start-up): their
         # stall counters exist at 0 before the first stall, so rate() counts that one too
@@ -149,11 +177,37 @@ class StatsBook:
         self._lock = threading.Lock()
         self.stall_lock = threading.Lock()
 
-    def new_shard(self) -> Shard:
-        shard = Shard()
+    def new_shard(self, lag: HistogramData | None = None) -> Shard:
+        shard = Shard(lag)
         with self._lock:
             self.shards.append(shard)
         return shard
+
+    def count_requests(self) -> None:
+        """A middleware counts requests into this book: export the request metrics."""
+        self.request_metrics = True
+
+    def watch(self, loop: WatchedLoop) -> None:
+        """A loop whose gauges (stall in progress, threadpool, loop-time mode) a scrape reads."""
+        self._loops.add(loop)
+
+    def loops(self) -> list[WatchedLoop]:
+        return list(self._loops)
+
+    def declare(self, keys: Iterable[tuple[str, str]]) -> None:
+        """(method, route) pairs whose stall counters exist at 0 from start-up."""
+        self.declared.update(keys)
+
+    def sync_mirror(self) -> None:
+        """Multiprocess mode: write the totals where other workers' scrapes read them."""
+        mirror = self.mirror
+        if mirror is not None:
+            mirror()
+
+    def busy_total(self, shard: Shard) -> float:
+        """Loop time booked so far in one shard."""
+        with self.stall_lock:
+            return sum(shard.busy.values())
 
     def retire(self, shard: Shard) -> None:
         """Fold a finished loop's shard into one kept shard, so a test suite that starts a
@@ -186,7 +240,7 @@ class StatsBook:
     def _totals(self) -> Totals:
         out = Totals()
         accounted = server = False
-        for monitor in list(self.monitors):  # book their loop time up to now first
+        for monitor in self.loops():  # book their loop time up to now first
             sees = monitor.flush_loop_time()
             if sees is not None:
                 accounted = True
@@ -220,9 +274,9 @@ class StatsBook:
                 out.busy.setdefault(key, 0.0)
             if server:
                 out.busy.setdefault(SERVER_KEY, 0.0)
-        for monitor in list(self.monitors):
+        for monitor in self.loops():
             if monitor.running:
-                out.loops[loop_time_mode(monitor.accountant)] += 1
+                out.loops[monitor.loop_time_mode()] += 1
             out.current_stall = max(out.current_stall, monitor.current_stall_seconds())
             live = monitor.stall_in_progress()
             if live is not None:
@@ -272,13 +326,6 @@ class StatsBook:
         """Loop time of (method, route), booked by the watchdog or a scrape."""
         with self.stall_lock:
             shard.busy[key] = shard.busy.get(key, 0.0) + seconds
-
-
-def loop_time_mode(accountant: Any) -> str:
-    """How the loop time of a monitor's loop is measured, from its accountant (None: off)."""
-    if accountant is None:
-        return "off"
-    return "exact" if accountant.exact else "sampled"
 
 
 def _add_stall_time(

@@ -16,10 +16,7 @@ import collections
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
-
-if TYPE_CHECKING:
-    from loopwatch.monitor import Monitor
+from typing import NamedTuple
 
 __all__ = ["KEEP", "Point", "Timeline", "quantile"]
 
@@ -70,15 +67,22 @@ class Timeline:
         with self._lock:
             return [p for p in self._points if p.t > since]
 
-    def tick(self, monitor: Monitor) -> None:
-        now = monitor._clock()
-        late = now - monitor.last_beat
-        if late > monitor.interval * 1.5 and late > self._peak:
-            self._peak = late  # the heartbeat is overdue: the loop is held right now
+    def tick(
+        self,
+        now: float,
+        late: float,
+        overdue: bool,
+        lag_bounds: Sequence[float],
+        lag_counts: Sequence[int],
+        busy: float | None,
+    ) -> None:
+        """One watchdog check: the heartbeat is ``late`` seconds old (``overdue``: the loop
+        is held right now); the lag histogram's counts and the loop time booked so far."""
+        if overdue and late > self._peak:
+            self._peak = late
         if now < self._next:
             return
-        counts = list(monitor.lag.counts)
-        busy = _busy_seconds(monitor)
+        counts = list(lag_counts)
         previous, self._counts = self._counts, counts
         previous_busy, self._busy = self._busy, busy
         elapsed, self._start = now - self._start, now
@@ -86,7 +90,7 @@ class Timeline:
         if previous is None:  # the first call only sets the baseline
             return
         delta = [b - a for a, b in zip(previous, counts, strict=True)]
-        p99 = quantile(0.99, monitor.lag.bounds, delta)
+        p99 = quantile(0.99, lag_bounds, delta)
         utilization = None
         if busy is not None and previous_busy is not None and elapsed > 0:
             utilization = min(1.0, max(0.0, (busy - previous_busy) / elapsed))
@@ -95,13 +99,3 @@ class Timeline:
         self._peak = 0.0
         with self._lock:
             self._points.append(point)
-
-
-def _busy_seconds(monitor: Monitor) -> float | None:
-    """Loop time booked so far for this loop (every shard of it gets the same bookings)."""
-    if monitor.accountant is None:
-        return None
-    for book, shard in list(monitor.books.items()):
-        with book.stall_lock:
-            return sum(shard.busy.values())
-    return None

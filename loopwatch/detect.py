@@ -1,0 +1,364 @@
+"""Detect: the hold state machine, run by the watchdog thread at every check.
+
+The heartbeat (on the loop) records when it last ran. When it is overdue, something holds the
+loop: each check asks ``attribute`` who holds it and, once the hold is half the threshold old,
+samples the loop thread's stack. A hold is one owner's stretch (two blockers back to back are
+two holds) and goes through three steps, each told to a ``HoldEvents`` (the monitor's
+pipeline: book, then deliver):
+
+- **opened**: the heartbeat is 1.5 intervals late;
+- **booked**: past the threshold, and neither an idle process nor mostly CPU starvation, the
+  hold is a stall; its seconds are booked at every check while it lasts;
+- **closed**: the heartbeat ran again, or the owner changed, with a ``Verdict``: its duration
+  and its kind (``cpu`` when the loop thread computed, ``wait`` when it slept or blocked); or
+  none, for a hold too short, idle or starved.
+
+Nothing here reads or writes another module's objects but through ``attribute``'s ``Owner``
+and the ``HoldEvents`` protocol.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import CodeType, FrameType
+from typing import Protocol
+
+from loopwatch.attribution import CodeFilter, FrameSource, Owner, format_culprit, format_stack
+
+__all__ = ["Detector", "Hold", "HoldEvents", "Probes", "Verdict"]
+
+logger = logging.getLogger("loopwatch")
+
+# (time, the loop thread's CPU clock, its schedstat (on CPU, runnable but waiting)), read
+# together; None where the platform has no such figure
+Figures = tuple[float, float | None, tuple[float, float] | None]
+
+
+def _thread_schedstat(native_id: int) -> Callable[[], tuple[float, float]] | None:
+    """Linux: (seconds on a CPU, seconds runnable but waiting for one) of a thread. The second
+    tells a loop held by its code from a loop starved by a busy machine."""
+    path = f"/proc/self/task/{native_id}/schedstat"
+
+    def read() -> tuple[float, float]:
+        with open(path, "rb") as f:
+            on_cpu, waiting, _ = f.read().split()
+        return int(on_cpu) / 1e9, int(waiting) / 1e9
+
+    try:
+        read()
+    except (OSError, ValueError):
+        return None
+    return read
+
+
+def _thread_cpu_clock(thread_id: int) -> Callable[[], float] | None:
+    try:
+        clock_id = time.pthread_getcpuclockid(thread_id)
+        time.clock_gettime(clock_id)
+    except (AttributeError, OSError):  # not on this platform
+        return None
+    return lambda: time.clock_gettime(clock_id)
+
+
+class Probes:
+    """The loop thread's CPU clock and schedstat. ``for_thread`` reads /proc: call it on the
+    watchdog's thread, never on the loop it watches."""
+
+    def __init__(
+        self,
+        cpu: Callable[[], float] | None = None,
+        sched: Callable[[], tuple[float, float]] | None = None,
+    ) -> None:
+        self.cpu = cpu
+        self.sched = sched
+
+    @classmethod
+    def for_thread(cls, thread_id: int, native_id: int) -> Probes:
+        return cls(_thread_cpu_clock(thread_id), _thread_schedstat(native_id))
+
+    def figures(self, now: float) -> Figures:
+        """The loop thread's CPU clock and schedstat, read now (``now`` is their time)."""
+        return (
+            now,
+            self.cpu() if self.cpu is not None else None,
+            self.sched() if self.sched is not None else None,
+        )
+
+
+class Hold:
+    """The loop held by one owner, from ``start`` until the owner changes or the loop frees.
+    Written by the detector only; the pipeline reads it."""
+
+    __slots__ = (
+        "booked_until",
+        "confirmed",
+        "counted",
+        "cpu0",
+        "cpu_t0",
+        "culprits",
+        "end",
+        "idle",
+        "in_flight",
+        "next_long",
+        "owner",
+        "sched0",
+        "stack",
+        "start",
+        "within",
+    )  # fmt: skip
+
+    def __init__(self, owner: Owner, start: float, now: float, long_stall: float,
+                 figures: Figures, in_flight: int) -> None:  # fmt: skip
+        # fixed as the hold is first seen (the loop is held: its request cannot be routed
+        # meanwhile), and every view of the hold names it
+        self.owner = owner
+        self.start = start
+        self.end: float | None = None  # once closed
+        self.cpu_t0, self.cpu0, self.sched0 = figures
+        self.in_flight = in_flight  # the requests the hold keeps waiting
+        self.idle = True  # every stack sample so far shows the loop waiting, not running code
+        self.culprits: collections.Counter[tuple[str, int, str] | None] = collections.Counter()
+        self.stack: str | None = None
+        self.next_long = long_stall
+        # a stall (``confirmed``) is booked at every check up to ``booked_until``; the close
+        # books the rest; ``counted``: its one stall is counted
+        self.confirmed = False
+        self.counted = False
+        self.booked_until = start
+        # the figures read at the last check while the hold still lasted: the close uses
+        # them, so the time between the hold's end and the check that sees it (long on a
+        # loaded machine) is not mistaken for the hold's CPU or starvation
+        self.within: Figures | None = None
+
+    def culprit(self) -> str:
+        """``path:line in function`` most sampled so far; safe from any thread."""
+        try:
+            top = collections.Counter(dict(self.culprits)).most_common(1)  # one C-level copy
+        except RuntimeError:  # the watchdog added a sample meanwhile
+            return format_culprit(None)
+        return format_culprit(top[0][0] if top else None)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a closed hold was: a stall of ``kind``, ``duration`` seconds long, of which
+    ``booked`` seconds were booked while it lasted (0.0 if none)."""
+
+    kind: str
+    duration: float
+    cpu_seconds: float
+    culprit: str
+    stack: str
+    booked: float
+    counted: bool
+
+
+class HoldEvents(Protocol):
+    """What the detector tells the pipeline (the monitor), on the watchdog's thread."""
+
+    def opened(self, hold: Hold) -> None: ...
+
+    def booked(self, hold: Hold, stalls: int, seconds: float) -> None: ...
+
+    def still_held(self, hold: Hold, age: float, culprit: str, stack: str) -> None: ...
+
+    def closed(self, hold: Hold, verdict: Verdict | None, now: float) -> None:
+        """Every hold ends here once; ``verdict`` None: it was no stall (too short, idle,
+        starved, or loopwatch's own)."""
+
+
+class _Episode:
+    """The heartbeat is overdue: the loop has not run it since ``beat``."""
+
+    __slots__ = ("beat", "hold", "last_sample")
+
+    def __init__(self, beat: float, now: float) -> None:
+        self.beat = beat
+        self.last_sample = now
+        self.hold: Hold | None = None
+
+
+class Detector:
+    """The hold state machine of one loop; ``check`` is called by the watchdog thread."""
+
+    def __init__(
+        self,
+        *,
+        threshold: float,
+        interval: float,
+        long_stall: float,
+        clock: Callable[[], float],
+        frames: FrameSource,
+        code_filter: CodeFilter,
+        attribute: Callable[[], Owner],
+        in_flight: Callable[[], int],
+        events: HoldEvents,
+    ) -> None:
+        self.threshold = threshold
+        self.interval = interval
+        self.long_stall = long_stall
+        self.probes = Probes()
+        self.loop_thread_id = 0
+        self.idle_codes: frozenset[CodeType] = frozenset()
+        self._clock = clock
+        self._frames = frames
+        self._filter = code_filter
+        self._attribute = attribute
+        self._in_flight = in_flight
+        self._events = events
+        self._episode: _Episode | None = None
+
+    @property
+    def stalling(self) -> bool:
+        """The heartbeat is overdue right now (a hold is being watched or closed)."""
+        return self._episode is not None
+
+    @property
+    def hold(self) -> Hold | None:
+        """The hold in progress, if any (read from any thread)."""
+        episode = self._episode
+        return episode.hold if episode is not None else None
+
+    def reset(self) -> None:
+        """Forget the hold in progress (after a failed check: the next one starts afresh)."""
+        self._episode = None
+
+    def loop_frame(self) -> FrameType | None:
+        return self._frames().get(self.loop_thread_id)
+
+    def is_idle(self, frame: FrameType) -> bool:
+        """The loop is waiting for I/O (in its selector, or inside a C loop's run call), not
+        running a callback: a late heartbeat then means the process was paused or starved."""
+        code = frame.f_code
+        return code in self.idle_codes or (
+            code.co_name == "select" and code.co_filename.endswith("selectors.py")
+        )
+
+    def check(self, beat: float) -> None:
+        """One check: ``beat`` is when the heartbeat last ran."""
+        now = self._clock()
+        episode = self._episode
+        if episode is not None and beat != episode.beat:
+            # The heartbeat ran again: the hold ended no later than that.
+            self._episode = None
+            if episode.hold is not None:
+                self._close(episode.hold, end=beat, now=now)
+            episode = None
+        if now - beat <= self.interval * 1.5:
+            return
+        if episode is None:
+            episode = self._episode = _Episode(beat, now)
+        owner = self._attribute()
+        hold = episode.hold
+        if hold is None or hold.owner.key is not owner.key:
+            if hold is None:
+                start = beat  # the loop was free when the heartbeat last ran
+            else:
+                start = (episode.last_sample + now) / 2
+                self._close(hold, end=start, now=now)
+            figures = self.probes.figures(now)
+            hold = Hold(owner, start, now, self.long_stall, figures, self._in_flight())
+            episode.hold = hold
+            self._events.opened(hold)
+        episode.last_sample = now
+        age = now - hold.start
+        if age >= self.threshold / 2:
+            self._sample_stack(hold, age)
+            hold.within = self.probes.figures(now)
+        if age >= self.threshold:
+            self._book_live(hold, age, now)
+
+    def last_check(self, beat: float, stopped_at: float, running: bool) -> None:
+        """The loop let go at ``stopped_at`` (its monitor stops): close the hold in progress
+        as ended then. A loop that still ran is brought up to date first (a hold that ended is
+        closed, one not seen yet is opened); one that no longer runs was not held."""
+        if running:
+            self.check(beat)
+        episode = self._episode
+        if episode is not None:
+            self.check(stopped_at if beat == episode.beat else beat)
+
+    def _book_live(self, hold: Hold, age: float, now: float) -> None:
+        """Book the stall's seconds while it lasts, so ``rate()`` shows a freeze as it
+        happens. The same tests as ``_close`` decide first that the hold is a stall."""
+        if not hold.owner.booked:
+            return  # loopwatch's own: never the app's
+        if not hold.confirmed:
+            if hold.owner.background and hold.idle and hold.culprits:
+                return  # a paused or starved process idle in its selector: no code
+            sched, sched0 = self.probes.sched, hold.sched0
+            if (
+                sched is not None
+                and sched0 is not None
+                and age - (sched()[1] - sched0[1]) < (self.threshold)
+            ):
+                return  # so far mostly CPU starvation
+            hold.confirmed = True
+        stalls = 0 if hold.counted else 1
+        hold.counted = True
+        seconds = now - hold.booked_until
+        hold.booked_until = now
+        self._events.booked(hold, stalls, seconds)
+
+    def _sample_stack(self, hold: Hold, age: float) -> None:
+        frame = self.loop_frame()
+        if frame is None:
+            return
+        hold.culprits[self._filter.culprit(frame)] += 1
+        if hold.idle and not self.is_idle(frame):
+            hold.idle = False
+        if hold.stack is None and age >= self.threshold:
+            hold.stack = format_stack(frame)
+        if age >= hold.next_long and hold.owner.booked:
+            hold.next_long *= 2
+            culprit = format_culprit(self._filter.culprit(frame))
+            self._events.still_held(hold, age, culprit, format_stack(frame))
+
+    def _close(self, hold: Hold, end: float, now: float) -> None:
+        hold.end = end
+        self._events.closed(hold, self._verdict(hold, end, now), now)
+
+    def _verdict(self, hold: Hold, end: float, now: float) -> Verdict | None:
+        duration = end - hold.start
+        confirmed = hold.confirmed  # booked live already: a stall whatever comes next
+        if duration < self.threshold and not confirmed:
+            return None
+        if not hold.owner.booked:
+            logger.debug("loopwatch: %.3fs hold in loopwatch's own code: not the app's", duration)
+            return None
+        if hold.owner.background and hold.idle and hold.culprits and not confirmed:
+            logger.debug("loopwatch: %.3fs late heartbeat with the loop idle: not code", duration)
+            return None
+        kind = "wait"
+        cpu_seconds = 0.0
+        within = hold.within
+        if within is None or within[0] > end:  # a hold too short to have been read inside
+            within = self.probes.figures(now)
+        until, cpu_now, sched_now = within
+        wall = until - hold.cpu_t0  # the part of the hold the CPU figures cover
+        if sched_now is not None and hold.sched0 is not None:
+            on_cpu, starved = (b - a for a, b in zip(hold.sched0, sched_now, strict=True))
+            if duration - starved < self.threshold and not confirmed:
+                # runnable but not scheduled: the machine was busy, the code did not block
+                logger.debug("loopwatch: %.3fs hold was CPU starvation, not a stall", duration)
+                return None
+            cpu_seconds = on_cpu
+            if wall > starved and on_cpu >= 0.5 * (wall - starved):
+                kind = "cpu"
+        elif cpu_now is not None and hold.cpu0 is not None:
+            cpu_seconds = cpu_now - hold.cpu0
+            if wall > 0 and cpu_seconds >= 0.5 * wall:
+                kind = "cpu"
+        return Verdict(
+            kind=kind,
+            duration=duration,
+            cpu_seconds=cpu_seconds,
+            culprit=hold.culprit(),
+            stack=hold.stack or "",
+            booked=hold.booked_until - hold.start if hold.counted else 0.0,
+            counted=hold.counted,
+        )

@@ -1,0 +1,180 @@
+"""Unit tests of the detect stage: the hold state machine, driven with an injected clock, frames,
+owners and CPU figures, and a recording of what it tells the pipeline. No loop runs."""
+
+from __future__ import annotations
+
+import sys
+from types import FrameType
+
+import pytest
+
+from loopwatch.attribution import CodeFilter, Owner, RequestRecord
+from loopwatch.detect import Detector, Hold, Probes, Verdict
+
+
+class Figures:
+    """The loop thread's CPU clock and schedstat (on CPU, runnable but waiting), moved by
+    the test as a loaded machine would move them."""
+
+    def __init__(self) -> None:
+        self.on_cpu = 0.0
+        self.waiting = 0.0
+
+    def cpu(self) -> float:
+        return self.on_cpu
+
+    def sched(self) -> tuple[float, float]:
+        return (self.on_cpu, self.waiting)
+
+
+class Recorder:
+    """The pipeline's side of ``HoldEvents``: what the detector told, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, object]] = []
+        self.closed_holds: list[tuple[Hold, Verdict | None]] = []
+        self.live: dict[tuple[str, str], list[float]] = {}
+
+    def opened(self, hold: Hold) -> None:
+        self.events.append(("opened", hold.owner.label))
+
+    def booked(self, hold: Hold, stalls: int, seconds: float) -> None:
+        entry = self.live.setdefault(hold.owner.label, [0, 0.0])
+        entry[0] += stalls
+        entry[1] += seconds
+
+    def still_held(self, hold: Hold, age: float, culprit: str, stack: str) -> None:
+        self.events.append(("still", round(age, 2)))
+
+    def closed(self, hold: Hold, verdict: Verdict | None, now: float) -> None:
+        self.closed_holds.append((hold, verdict))
+
+    def stalls(self) -> list[tuple[tuple[str, str], Verdict]]:
+        return [(h.owner.label, v) for h, v in self.closed_holds if v is not None]
+
+
+BACKGROUND = Owner(object(), None, ("-", "<background>"), background=True)
+
+
+def request(route: str) -> Owner:
+    record = RequestRecord("GET", {}, "")
+    return Owner(record, record, ("GET", route))
+
+
+class Rig:
+    """A detector with a settable clock, owner and CPU figures, and the loop thread's frame
+    (this test's own: application code, never idle)."""
+
+    def __init__(self, threshold: float = 0.1, interval: float = 0.01) -> None:
+        self.now = 0.0
+        self.owner = BACKGROUND
+        self.figures = Figures()
+        self.events = Recorder()
+        frame: FrameType = sys._getframe()
+        self.detector = Detector(
+            threshold=threshold, interval=interval, long_stall=10.0,
+            clock=lambda: self.now, frames=lambda: {0: frame}, code_filter=CodeFilter(),
+            attribute=lambda: self.owner, in_flight=lambda: 1, events=self.events,
+        )  # fmt: skip
+        self.detector.probes = Probes(self.figures.cpu, self.figures.sched)
+
+    def run(self, beat: float, until: float, step: float = 0.01) -> None:
+        """Checks every ``step`` seconds up to ``until`` while the heartbeat last ran at
+        ``beat``."""
+        while self.now + step <= until + 1e-9:
+            self.now = round(self.now + step, 6)
+            self.detector.check(beat)
+
+
+@pytest.mark.parametrize("after", ["cpu", "starved"])
+def test_a_late_check_does_not_charge_the_time_after_the_hold_to_it(after: str) -> None:
+    # A 0.3 s sleep on the loop, then the check that sees it end comes 0.5 s late (a loaded
+    # machine), while the loop thread computes (cpu) or waits for a core (starved; here the
+    # watchdog was held up from 80 ms on, before it could confirm the stall live). The hold
+    # is still a 'wait' stall of 0.3 s: what came after it is not its.
+    rig = Rig()
+    rig.now = 0.01
+    rig.run(beat=0.0, until=0.30 if after == "cpu" else 0.08)
+    rig.now = 0.8
+    if after == "cpu":
+        rig.figures.on_cpu += 0.5
+    else:
+        rig.figures.waiting += 0.5
+    rig.detector.check(0.3)  # the heartbeat ran: the hold ended at 0.3 s
+    [(label, verdict)] = rig.events.stalls()
+    assert label == ("-", "<background>")
+    assert verdict.kind == "wait" and verdict.cpu_seconds == 0.0
+    assert verdict.duration == pytest.approx(0.3)
+
+
+def test_a_hold_is_booked_while_it_lasts_and_once_in_all() -> None:
+    rig = Rig()
+    rig.owner = request("/slow")
+    rig.run(beat=0.0, until=0.5)
+    live = rig.events.live[("GET", "/slow")]
+    assert live[0] == 1 and live[1] == pytest.approx(0.5 - 0.0, abs=0.02)  # from its start
+    rig.now = 0.52
+    rig.detector.check(0.51)
+    [(label, verdict)] = rig.events.stalls()
+    assert label == ("GET", "/slow") and verdict.counted
+    assert verdict.duration == pytest.approx(0.51)
+    assert verdict.booked == pytest.approx(live[1])  # the close books only the rest
+
+
+def test_a_change_of_owner_while_the_loop_stays_held_splits_the_hold() -> None:
+    rig = Rig()
+    rig.owner = request("/first")
+    rig.run(beat=0.0, until=0.3)
+    rig.owner = request("/second")
+    rig.run(beat=0.0, until=0.6)
+    rig.now = 0.61
+    rig.detector.check(0.605)
+    stalls = rig.events.stalls()
+    assert [label for label, _ in stalls] == [("GET", "/first"), ("GET", "/second")]
+    first, second = (v.duration for _, v in stalls)
+    assert first == pytest.approx(0.305, abs=0.01) and second == pytest.approx(0.3, abs=0.01)
+
+
+def test_a_short_hold_is_no_stall_and_is_still_closed() -> None:
+    rig = Rig()
+    rig.run(beat=0.0, until=0.06)
+    rig.now = 0.07
+    rig.detector.check(0.065)
+    [(hold, verdict)] = rig.events.closed_holds  # every hold ends once, stall or not
+    assert verdict is None and hold.end == 0.065
+    assert not rig.detector.stalling
+
+
+def test_a_hold_that_is_mostly_cpu_starvation_is_not_a_stall() -> None:
+    rig = Rig()
+    rig.now = 0.01
+    while rig.now < 0.3:
+        rig.now = round(rig.now + 0.01, 6)
+        rig.figures.waiting += 0.01  # runnable, not scheduled: the machine is busy
+        rig.detector.check(0.0)
+    rig.now = 0.31
+    rig.detector.check(0.3)
+    assert rig.events.live == {} and rig.events.stalls() == []
+
+
+def test_loopwatchs_own_hold_is_never_booked_nor_a_stall() -> None:
+    rig = Rig()
+    rig.owner = Owner(object(), None, ("-", "<loopwatch>"), booked=False)
+    rig.run(beat=0.0, until=0.4)
+    rig.now = 0.41
+    rig.detector.check(0.4)
+    assert rig.events.live == {} and rig.events.stalls() == []
+    assert [v for _, v in rig.events.closed_holds] == [None]
+
+
+def test_a_cpu_hold_is_cpu() -> None:
+    rig = Rig()
+    rig.now = 0.01
+    while rig.now < 0.3:
+        rig.now = round(rig.now + 0.01, 6)
+        rig.figures.on_cpu += 0.01
+        rig.detector.check(0.0)
+    rig.now = 0.31
+    rig.detector.check(0.3)
+    [(_, verdict)] = rig.events.stalls()
+    assert verdict.kind == "cpu" and verdict.cpu_seconds == pytest.approx(0.29, abs=0.02)
