@@ -63,7 +63,10 @@ class RequestRecord:
         "unrouted",
     )  # fmt: skip
 
-    def __init__(self, method: str, scope: Any, root_path: str, *, routed: bool = True) -> None:
+    def __init__(
+        self, method: str, scope: Any, root_path: str, *, routed: bool = True,
+        trace: object = None,
+    ) -> None:  # fmt: skip
         self.method = method
         self.scope = scope
         self.root_path = root_path
@@ -79,7 +82,7 @@ class RequestRecord:
         self.booked = 0.0
         # OpenTelemetry on: the request's OTel context as it entered the middleware (its
         # server span), read by the watchdog to tell it when another request stalls the loop
-        self.trace: object = None
+        self.trace = trace
 
     def current_route(self) -> str | None:
         """The final route if finished, else what the scope says so far (None: not routed)."""
@@ -94,6 +97,10 @@ class RequestRecord:
         """The route a hold in this request's code is booked under now."""
         route = self.current_route()
         return route if route is not None else self.unrouted
+
+    def end(self) -> None:
+        """The app returned (its route is read from the scope when needed)."""
+        self.done = True
 
     def finish(self) -> str:
         self.done = True

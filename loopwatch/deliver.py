@@ -57,6 +57,13 @@ class Delivery:
         self._failed: set[int] = set()
         self._traced: dict[int, _Traced] = {}  # id(hold) -> its OpenTelemetry data
 
+    def use_otel(self, bridge: OtelBridge) -> bool:
+        """Hand stalls to OpenTelemetry; False if a bridge was handed already (it stays)."""
+        if self.otel is not None:
+            return False
+        self.otel = bridge
+        return True
+
     def add_callback(self, callback: StallCallback) -> None:
         if callback not in self.callbacks:
             self.callbacks.append(callback)

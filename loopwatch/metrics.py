@@ -108,7 +108,7 @@ def book_for(registry: CollectorRegistry | None) -> StatsBook:
         if book is None:
             book = StatsBook()
             if multiprocess_dir():
-                book.mirror = _MultiprocessMirror(book).sync
+                book.use_mirror(_MultiprocessMirror(book).sync)
             else:
                 registry.register(LoopwatchCollector(book))
             _books[registry] = book
@@ -122,8 +122,8 @@ def scrape_registry(registry: CollectorRegistry) -> CollectorRegistry:
     from prometheus_client import multiprocess
 
     book = _books.get(registry)
-    if book is not None and book.mirror is not None:
-        book.mirror()  # this worker's own figures, fresh
+    if book is not None:
+        book.sync_mirror()  # this worker's own figures, fresh
     aggregate = CollectorRegistry()
     multiprocess.MultiProcessCollector(aggregate)  # type: ignore[no-untyped-call]
     return aggregate

@@ -197,10 +197,11 @@ class LoopWatchMiddleware:
             raise RuntimeError("loopwatch: monitor not bound")
 
         routed = self._routers.get(id(scope.get("app") or self.app), True)
-        record = RequestRecord(method, scope, scope.get("root_path", ""), routed=routed)
         capture = self._capture_trace
-        if capture is not None:
-            record.trace = capture()
+        record = RequestRecord(
+            method, scope, scope.get("root_path", ""), routed=routed,
+            trace=capture() if capture is not None else None,
+        )  # fmt: skip
         scope["loopwatch"] = True  # a marker, not the record: no reference cycle per request
         binding = bind_request(record)
         monitor.requests.add(record)
@@ -212,14 +213,14 @@ class LoopWatchMiddleware:
             try:
                 await self.app(scope, receive, send)
             finally:
-                record.done = True
+                record.end()
                 monitor.requests.discard(record)
                 if accountant is not None:
                     accountant.finished_request(record)
                 unbind_request(binding)
             return
 
-        shard.in_flight += 1
+        shard.request_started()
         status = "500"  # what the server answers if the app raises before responding
         started = time.perf_counter()
         answered = False
@@ -234,7 +235,6 @@ class LoopWatchMiddleware:
             monitor.requests.discard(record)
             if accountant is not None:  # its last loop time; later work re-queues it
                 accountant.finished_request(record)
-            shard.in_flight -= 1
             shard.count_request(method, route, status, elapsed)
 
         async def send_and_watch(message: Message) -> None:

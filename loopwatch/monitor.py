@@ -1,19 +1,14 @@
-"""The monitor of one event loop: it owns the lifecycle and composes the pipeline.
+"""The monitor of one event loop: its lifecycle, its heartbeat, and what the exporters read.
 
 - a **heartbeat** coroutine on the loop wakes every ``interval`` and records the time;
-- a **watchdog** thread (``watchdog``) runs one check of the pipeline every interval:
-  **detect** (``detect``: is the loop held, by whom, is it a stall) → **attribute**
-  (``attribution``: who owns it) → **book** (``book``: the counters, histogram, loop time and
-  ring, once) → **deliver** (``deliver``: log, ``on_stall``, OpenTelemetry); the exporters
-  (``metrics``, ``live``, ``profile``, ``otel``) read what was booked.
-
-Loop time (``accounting``) and the loop profile (``profile``) are measured on the same checks.
+- a **watchdog** thread (``watchdog``) runs one check of the loop's ``pipeline`` (detect →
+  attribute → book → deliver) every interval;
+- the exporters (``metrics``, ``live``, ``otel``) read the books through ``stats.WatchedLoop``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import importlib
 import inspect
@@ -27,25 +22,21 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from loopwatch.accounting import Accountant, start_accounting
+from loopwatch.accounting import Accountant
 from loopwatch.attribution import (
-    Attributor,
     CodeFilter,
     FrameSource,
-    Owner,
     RequestRecord,
     install_task_factory,
     own_context,
     own_owner,
     uninstall_task_factory,
 )
-from loopwatch.book import BusySink, Ledger
+from loopwatch.book import BusySink
 from loopwatch.config import Settings
-from loopwatch.deliver import Delivery, StallCallback
-from loopwatch.detect import Detector, Hold, Probes, Verdict
-from loopwatch.profile import LoopSampler
+from loopwatch.deliver import StallCallback
+from loopwatch.pipeline import Pipeline
 from loopwatch.stats import LAG_BUCKETS, HistogramData, Shard, StatsBook
-from loopwatch.timeline import Timeline
 from loopwatch.watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -138,11 +129,8 @@ class Monitor:
         self._clock = clock
         self.lag = HistogramData(LAG_BUCKETS)
         self.last_beat = clock()
-        self.timeline = Timeline()  # the last minutes, one point a second, for the live page
         # requests in flight on this loop, kept by the middleware
         self.requests: set[RequestRecord] = set()
-        # loop time per request (accounting), when on
-        self.accountant: Accountant | None = None
         # loopwatch's own code on this loop runs bound to this owner: never the app's
         self.own = own_owner()
         self._own_context = own_context(self.own)
@@ -150,38 +138,28 @@ class Monitor:
         self._thread: threading.Thread | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._users: set[int] = set()
+        self._loop_thread_id: int | None = None
         self._lock = threading.Lock()
-        # the pipeline's stages
-        self.ledger = Ledger(self.lag, clock)
-        self._delivery = Delivery(
-            clock=clock, in_flight=self._in_flight_requests, on_loop=self._on_loop
-        )
-        self._detector = Detector(
-            threshold=self.threshold, interval=self.interval, long_stall=settings.long_stall,
-            clock=clock, frames=frames, code_filter=code_filter or CodeFilter(),
-            attribute=self._attribute, in_flight=lambda: len(self.requests), events=self,
+        self.pipeline = Pipeline(
+            loop, settings, clock=clock, frames=frames, code_filter=code_filter or CodeFilter(),
+            own=self.own, requests=self.requests, lag=self.lag, on_loop=self._on_loop,
         )  # fmt: skip
-        self._attributor = Attributor(
-            loop, self.own, self._detector.loop_frame, lambda: self._detector.idle_codes
-        )
+        self.timeline = self.pipeline.timeline  # the last minutes, for the live page
         self._watchdog = Watchdog(
             self, interval=self.interval, threshold=self.threshold, clock=clock,
             stop=self._stop,
         )  # fmt: skip
-        self._sampler: LoopSampler | None = None
         # stop() on the loop's thread: when the loop let go (the watchdog's last check closes
         # the hold there, off the loop) and whether it was running then; whether that last
         # check has run
         self._stopped: tuple[float, bool] | None = None
         self._last_checked = False
-        self._next_sync = self._next_drain = 0.0
+        self._next_sync = 0.0
         # anyio's default CapacityLimiter for this loop (the threadpool of def endpoints),
         # read by the heartbeat once the watchdog has imported anyio's backend off the loop;
         # read from the scrape thread, never awaited
         self.threadpool: Any = None
         self._backend_ready = False
-        # OpenTelemetry: the heartbeat hands its lag values to it through the tap
-        self._lag_tap: collections.deque[float] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -236,15 +214,9 @@ class Monitor:
 
     def _start(self) -> None:
         # Called on the loop's thread: that is the thread whose stack we will sample.
-        self._detector.loop_thread_id = threading.get_ident()
-        self._detector.idle_codes = _loop_entry_codes()
+        self._loop_thread_id = threading.get_ident()
         install_task_factory(self.loop)
-        if self.settings.loop_time:
-            self.accountant = start_accounting(self.loop, self.ledger.book_busy)
-        if self.settings.profile:
-            self._sampler = LoopSampler(
-                self.loop, self._detector, lambda: self.accountant, self._attribute
-            )
+        self.pipeline.start_on_loop(self._loop_thread_id, _loop_entry_codes())
         self._start_heartbeat()
         self._thread = threading.Thread(
             target=self._watch, args=(threading.get_native_id(),),
@@ -253,9 +225,7 @@ class Monitor:
         self._thread.start()
 
     def _watch(self, native_id: int) -> None:
-        # The CPU clock and schedstat probes read /proc: here, never on the loop it watches.
-        self._detector.probes = Probes.for_thread(self._detector.loop_thread_id, native_id)
-        self._attributor.server_code.dirs()
+        self.pipeline.start_watching(native_id)
         _import_threadpool_backend()  # here, not on the loop: 50 ms or more on anyio 3
         self._backend_ready = True
         self._watchdog.run()
@@ -339,21 +309,18 @@ class Monitor:
         the app's shutdown."""
         self._last_checked = True
         try:
-            self._detector.last_check(self.last_beat, stopped_at, running)
+            self.pipeline.last_check(self.last_beat, stopped_at, running)
         except Exception:
             logger.exception("loopwatch: delivering the last stall at stop failed")
 
     def _on_loop_thread(self) -> bool:
-        return threading.get_ident() == self._detector.loop_thread_id
+        return threading.get_ident() == self._loop_thread_id
 
     def _remove_hooks(self) -> None:
         """Stopping leaves no hook behind: the loop-time hook (after booking what it measured
         last) and the task factory."""
         try:
-            accountant = self.accountant
-            if accountant is not None:
-                accountant.stop()
-                accountant.drain(self._in_flight_requests())
+            self.pipeline.remove_hooks()
             uninstall_task_factory(self.loop)
         except Exception:  # called from the app's shutdown too: logged, never raised
             logger.exception("loopwatch: removing the loop-time hooks failed")
@@ -363,12 +330,13 @@ class Monitor:
         with self._registry_lock:
             if self._by_loop.get(self.loop) is self:
                 del self._by_loop[self.loop]
-        self.ledger.retire()
+        self.pipeline.ledger.retire()
 
     # -- heartbeat (on the loop) --------------------------------------------------------
 
     async def _beat(self) -> None:
         clock, interval, lag, sleep = self._clock, self.interval, self.lag, asyncio.sleep
+        pipeline = self.pipeline
         expected = clock() + interval
         try:
             while True:
@@ -379,9 +347,7 @@ class Monitor:
                 now = clock()
                 late = now - expected if now > expected else 0.0
                 lag.observe(late)
-                tap = self._lag_tap  # OpenTelemetry metrics: the watchdog records it
-                if tap is not None:
-                    tap.append(late)
+                pipeline.lag_observed(late)  # OpenTelemetry: the watchdog records it
                 self.last_beat = now
                 expected = now + interval
         finally:
@@ -394,34 +360,16 @@ class Monitor:
     @property
     def stalling(self) -> bool:
         """The heartbeat is overdue right now (a hold is being watched or closed)."""
-        return self._detector.stalling
+        return self.pipeline.detector.stalling
 
     def loop_closed(self) -> bool:
         return self.loop.is_closed()
 
     def check(self) -> None:
-        otel = self._delivery.otel
-        if otel is not None and self._lag_tap:
-            otel.record_lag(self._lag_tap)
-        now = self._clock()
-        late = now - self.last_beat
-        self.timeline.tick(
-            now, late, late > self.interval * 1.5, self.lag.bounds, self.lag.counts,
-            self.ledger.busy_total() if self.accountant is not None else None,
-        )  # fmt: skip
-        self._detector.check(self.last_beat)
-        accountant = self.accountant
-        if accountant is not None:
-            accountant.check()
-            if self._clock() >= self._next_drain:
-                self._next_drain = self._clock() + 0.25
-                accountant.drain(self._in_flight_requests())
-        if self._sampler is not None:
-            self._sampler.sample()  # the loop profile: where the loop time goes
+        self.pipeline.check(self.last_beat, self.interval * 1.5)
 
     def reset(self) -> None:
-        self._detector.reset()
-        self.ledger.clear_live()
+        self.pipeline.reset()
 
     def after_check(self, now: float) -> None:
         self._check_heartbeat()
@@ -429,7 +377,7 @@ class Monitor:
             # multiprocess mode: keep this worker's figures current for other workers'
             # scrapes; often while a stall is in progress, so its gauge stays live
             self._next_sync = now + (0.1 if self.stalling else 1.0)
-            self.ledger.sync_mirrors()
+            self.pipeline.ledger.sync_mirrors()
 
     def finish(self) -> None:
         stopped = self._stopped
@@ -437,11 +385,11 @@ class Monitor:
             self._last_check(*stopped)  # stopped on the loop's thread, which waits for it
         elif self.stalling and self.loop.is_closed():
             try:  # the loop closed right after a stall: deliver it, as the next check would
-                self._detector.check(self.last_beat)
+                self.pipeline.detector.check(self.last_beat)
             except Exception:
                 logger.debug("loopwatch: last check after the loop closed failed", exc_info=True)
         self._remove_hooks()
-        self.ledger.sync_mirrors()
+        self.pipeline.ledger.sync_mirrors()
         if self.loop.is_closed():
             self._forget()
 
@@ -455,45 +403,16 @@ class Monitor:
             self._heartbeat = None
             self._on_loop(self._start_heartbeat)
 
-    def _attribute(self) -> Owner:
-        return self._attributor.owner()
-
-    def _in_flight_requests(self) -> list[RequestRecord]:
-        """A copy of the loop's set of requests, which the loop may change meanwhile."""
-        for _ in range(3):
-            try:
-                return list(self.requests)
-            except RuntimeError:  # changed size during the copy
-                continue
-        return []
-
-    # -- the pipeline: what the detector tells (``detect.HoldEvents``) ---------------------
-
-    def opened(self, hold: Hold) -> None:
-        self._delivery.opened(hold)
-
-    def booked(self, hold: Hold, stalls: int, seconds: float) -> None:
-        self.ledger.book_live(hold.owner.label, hold.start, stalls, seconds)
-        if stalls:
-            self._delivery.confirmed(hold)
-
-    def still_held(self, hold: Hold, age: float, culprit: str, stack: str) -> None:
-        self._delivery.still_held(hold, age, culprit, stack)
-
-    def closed(self, hold: Hold, verdict: Verdict | None, now: float) -> None:
-        self.ledger.hold_ended(hold.start)
-        if verdict is None:
-            self._delivery.forget(hold)
-            return
-        stall = self._delivery.stall(hold, verdict, now)
-        self.ledger.book_stall(stall, verdict.booked if verdict.counted else None)
-        self._delivery.deliver(stall)
-
     # -- read by the exporters and the middleware (``stats.WatchedLoop``) -----------------
 
     @property
     def in_flight(self) -> int:
         return len(self.requests)
+
+    @property
+    def accountant(self) -> Accountant | None:
+        """The loop-time accountant, when loop time is on."""
+        return self.pipeline.accountant
 
     def loop_time_mode(self) -> str:
         """How this loop's loop time is measured: "exact", "sampled" or "off"."""
@@ -526,54 +445,50 @@ class Monitor:
         accountant = self.accountant
         if accountant is None:
             return None
-        accountant.drain(self._in_flight_requests())
+        accountant.drain(self.pipeline.in_flight_requests())
         return accountant.sees_server
 
     def stall_in_progress(self) -> tuple[tuple[str, str], float] | None:
         """((method, route), age) of the stall being booked right now, if any."""
         if not self.running:
             return None
-        return self.ledger.stall_in_progress()
+        return self.pipeline.ledger.stall_in_progress()
 
     def hold_culprit(self) -> str | None:
         """``path:line in function`` most sampled so far in the hold in progress, if any."""
-        hold = self._detector.hold
+        hold = self.pipeline.detector.hold
         return hold.culprit() if hold is not None and hold.culprits else None
 
     # -- wiring (the middleware, the pytest plugin) ---------------------------------------
 
     def attach(self, book: StatsBook) -> Shard:
         """The shard this loop writes for ``book`` (one registry's aggregates)."""
-        shard = self.ledger.attach(book)
+        shard = self.pipeline.ledger.attach(book)
         book.watch(self)
         return shard
 
     @property
     def callbacks(self) -> list[StallCallback]:
-        return self._delivery.callbacks
+        return self.pipeline.delivery.callbacks
 
     def add_callback(self, callback: StallCallback) -> None:
-        self._delivery.add_callback(callback)
+        self.pipeline.delivery.add_callback(callback)
 
     def remove_callback(self, callback: StallCallback) -> None:
         with contextlib.suppress(ValueError):
-            self._delivery.callbacks.remove(callback)
+            self.pipeline.delivery.callbacks.remove(callback)
 
     def add_busy_sink(self, sink: BusySink) -> None:
-        self.ledger.busy_sinks.append(sink)
+        self.pipeline.ledger.busy_sinks.append(sink)
 
     def remove_busy_sink(self, sink: BusySink) -> None:
         with contextlib.suppress(ValueError):
-            self.ledger.busy_sinks.remove(sink)
+            self.pipeline.ledger.busy_sinks.remove(sink)
 
     @property
     def otel(self) -> OtelBridge | None:
-        return self._delivery.otel
+        return self.pipeline.delivery.otel
 
     def use_otel(self, bridge: OtelBridge) -> None:
         """Hand stalls to OpenTelemetry (the loop's first middleware with it wins)."""
-        if self._delivery.otel is not None:
-            return
-        self._delivery.otel = bridge
-        if bridge.metrics is not None:
-            self._lag_tap = collections.deque(maxlen=100_000)
+        self.pipeline.use_otel(bridge)

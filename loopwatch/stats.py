@@ -127,7 +127,12 @@ class Shard:
         # (method, route) -> seconds the loop ran its code (loop time), under stall_lock
         self.busy: dict[tuple[str, str], float] = {}
 
+    def request_started(self) -> None:
+        self.in_flight += 1
+
     def count_request(self, method: str, route: str, status: str, seconds: float) -> None:
+        """A request answered (it started with ``request_started``)."""
+        self.in_flight -= 1
         key = (method, route, status)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
@@ -182,6 +187,10 @@ class StatsBook:
         with self._lock:
             self.shards.append(shard)
         return shard
+
+    def use_mirror(self, mirror: Callable[[], None]) -> None:
+        """Multiprocess mode: ``mirror`` writes the totals for other workers' scrapes."""
+        self.mirror = mirror
 
     def count_requests(self) -> None:
         """A middleware counts requests into this book: export the request metrics."""
