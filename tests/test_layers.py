@@ -114,8 +114,19 @@ def test_the_pipeline_stages_depend_one_way() -> None:
         assert not _reaches(graph, stage) & upper, stage
     # the books and the exporters read a loop through ``stats.WatchedLoop``, not the monitor
     for lower in ("loopwatch.book", "loopwatch.stats", "loopwatch.live", "loopwatch.metrics",
-                  "loopwatch.timeline", "loopwatch.profile", "loopwatch.deliver"):  # fmt: skip
+                  "loopwatch.timeline", "loopwatch.profile", "loopwatch.deliver",
+                  "loopwatch.pipeline"):  # fmt: skip
         assert "loopwatch.monitor" not in _reaches(graph, lower), lower
     # only the entry points (the middleware, the pytest plugin) build monitors
     users = {name for name, deps in graph.items() if "loopwatch.monitor" in deps}
     assert users <= {"loopwatch", "loopwatch.middleware", "loopwatch.pytest_plugin.loops"}, users
+
+
+def test_no_class_is_much_over_400_lines() -> None:
+    sizes = {
+        f"{path.name}:{node.name}": (node.end_lineno or node.lineno) - node.lineno + 1
+        for path in ROOT.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef)
+    }
+    assert sizes and max(sizes.values()) <= 400, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
