@@ -51,7 +51,7 @@ test: install browser
 
 # Dashboard lint, promtool checks and the real-Prometheus end-to-end run alone.
 test-e2e: install
-	$(PY) -m pytest tests/test_grafana.py tests/test_e2e_prometheus.py $(PYTEST_ARGS)
+	$(PY) -m pytest tests/e2e/test_grafana.py tests/e2e/test_e2e_prometheus.py $(PYTEST_ARGS)
 
 # Every CPython found (3.10-3.13) and the FastAPI/Starlette matrix, each in .venv-matrix/<name>.
 test-matrix: install

@@ -25,7 +25,7 @@ from loopwatch.profile import (
     PROFILE,
     ProfileStore,
 )
-from tests.servers import serve
+from tests.serving import serve
 
 
 def app(profile: bool) -> FastAPI:

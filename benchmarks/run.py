@@ -84,6 +84,8 @@ class Options:
     requests: int
     memory_variants: list[str]
     notes: list[str] = field(default_factory=list)
+    # "variant@REF" -> the directory holding loopwatch as of git REF (``--baseline``)
+    baseline: dict[str, str] = field(default_factory=dict)
 
 
 # -- processes -------------------------------------------------------------------------
@@ -114,10 +116,18 @@ class Server:
             "--http", opts.http, "--no-access-log", "--log-level", "warning",
         ]  # fmt: skip
         clean = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPWATCH_", "BENCH_"))}
+        older = opts.baseline.get(variant)
+        if older is not None:  # loopwatch as of --baseline REF, ahead of the installed one
+            clean["PYTHONPATH"] = os.pathsep.join([older, str(ROOT)])
         self.proc = subprocess.Popen(
             command,
             cwd=ROOT,
-            env={**clean, "BENCH_VARIANT": variant, "BENCH_ROUTES": str(routes), **env},
+            env={
+                **clean,
+                "BENCH_VARIANT": variant.partition("@")[0],
+                "BENCH_ROUTES": str(routes),
+                **env,
+            },
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -269,7 +279,7 @@ def overhead(opts: Options) -> dict[str, Any]:
 
 
 def idle(opts: Options) -> dict[str, Any]:
-    variants = ["bare", "loopwatch"]
+    variants = ["bare", "loopwatch", *(v for v in opts.baseline if v.startswith("loopwatch@"))]
     with servers(opts, variants, 1) as running:
         time.sleep(2.0)  # let start-up work finish
         before = {v: cpu_seconds(s.pid) for v, s in running.items()}
@@ -587,6 +597,8 @@ def parse_options(argv: Sequence[str] | None) -> tuple[list[str], Options, argpa
     parser.add_argument("--server-cpu", default="0")
     parser.add_argument("--load-cpu", default="1")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    parser.add_argument("--baseline", metavar="REF",
+                        help="also run each loopwatch variant as of git REF, side by side")  # fmt: skip
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
     args = parser.parse_args(argv)
 
@@ -649,12 +661,23 @@ def parse_options(argv: Sequence[str] | None) -> tuple[list[str], Options, argpa
         notes.append("taskset is not installed: server and load generator are not pinned")
 
     parts = ["overhead", "idle", "detect", "memory"] if "all" in args.parts else args.parts
+    baseline: dict[str, str] = {}
+    if args.baseline:
+        from benchmarks.plugin_cost import export_loopwatch
+
+        tree = Path(tempfile.mkdtemp(prefix="loopwatch-baseline-"))
+        export_loopwatch(args.baseline, tree)
+        for variant in [v for v in variants if "loopwatch" in v]:
+            label = f"{variant}@{args.baseline}"
+            baseline[label] = str(tree)
+            variants.append(label)
     opts = Options(
         loop=loop, http=http, server_cpu=args.server_cpu, load_cpu=args.load_cpu,
         load=load_kind, connections=args.connections, duration=args.duration,
         warmup=args.warmup, rounds=args.rounds, variants=variants, routes=routes,
         idle_seconds=args.idle_seconds, blockers=blockers, repeats=args.repeats,
         requests=args.requests, memory_variants=memory_variants, notes=notes,
+        baseline=baseline,
     )  # fmt: skip
     return parts, opts, args
 

@@ -27,7 +27,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loopwatch import LoopWatchMiddleware, Monitor
-from tests.servers import serve
+from tests.serving import serve
 
 exporter = InMemorySpanExporter()
 provider = TracerProvider()

@@ -22,7 +22,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import free_port, stop_process, wait_until_up  # noqa: E402
+from tests.serving import free_port, stop_process, wait_until_up  # noqa: E402
 
 # (method, path, weight): mostly healthy traffic, some fake-async endpoints that block
 LOAD = [

@@ -220,7 +220,7 @@ def test_files(without_fastapi: bool) -> list[str]:
         if _IMPORTS_FASTAPI.search((tests / f"{name}.py").read_text(encoding="utf-8"))
     ]  # fmt: skip
     files = []
-    for path in sorted(tests.glob("test_*.py")):
+    for path in sorted(tests.rglob("test_*.py")):  # tests/<layer>/test_*.py
         if path.name in EXCLUDED_FILES:
             continue
         text = path.read_text(encoding="utf-8")

@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from loopwatch import clear_recent_stalls
-from tests.servers import LOOPS
+from tests.serving import LOOPS
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,7 @@ from prometheus_client.metrics_core import Metric
 
 from loopwatch.metrics import LoopwatchCollector
 from loopwatch.stats import StatsBook
-from tests.servers import free_port, stop_process
+from tests.serving import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "grafana"

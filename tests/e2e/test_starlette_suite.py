@@ -13,7 +13,7 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPTS = Path(__file__).resolve().parent.parent.parent / "scripts"
 
 # Each app answers whether LoopWatchMiddleware saw the request (it marks the scope): "False"
 # bare. Two tests assert "False", so they fail when wrapped; the ASGI2 one only needs a 200.

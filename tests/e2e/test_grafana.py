@@ -33,7 +33,7 @@ from tests.prom import (
     variable_references,
     variables,
 )
-from tests.servers import free_port, serve
+from tests.serving import free_port, serve
 
 DASHBOARD_JSON: dict[str, Any] = load_dashboard()
 PANELS = query_panels(DASHBOARD_JSON)

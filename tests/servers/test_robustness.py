@@ -35,7 +35,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from loopwatch import BACKGROUND, UNMATCHED, LoopWatchMiddleware, metrics_app
 from loopwatch import attribution as attribution_module
 from tests.helpers import StallLog, eventually, sample, series
-from tests.servers import free_port, serve
+from tests.serving import free_port, serve
 
 Message = MutableMapping[str, Any]
 ASGIApp = Callable[..., Any]

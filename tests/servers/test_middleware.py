@@ -20,7 +20,7 @@ from starlette.testclient import TestClient
 
 from loopwatch import UNMATCHED, LoopWatchMiddleware, metrics_app
 from tests.helpers import StallLog, eventually, sample, series
-from tests.servers import free_port, serve
+from tests.serving import free_port, serve
 
 
 def small_app(registry: CollectorRegistry, **options: object) -> FastAPI:

@@ -33,7 +33,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 from loopwatch import ConfigError, LoopWatchMiddleware, Monitor, Stall
 from loopwatch.attribution import HAS_TASK_CONTEXT
 from tests.helpers import StallLog, eventually, sample
-from tests.servers import serve, serve_process
+from tests.serving import serve, serve_process
 
 BLOCK = 0.45  # seconds the blocker holds the loop; threshold 0.25
 THRESHOLD = 0.25
@@ -567,7 +567,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from loopwatch import LoopWatchMiddleware
-from tests.servers import serve
+from tests.serving import serve
 
 exporter, reader = InMemoryExporter = InMemorySpanExporter(), InMemoryMetricReader()
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import free_port, serve_process
+from tests.serving import free_port, serve_process
 
 # uvloop has no exact hook before 3.12: its loop time is sampled (and reads short holds low)
 _UVLOOP_MODE = "exact" if sys.version_info >= (3, 12) else "sampled"

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from starlette.testclient import TestClient
 
 from loopwatch import ConfigError, LoopWatchMiddleware, Settings
-from tests.servers import free_port, serve_process, server_output
+from tests.serving import free_port, serve_process, server_output
 
 
 async def _app(scope: object, receive: object, send: object) -> None:

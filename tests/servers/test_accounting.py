@@ -23,7 +23,7 @@ from starlette.responses import PlainTextResponse
 from loopwatch import BACKGROUND, SERVER, LoopWatchMiddleware, Monitor
 from loopwatch.accounting import accountant_for
 from tests.helpers import eventually, sample, series
-from tests.servers import free_port, serve
+from tests.serving import free_port, serve
 
 BUSY = "loopwatch_event_loop_busy_seconds_total"
 EXACT = sys.version_info >= (3, 12)  # uvloop has an exact hook only with sys.monitoring

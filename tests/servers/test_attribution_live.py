@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from loopwatch import BACKGROUND, LoopWatchMiddleware
 from tests.helpers import StallLog, sample
-from tests.servers import serve
+from tests.serving import serve
 
 BLOCK = 0.5
 

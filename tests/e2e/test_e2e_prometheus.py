@@ -33,7 +33,7 @@ from tests.prom import (
     run_prometheus,
     substitute,
 )
-from tests.servers import free_port, serve_process
+from tests.serving import free_port, serve_process
 
 pytestmark = pytest.mark.e2e
 

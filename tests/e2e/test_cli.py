@@ -30,12 +30,12 @@ from loopwatch.cli import main
 from loopwatch.cli.diagnosis import diagnose, fix_hint, loop_time, print_diagnosis
 from loopwatch.cli.output import Output, render_plain_table
 from loopwatch.cli.scrape import Snapshot, parse_exposition
-from tests.servers import free_port, serve
+from tests.serving import free_port, serve
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURE = Path(__file__).parent / "data" / "demo_metrics.prom"
+ROOT = Path(__file__).resolve().parent.parent.parent
+FIXTURE = Path(__file__).parent.parent / "data" / "demo_metrics.prom"
 # a later demo run's scrape, with loop time per route (the one above predates it)
-LOOP_FIXTURE = Path(__file__).parent / "data" / "demo_metrics_loop_time.prom"
+LOOP_FIXTURE = Path(__file__).parent.parent / "data" / "demo_metrics_loop_time.prom"
 WORK = ROOT / "demo_app" / "work.py"
 
 
@@ -353,7 +353,7 @@ def test_report_reads_a_live_app_with_its_stall_ring(
     assert freeze[1:3] == ["2", "2"]  # requests, stalls
     assert float(freeze[3]) >= 0.5 and float(freeze[4]) >= 0.25
     assert freeze[5] == "wait"
-    assert freeze[7] == f"tests/test_cli.py:{FREEZE_LINE} in freeze"
+    assert freeze[7] == f"tests/e2e/test_cli.py:{FREEZE_LINE} in freeze"
     assert diag["GET /fine"][1:4] == ["1", "0", "0.00"]
     assert [r for r in diag if not r.startswith("<")] == ["GET /freeze", "GET /fine"]
     assert re.search(r"GET /freeze\s+declare freeze\(\) `def`", out)

@@ -24,7 +24,7 @@ from starlette.middleware import Middleware
 
 from loopwatch import LoopWatchMiddleware, recent_stalls
 from tests.helpers import StallLog
-from tests.servers import serve
+from tests.serving import serve
 
 HOLD = 0.5  # well above the threshold: no test here depends on a busy machine's timing
 THRESHOLD = 0.1

@@ -20,7 +20,7 @@ from loopwatch import LoopWatchMiddleware, metrics_app
 from loopwatch.stats import LAG_BUCKETS
 from loopwatch.timeline import quantile
 from tests.browser import Watched, chromium, watched_page
-from tests.servers import serve
+from tests.serving import serve
 
 # A route template with markup and both quotes: it must reach the page as text, never as HTML.
 NASTY = '/esc/<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">\'{item}'

@@ -31,7 +31,7 @@ from loopwatch.profile import (
     parse_collapsed,
     route_label,
 )
-from tests.servers import serve
+from tests.serving import serve
 
 LINE = re.compile(r"^[A-Z-]+ \S+(;[^;\n]+)+ \d+$")
 FRAME = re.compile(r"^.+ \(.+:\d+\)$")

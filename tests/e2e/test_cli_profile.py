@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry
 
 from loopwatch.cli import main
 from loopwatch.profile import KEEP_SECONDS, PROFILE
-from tests.servers import free_port, serve
-from tests.test_profile import profile_app
+from tests.servers.test_profile import profile_app
+from tests.serving import free_port, serve
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +61,8 @@ def test_prints_top_routes_with_their_lines_and_writes_the_svg(
     # a route's lines are indented 4 and their share right-aligned ("100.0%" fills it)
     lines = [line for line in block.splitlines()[:3] if line.startswith("    ")]
     assert any(
-        re.search(r"%\s+tests/test_profile\.py:\d+ in burning_function$", line) for line in lines
+        re.search(r"%\s+tests/servers/test_profile\.py:\d+ in burning_function$", line)
+        for line in lines
     ), out
     assert f"Flame graph written to {svg}" in out
     root = ET.parse(svg).getroot()

@@ -1,5 +1,5 @@
 """A bad option fails start-up under the servers apps are deployed on, not only uvicorn
-(tests/test_config.py): gunicorn with uvicorn's worker class, hypercorn's asyncio and trio
+(tests/asgi/test_config.py): gunicorn with uvicorn's worker class, hypercorn's asyncio and trio
 workers and granian, each a real subprocess on 127.0.0.1 serving the Quickstart app.
 
 What each server does with a ``lifespan.startup.failed`` (found out here, and pinned):
@@ -11,7 +11,7 @@ What each server does with a ``lifespan.startup.failed`` (found out here, and pi
   269, still open). With ``--workers 0`` (in-process) the status is 1.
 - granian ``--interface asgi``: the worker exits, granian logs "Unexpected exit from worker-1"
   and exits with 1 (workers are not respawned by default).
-- uvicorn ``--workers 2`` (single-process uvicorn is tests/test_config.py's): each worker imports
+- uvicorn ``--workers 2`` (single-process uvicorn is tests/asgi/test_config.py's): each worker imports
   the app inside its running loop, so even an app wrapped at import fails at the lifespan; the
   supervisor logs "failed to start, stopping the parent process" and exits with status 0.
 
@@ -34,8 +34,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import free_port
-from tests.test_config import QUICKSTART
+from tests.asgi.test_config import QUICKSTART
+from tests.serving import free_port
 
 # The same app wrapped directly at import (``LoopWatchMiddleware(app)``), not by Starlette.
 WRAPPED = """

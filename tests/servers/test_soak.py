@@ -1,6 +1,6 @@
 """Soak and hostile input against a real uvicorn subprocess (so RSS is the server's own).
 
-The server (``soak_app`` below, run as ``uvicorn tests.test_soak:soak_app --factory``) counts
+The server (``soak_app`` below, run as ``uvicorn tests.servers.test_soak:soak_app --factory``) counts
 every request it handles, independently of loopwatch, just inside the middleware; the tests
 compare that count with ``loopwatch_requests_total`` from ``/metrics/``. The client is a small
 raw HTTP/1.1 client on asyncio streams: it is several times faster than an HTTP library, so
@@ -18,7 +18,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import serve_process
+from tests.serving import serve_process
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
@@ -51,7 +51,7 @@ class HandledCounter:
 
 
 def soak_app() -> ASGIApp:
-    """``uvicorn tests.test_soak:soak_app --factory``: Starlette behind loopwatch."""
+    """``uvicorn tests.servers.test_soak:soak_app --factory``: Starlette behind loopwatch."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -213,7 +213,7 @@ WARM_UP = 2_000
 
 
 def test_soak_counts_every_request_and_memory_stays_flat() -> None:
-    with serve_process("tests.test_soak:soak_app", args=("--factory",)) as (url, proc):
+    with serve_process("tests.servers.test_soak:soak_app", args=("--factory",)) as (url, proc):
         port = int(url.rsplit(":", 1)[1])
         rss: dict[str, int] = {"start": rss_kib(proc.pid)}
 
@@ -297,7 +297,7 @@ def test_hostile_input_keeps_series_bounded_and_the_server_healthy() -> None:
     paths = {random_path(rng) for _ in range(12_000)}
     paths = set(sorted(paths)[:10_000])
     assert len(paths) == 10_000
-    with serve_process("tests.test_soak:soak_app", args=("--factory",)) as (url, proc):
+    with serve_process("tests.servers.test_soak:soak_app", args=("--factory",)) as (url, proc):
         port = int(url.rsplit(":", 1)[1])
         rss_start = rss_kib(proc.pid)
 

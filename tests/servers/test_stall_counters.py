@@ -25,7 +25,7 @@ from starlette.testclient import TestClient
 from loopwatch import BACKGROUND, LoopWatchMiddleware, metrics_app
 from loopwatch.routes import declared_routes
 from tests.helpers import StallLog, sample, series
-from tests.servers import free_port, serve
+from tests.serving import free_port, serve
 
 
 def routed_app(registry: CollectorRegistry, **options: object) -> FastAPI:
@@ -212,7 +212,7 @@ def test_background_stall_is_booked_under_background(
     @app.get("/later")
     async def later() -> dict[str, str]:
         # scheduled outside any request's context: background code (one the request's own
-        # context schedules is the request's: tests/test_ownership.py)
+        # context schedules is the request's: tests/servers/test_ownership.py)
         loop = asyncio.get_running_loop()
         contextvars.Context().run(loop.call_later, 0.05, lambda: time.sleep(0.5))
         return {}

@@ -17,7 +17,7 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 INI = """
 [pytest]
 asyncio_default_fixture_loop_scope = function
