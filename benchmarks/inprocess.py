@@ -27,7 +27,7 @@ ABLATIONS = ("bind", "finish", "task-factory")
 def _ablate(parts: list[str]) -> None:
     """Replace parts of loopwatch's request path with no-ops, to price each one."""
     import loopwatch.middleware as middleware
-    from loopwatch.attribution import RequestRecord
+    from loopwatch.requests import RequestRecord
 
     if "bind" in parts:
         setattr(middleware, "bind_request", lambda record: None)  # noqa: B010 (module-private)

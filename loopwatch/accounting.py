@@ -1,7 +1,7 @@
 """Loop time per owner: how long the loop thread ran code, and for which request.
 
 Every callback the loop runs (a task step, an I/O callback, a timer) is timed on the loop
-thread and charged to its owner: the request bound in its context (``attribution``), the
+thread and charged to its owner: the request bound in its context (``requests``, by ``attribute``'s rule), the
 server's own protocol work (``<server>``: reading and parsing bytes, accepting connections,
 flushing writes) or anything else (``<background>``). The sum over owners is the loop's busy
 time, so its rate is the loop utilization (Node's ELU).
@@ -37,14 +37,8 @@ from collections.abc import Callable
 from types import CodeType
 from typing import Any
 
-from loopwatch.attribution import (
-    RequestRecord,
-    ServerCode,
-    _current_request,
-    callback_is_server,
-    owner_of,
-    watch_tasks,
-)
+from loopwatch.attribute import ServerCode, callback_is_server
+from loopwatch.requests import CURRENT_REQUEST, RequestRecord, owner_of, watch_tasks
 from loopwatch.stall import BACKGROUND, OWN, SERVER, UNMATCHED
 
 __all__ = ["Accountant", "BusySink", "start_accounting"]
@@ -288,7 +282,7 @@ class HandleHook(_Hook):
         original = asyncio.events.Handle._run
         loops = self._loops
         perf_counter = time.perf_counter
-        var = _current_request
+        var = CURRENT_REQUEST
         is_server = callback_is_server
         server_code = _server_code
 
@@ -426,7 +420,7 @@ class MonitoringHook(_Hook):
             if acct.start is not None:  # the same code awaited inside a running step
                 self._depth[ident] = self._depth.get(ident, 0) + 1
                 return
-            owner = acct.owner = _current_request.get()
+            owner = acct.owner = CURRENT_REQUEST.get()
             acct.bound = None
             # a step of the server's own task (its main loop, a connection before the app)
             acct.server_running = owner is None and _server_code.is_server(code)

@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from loopwatch.attribution import RequestRecord
 from loopwatch.detect import Hold, Verdict
+from loopwatch.requests import RequestRecord
 from loopwatch.stall import Stall
 
 if TYPE_CHECKING:

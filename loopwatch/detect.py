@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from types import CodeType, FrameType
 from typing import Protocol
 
-from loopwatch.attribution import CodeFilter, FrameSource, Owner, format_culprit, format_stack
+from loopwatch.attribute import Owner
+from loopwatch.frames import CodeFilter, FrameSource, format_culprit, format_stack
 
 __all__ = ["Detector", "Hold", "HoldEvents", "Probes", "Verdict"]
 

@@ -16,17 +16,17 @@ import time
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from loopwatch.attribution import (
+from loopwatch.config import ConfigError, Settings
+from loopwatch.exposition import MetricsServer
+from loopwatch.metrics import book_for, resolve_registry
+from loopwatch.monitor import Monitor, StallCallback
+from loopwatch.requests import (
     RequestRecord,
     background_owner,
     bind_request,
     install_task_factory,
     unbind_request,
 )
-from loopwatch.config import ConfigError, Settings
-from loopwatch.exposition import MetricsServer
-from loopwatch.metrics import book_for, resolve_registry
-from loopwatch.monitor import Monitor, StallCallback
 from loopwatch.routes import declared_routes, has_router
 from loopwatch.stall import ROUTING
 from loopwatch.stats import Shard
@@ -138,8 +138,10 @@ class LoopWatchMiddleware:
         self._exact = frozenset(self.settings.exclude)
         self._prefixes = tuple(p.rstrip("/") + "/" for p in self.settings.exclude)
         self._metrics_mounts: dict[int, frozenset[str]] = {}
-        # id(app) -> whether it routes requests, read once per app with its route table
-        self._routers: dict[int, bool] = {}
+        # the apps whose route table was read (once per app)
+        self._declared: set[int] = set()
+        # the app without a router this instance serves, if any (one identity test a request)
+        self._plain: object = None
         if self.settings.metrics_port is not None:
             # Bound now, so a busy port fails start-up rather than the first request.
             try:
@@ -196,7 +198,7 @@ class LoopWatchMiddleware:
         if monitor is None or shard is None:  # pragma: no cover - set by _bind
             raise RuntimeError("loopwatch: monitor not bound")
 
-        routed = self._routers.get(id(scope.get("app") or self.app), True)
+        routed = (scope.get("app") or self.app) is not self._plain
         capture = self._capture_trace
         record = RequestRecord(
             method, scope, scope.get("root_path", ""), routed=routed,
@@ -312,9 +314,11 @@ class LoopWatchMiddleware:
 
     def _declare(self, app: Any) -> None:
         """Zero series for the app's routes, read from its route table once per app."""
-        if id(app) in self._routers:
+        if id(app) in self._declared:
             return
-        self._routers[id(app)] = has_router(app)
+        self._declared.add(id(app))
+        if not has_router(app):
+            self._plain = app
         declared = [(m, route) for m, route in declared_routes(app) if m in _LABELS]
         # a stall before routing is booked live under <routing>: zero from start-up too
         self.book.declare(declared)

@@ -23,19 +23,18 @@ from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from loopwatch.accounting import Accountant
-from loopwatch.attribution import (
-    CodeFilter,
-    FrameSource,
+from loopwatch.book import BusySink
+from loopwatch.config import Settings
+from loopwatch.deliver import StallCallback
+from loopwatch.frames import CodeFilter, FrameSource
+from loopwatch.pipeline import Pipeline
+from loopwatch.requests import (
     RequestRecord,
     install_task_factory,
     own_context,
     own_owner,
     uninstall_task_factory,
 )
-from loopwatch.book import BusySink
-from loopwatch.config import Settings
-from loopwatch.deliver import StallCallback
-from loopwatch.pipeline import Pipeline
 from loopwatch.stats import LAG_BUCKETS, HistogramData, Shard, StatsBook
 from loopwatch.watchdog import Watchdog
 

@@ -29,7 +29,7 @@ from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Tracer
 
-from loopwatch.attribution import HAS_TASK_CONTEXT, RequestRecord
+from loopwatch.requests import HAS_TASK_CONTEXT, RequestRecord
 from loopwatch.stall import BACKGROUND, Stall
 from loopwatch.stats import LAG_BUCKETS, STALL_BUCKETS, StatsBook
 

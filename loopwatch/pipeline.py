@@ -1,7 +1,7 @@
 """The pipeline of one watched loop, and one check of it.
 
 At every watchdog check: **detect** (``detect``: is the loop held, is it a stall) asks
-**attribute** (``attribution``: who owns it); the detector's events go to **book**
+**attribute** (``attribute``: who owns it); the detector's events go to **book**
 (``book``: counters, histogram, loop time and ring, once per hold) and then to **deliver**
 (``deliver``: log, ``on_stall``, OpenTelemetry). Loop time (``accounting``), the loop profile
 (``profile``) and the live page's timeline are measured on the same checks. The exporters read
@@ -18,12 +18,14 @@ from types import CodeType
 from typing import TYPE_CHECKING
 
 from loopwatch.accounting import Accountant, start_accounting
-from loopwatch.attribution import Attributor, CodeFilter, FrameSource, Owner, RequestRecord
+from loopwatch.attribute import Attributor, Owner
 from loopwatch.book import Ledger
 from loopwatch.config import Settings
 from loopwatch.deliver import Delivery
 from loopwatch.detect import Detector, Hold, Probes, Verdict
+from loopwatch.frames import CodeFilter, FrameSource
 from loopwatch.profile import LoopSampler
+from loopwatch.requests import RequestRecord
 from loopwatch.stats import HistogramData
 from loopwatch.timeline import Timeline
 

@@ -51,7 +51,7 @@ from types import CodeType, FrameType
 from typing import Any
 
 from loopwatch.accounting import Accountant
-from loopwatch.attribution import Owner
+from loopwatch.attribute import Owner
 from loopwatch.detect import Detector
 from loopwatch.stall import BACKGROUND, OWN, SERVER
 

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loopwatch.attribution import CodeFilter
 from loopwatch.cli.output import Output
 from loopwatch.cli.scrape import RingStall, Snapshot
+from loopwatch.frames import CodeFilter
 from loopwatch.stall import BACKGROUND
 
 __all__ = [

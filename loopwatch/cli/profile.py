@@ -18,12 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loopwatch.attribution import CodeFilter
 from loopwatch.cli.arguments import positive_int, seconds
 from loopwatch.cli.errors import CliError
 from loopwatch.cli.output import Output
 from loopwatch.cli.scrape import Deadline, FetchError, fetch
 from loopwatch.flamegraph import flamegraph_svg
+from loopwatch.frames import CodeFilter
 from loopwatch.profile import DEFAULT_SECONDS, KEEP_SECONDS, Stack, parse_collapsed, route_label
 
 __all__ = ["RouteProfile", "add_parser", "busy_totals", "run_profile", "summarise"]

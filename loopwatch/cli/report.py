@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from loopwatch.attribution import CodeFilter
 from loopwatch.cli.arguments import positive_int, seconds
 from loopwatch.cli.diagnosis import diagnose, loop_time, print_diagnosis
 from loopwatch.cli.errors import CliError
 from loopwatch.cli.output import Output
 from loopwatch.cli.scrape import MAX_BODY, load_snapshot
+from loopwatch.frames import CodeFilter
 
 __all__ = ["add_parser", "run_report"]
 

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from loopwatch.attribution import CodeFilter
+from loopwatch.frames import CodeFilter
 from loopwatch.stall import BACKGROUND, Stall
 
 __all__ = ["Context", "Record", "StallFailure"]

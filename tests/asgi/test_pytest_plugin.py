@@ -668,7 +668,7 @@ async def test_blocks_freely():
 
 
 def test_nothing_was_loaded_or_patched():
-    for module in ("loopwatch.monitor", "loopwatch.attribution", "prometheus_client"):
+    for module in ("loopwatch.monitor", "loopwatch.requests", "prometheus_client"):
         assert module not in sys.modules, module
     assert not getattr(asyncio.BaseEventLoop.run_forever, "__loopwatch__", False)
     assert asyncio.BaseEventLoop.run_forever.__module__ == "asyncio.base_events"

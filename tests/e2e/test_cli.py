@@ -25,11 +25,11 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 from prometheus_client.parser import text_string_to_metric_families
 
 from loopwatch import BACKGROUND, LoopWatchMiddleware, metrics_app
-from loopwatch.attribution import CodeFilter
 from loopwatch.cli import main
 from loopwatch.cli.diagnosis import diagnose, fix_hint, loop_time, print_diagnosis
 from loopwatch.cli.output import Output, render_plain_table
 from loopwatch.cli.scrape import Snapshot, parse_exposition
+from loopwatch.frames import CodeFilter
 from tests.serving import free_port, serve
 
 ROOT = Path(__file__).resolve().parent.parent.parent

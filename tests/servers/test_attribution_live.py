@@ -509,7 +509,7 @@ def test_an_app_that_replaces_the_task_factory_keeps_its_attribution(
 def test_an_app_factory_returning_an_unweakable_object_is_left_alone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from loopwatch import attribution
+    from loopwatch import requests as attribution
 
     monkeypatch.setattr(attribution, "HAS_TASK_CONTEXT", False)  # the 3.10/3.11 path
 
@@ -530,11 +530,11 @@ def test_an_app_factory_returning_an_unweakable_object_is_left_alone(
     try:
         loop.set_task_factory(odd_factory)
         attribution.install_task_factory(loop)
-        token = attribution._current_request.set(attribution.RequestRecord("GET", {}, ""))
+        token = attribution.CURRENT_REQUEST.set(attribution.RequestRecord("GET", {}, ""))
         try:  # created under a request: loopwatch would record its owner, and cannot
             assert loop.create_task(asyncio.sleep(0)) is handle
         finally:
-            attribution._current_request.reset(token)
+            attribution.CURRENT_REQUEST.reset(token)
     finally:
         for coro in coros:
             coro.close()

@@ -33,7 +33,8 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from loopwatch import BACKGROUND, UNMATCHED, LoopWatchMiddleware, metrics_app
-from loopwatch import attribution as attribution_module
+from loopwatch import frames as frames_module
+from loopwatch import requests as requests_module
 from tests.helpers import StallLog, eventually, sample, series
 from tests.serving import free_port, serve
 
@@ -741,7 +742,7 @@ def test_the_task_factory_fallback_attributes_spawned_tasks(
     loop_impl: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Forced here so 3.12+ exercises it too; on 3.10/3.11 it is the only path anyway.
-    monkeypatch.setattr(attribution_module, "HAS_TASK_CONTEXT", False)
+    monkeypatch.setattr(requests_module, "HAS_TASK_CONTEXT", False)
     registry = CollectorRegistry()
     log = StallLog()
 
@@ -819,7 +820,7 @@ def test_blockbuster_sees_no_blocking_call_from_loopwatch_under_testclient(
     app = catching(blockbuster_app(log, registry), errors)
     with blockbuster_ctx():
         # a fresh process's first monitor: library dirs and /proc probes not computed yet
-        attribution_module._library_dirs.cache_clear()
+        frames_module._library_dirs.cache_clear()
         with TestClient(app, backend_options={"use_uvloop": use_uvloop}) as client:
             assert [client.get("/ok").status_code for _ in range(3)] == [200] * 3
             assert client.get("/cpu").text == "spun"
@@ -837,7 +838,7 @@ def test_blockbuster_sees_no_blocking_call_from_loopwatch_under_uvicorn(loop_imp
     log = StallLog()
     app = blockbuster_app(log, registry)
     with blockbuster_ctx():
-        attribution_module._library_dirs.cache_clear()
+        frames_module._library_dirs.cache_clear()
         with serve(app, loop=loop_impl) as url:
             assert httpx.get(f"{url}/ok").status_code == 200
             assert httpx.get(f"{url}/cpu", timeout=10).text == "spun"

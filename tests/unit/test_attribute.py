@@ -12,17 +12,8 @@ from typing import Any
 
 import uvicorn.server
 
-from loopwatch.attribution import (
-    Attributor,
-    Owner,
-    RequestRecord,
-    ServerCode,
-    bind_request,
-    own_context,
-    own_owner,
-    running_callback_owner,
-    unbind_request,
-)
+from loopwatch.attribute import Attributor, Owner, ServerCode, running_callback_owner
+from loopwatch.requests import RequestRecord, bind_request, own_context, own_owner, unbind_request
 from loopwatch.stall import SERVER
 
 Read = Callable[[FrameType], Any]

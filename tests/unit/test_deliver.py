@@ -8,9 +8,10 @@ import logging
 
 import pytest
 
-from loopwatch.attribution import Owner, RequestRecord
+from loopwatch.attribute import Owner
 from loopwatch.deliver import Delivery
 from loopwatch.detect import Hold, Verdict
+from loopwatch.requests import RequestRecord
 from loopwatch.stall import Stall
 
 

@@ -8,8 +8,10 @@ from types import FrameType
 
 import pytest
 
-from loopwatch.attribution import CodeFilter, Owner, RequestRecord
+from loopwatch.attribute import Owner
 from loopwatch.detect import Detector, Hold, Probes, Verdict
+from loopwatch.frames import CodeFilter
+from loopwatch.requests import RequestRecord
 
 
 class Figures:

@@ -102,5 +102,5 @@ asyncio.run(main())
 
 
 def test_core_modules_import_only_the_standard_library() -> None:
-    loaded = _modules_after("import loopwatch.monitor, loopwatch.attribution, loopwatch.config")
+    loaded = _modules_after("import loopwatch.monitor, loopwatch.requests, loopwatch.config")
     assert "prometheus_client" not in loaded

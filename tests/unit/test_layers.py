@@ -110,7 +110,8 @@ def test_the_pipeline_stages_depend_one_way() -> None:
     assert _reaches(graph, "loopwatch.watchdog") == set()
     # detect and attribute: below the books, the sinks and the monitor
     upper = {"loopwatch.monitor", "loopwatch.book", "loopwatch.deliver", "loopwatch.middleware"}
-    for stage in ("loopwatch.detect", "loopwatch.attribution", "loopwatch.accounting"):
+    for stage in ("loopwatch.detect", "loopwatch.attribute", "loopwatch.requests",
+                  "loopwatch.frames", "loopwatch.accounting"):  # fmt: skip
         assert not _reaches(graph, stage) & upper, stage
     # the books and the exporters read a loop through ``stats.WatchedLoop``, not the monitor
     for lower in ("loopwatch.book", "loopwatch.stats", "loopwatch.live", "loopwatch.metrics",

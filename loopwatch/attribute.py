@@ -1,0 +1,177 @@
+"""Attribute: who owns what the loop thread runs now, one rule for every view.
+
+A task step belongs to the request bound in the task's context; a plain callback to the
+request whose context it was scheduled in (read from its ``Handle`` on a pure-Python loop); the
+server's own code (its tasks, its protocol callbacks) to ``<server>``; loopwatch's own work to
+none of the app's books; anything else to ``<background>``. The loop-time hooks
+(``accounting``) charge callbacks by the same rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+from types import CodeType, FrameType
+from typing import Any, NamedTuple
+
+from loopwatch.requests import CURRENT_REQUEST, RequestRecord, is_own, owner_of
+from loopwatch.stall import BACKGROUND, OWN, SERVER
+
+__all__ = ["Attributor", "Owner", "ServerCode", "callback_is_server", "running_callback_owner"]
+
+# The servers whose own tasks and callbacks are ``<server>`` work (the app's code they call
+# runs bound to a request, or to the lifespan's owner, by the middleware).
+SERVER_PACKAGES = ("uvicorn", "uvicorn_worker", "hypercorn", "granian", "gunicorn", "daphne")
+# a callback that is a method of one of these is the server's (or the loop's) protocol work
+SERVER_TYPES: tuple[type, ...] = (
+    asyncio.BaseTransport,
+    asyncio.BaseProtocol,
+    asyncio.AbstractEventLoop,
+)
+
+
+class ServerCode:
+    """Tells the server's own code from the app's by the file of a code object: inside a
+    server package loaded in this process. Results are cached per code object."""
+
+    def __init__(self) -> None:
+        self._dirs: tuple[str, ...] | None = None
+        self._known: dict[int, bool] = {}
+
+    def dirs(self) -> tuple[str, ...]:
+        if self._dirs is None:
+            found = []
+            for name in SERVER_PACKAGES:
+                module = sys.modules.get(name)
+                path = getattr(module, "__file__", None)
+                if isinstance(path, str):
+                    found.append(os.path.join(os.path.dirname(path), ""))
+            self._dirs = tuple(found)
+        return self._dirs
+
+    def is_server(self, code: CodeType) -> bool:
+        known = self._known.get(id(code))
+        if known is None:
+            known = code.co_filename.startswith(self.dirs()) if self.dirs() else False
+            if len(self._known) < 10_000:
+                self._known[id(code)] = known  # code objects of a module live as long as it
+        return known
+
+    def task_is_server(self, task: Any) -> bool:
+        """An ownerless task that runs the server's code (its main loop, a connection)."""
+        try:
+            code = getattr(task.get_coro(), "cr_code", None)
+        except Exception:
+            return False
+        return code is not None and self.is_server(code)
+
+
+def callback_is_server(callback: Any, server_code: ServerCode) -> bool:
+    """A plain callback (not a task step) that is protocol work, or a server task's step."""
+    target = getattr(callback, "__self__", None)
+    if isinstance(target, SERVER_TYPES):
+        return True
+    return isinstance(target, asyncio.Task) and server_code.task_is_server(target)
+
+
+def running_callback_owner(
+    frame: FrameType | None, server_code: ServerCode, entry_codes: frozenset[CodeType]
+) -> RequestRecord | str | None:
+    """Read from the watchdog while the loop thread runs no task: the owner of the plain
+    callback it runs (one scheduled with ``call_soon``/``call_later``, or protocol work).
+
+    On a pure-Python loop the callback runs inside ``Handle._run``, whose handle carries the
+    context it was scheduled in (a request's, for a callback a request scheduled) and the
+    callback itself. A C loop (uvloop) shows no handle: only the outermost Python frame
+    inside the loop's run call (``entry_codes``: the frame that called into it), which tells
+    the server's protocol code from anything else. A request record, ``SERVER`` or None
+    (background)."""
+    outermost = None
+    while frame is not None and frame.f_code not in entry_codes:
+        code = frame.f_code
+        if code.co_name == "_run" and code.co_filename.endswith(_EVENTS_PY):
+            try:
+                handle = frame.f_locals.get("self")
+                context = getattr(handle, "_context", None)
+                owner = context.get(CURRENT_REQUEST) if context is not None else None
+                if owner is not None:
+                    return owner  # type: ignore[no-any-return]
+                callback = getattr(handle, "_callback", None)
+            except Exception:  # read across threads: a torn read is background
+                return None
+            return SERVER if callback_is_server(callback, server_code) else None
+        outermost = frame
+        frame = frame.f_back
+    if outermost is not None:
+        if server_code.is_server(outermost.f_code):
+            return SERVER
+        try:
+            target = outermost.f_locals.get("self")
+        except Exception:
+            return None
+        if isinstance(target, SERVER_TYPES):
+            return SERVER
+    return None
+
+
+_EVENTS_PY = os.path.join("asyncio", "events.py")
+
+
+class Owner(NamedTuple):
+    """Who holds the loop: the one answer every view gives for a hold."""
+
+    key: object  # identity: the request's record, or one fixed object per placeholder
+    record: RequestRecord | None
+    label: tuple[str, str]  # (method, route) in every view
+    booked: bool = True  # False: loopwatch's own work, never booked to the app
+    background: bool = False  # code outside any request (an idle process looks like it)
+    task: Any = None  # the loop's current task, if it runs one
+
+
+_BACKGROUND = Owner(object(), None, ("-", BACKGROUND), background=True)
+_SERVER = Owner(object(), None, ("-", SERVER))
+_OWN = Owner(object(), None, ("-", OWN), booked=False)
+
+
+class Attributor:
+    """Decides who holds one loop now, read from the watchdog's thread (the loop is held).
+
+    The one rule every view follows, and that loop time charges callbacks by too: a task step
+    belongs to the request bound in the task's context; a plain callback to the request whose
+    context it was scheduled in (``call_later`` from a request); the server's own code (its
+    tasks, its protocol callbacks) to ``<server>``; loopwatch's own to none of the app's
+    books; anything else to ``<background>``. A request's code before it is routed (a
+    middleware inside loopwatch) is ``<routing>``, or ``<unmatched>`` in an app with no
+    router: the route it gets later is not known while the loop is held."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        own: RequestRecord,
+        frame: Callable[[], FrameType | None],
+        entry_codes: Callable[[], frozenset[CodeType]],
+    ) -> None:
+        self._loop = loop
+        self._own = own
+        self._frame = frame
+        self._entry_codes = entry_codes
+        self.server_code = ServerCode()
+
+    def owner(self) -> Owner:
+        task = asyncio.current_task(self._loop)
+        if task is not None:
+            record = owner_of(task)
+            if record is None:
+                return _SERVER if self.server_code.task_is_server(task) else _BACKGROUND
+        else:
+            found = running_callback_owner(self._frame(), self.server_code, self._entry_codes())
+            if found is None:
+                return _BACKGROUND
+            if isinstance(found, str):
+                return _SERVER
+            record = found
+        if record is self._own or is_own(record):
+            return _OWN
+        return Owner(record, record, (record.method, record.owner_route()), task=task)

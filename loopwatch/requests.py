@@ -1,0 +1,247 @@
+"""Requests in flight, as the watchdog and the loop-time hooks see them.
+
+The middleware binds a ``RequestRecord`` to a context variable for the duration of a request.
+Tasks spawned inside the request (anyio task groups, ``BaseHTTPMiddleware``,
+``asyncio.create_task``) and callbacks it schedules copy the context, so the watchdog can ask
+which request a task belongs to. On Python 3.12+ it reads the task's context directly
+(``Task.get_context()``); on 3.10 and 3.11 a task's context is not readable, so a task factory
+records the owner when the task is created. Fixed owners that are no request (the lifespan,
+loopwatch's own work) are records too, so every hook treats them alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import sys
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from loopwatch.routes import route_template
+from loopwatch.stall import BACKGROUND, OWN, ROUTING, UNMATCHED
+
+__all__ = [
+    "CURRENT_REQUEST",
+    "HAS_TASK_CONTEXT",
+    "RequestRecord",
+    "background_owner",
+    "bind_request",
+    "install_task_factory",
+    "is_own",
+    "own_context",
+    "own_owner",
+    "owner_of",
+    "unbind_request",
+    "uninstall_task_factory",
+    "watch_tasks",
+]
+
+HAS_TASK_CONTEXT = sys.version_info >= (3, 12)
+
+# the request the running code serves (read by the loop-time hooks on every step)
+CURRENT_REQUEST: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
+    "loopwatch_request", default=None
+)
+# Python < 3.12 only: task -> the request it was created under.
+_task_owners: weakref.WeakKeyDictionary[asyncio.Task[Any], RequestRecord] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class RequestRecord:
+    """One request (or websocket) in flight, as the watchdog needs to see it."""
+
+    __slots__ = (
+        "__weakref__",
+        "booked",
+        "busy",
+        "done",
+        "method",
+        "root_path",
+        "route",
+        "scope",
+        "trace",
+        "unrouted",
+    )  # fmt: skip
+
+    def __init__(
+        self, method: str, scope: Any, root_path: str, *, routed: bool = True,
+        trace: object = None,
+    ) -> None:  # fmt: skip
+        self.method = method
+        self.scope = scope
+        self.root_path = root_path
+        self.route: str | None = None  # set once, by finish()
+        self.done = False  # the app returned; the route can be read from the scope any time
+        # what owns this request's code while no route is known: ``<routing>`` in an app
+        # with a router (code before it, a middleware), ``<unmatched>`` in one without (it
+        # is never routed): one owner for a hold from its first booking to every view
+        self.unrouted = ROUTING if routed else UNMATCHED
+        # loop time: seconds the loop ran this request's code (written on the loop thread
+        # by the accounting hook), and how much of it is booked (by the watchdog)
+        self.busy = 0.0
+        self.booked = 0.0
+        # OpenTelemetry on: the request's OTel context as it entered the middleware (its
+        # server span), read by the watchdog to tell it when another request stalls the loop
+        self.trace = trace
+
+    def current_route(self) -> str | None:
+        """The final route if finished, else what the scope says so far (None: not routed)."""
+        if self.route is not None:
+            return self.route
+        try:
+            return route_template(self.scope, self.root_path)
+        except Exception:  # a framework's object misbehaving must not break the watchdog
+            return None
+
+    def owner_route(self) -> str:
+        """The route a hold in this request's code is booked under now."""
+        route = self.current_route()
+        return route if route is not None else self.unrouted
+
+    def end(self) -> None:
+        """The app returned (its route is read from the scope when needed)."""
+        self.done = True
+
+    def finish(self) -> str:
+        self.done = True
+        route = self.current_route()
+        self.route = route if route is not None else UNMATCHED
+        return self.route
+
+
+def _fixed_owner(route: str) -> RequestRecord:
+    """An owner that is no request: its route is fixed, and as it is ``done`` the loop time
+    charged to it is booked at the next drain (``accounting``), like a finished request's."""
+    record = RequestRecord("-", None, "")
+    record.route = route
+    record.done = True
+    return record
+
+
+def background_owner() -> RequestRecord:
+    """The owner of the app's code that runs outside any request, bound where loopwatch knows
+    it runs it (the lifespan), so the server's task that calls it is not taken for the
+    server's own work."""
+    return _fixed_owner(BACKGROUND)
+
+
+def own_owner() -> RequestRecord:
+    """The owner of loopwatch's own code on one loop (the heartbeat, its start-up work, the
+    callbacks the watchdog schedules): every hook sees it like a request, and as it is not
+    ``done`` nor in flight, what is charged to it (``busy``) is never booked to the app."""
+    record = RequestRecord("-", None, "")
+    record.route = OWN
+    return record
+
+
+def is_own(owner: object) -> bool:
+    return isinstance(owner, RequestRecord) and owner.route == OWN
+
+
+def own_context(owner: RequestRecord) -> contextvars.Context:
+    """A context in which code is loopwatch's own (pass to ``create_task``/``call_soon``)."""
+    context = contextvars.Context()
+    context.run(CURRENT_REQUEST.set, owner)
+    return context
+
+
+Binding = tuple[contextvars.Token["RequestRecord | None"], "asyncio.Task[Any] | None", Any]
+
+
+def bind_request(record: RequestRecord) -> Binding:
+    """Make ``record`` the current request of this task and of the tasks it spawns."""
+    task = previous = None
+    if not HAS_TASK_CONTEXT:
+        task = asyncio.current_task()
+        if task is not None:
+            previous = _task_owners.get(task)
+            _task_owners[task] = record
+    return CURRENT_REQUEST.set(record), task, previous
+
+
+def unbind_request(binding: Binding) -> None:
+    token, task, previous = binding
+    try:  # noqa: SIM105 - not contextlib.suppress: this runs once per request
+        CURRENT_REQUEST.reset(token)
+    except ValueError:  # a reset from another context (a server that moved the request)
+        pass
+    if task is not None:  # Python < 3.12: the task no longer runs for this request
+        if previous is None:
+            _task_owners.pop(task, None)
+        else:
+            _task_owners[task] = previous
+
+
+def current_request() -> RequestRecord | None:
+    return CURRENT_REQUEST.get()
+
+
+def owner_of(task: asyncio.Task[Any] | None) -> RequestRecord | None:
+    """The request a task runs for, read from any thread; None for background code."""
+    if task is None:
+        return None
+    if HAS_TASK_CONTEXT:
+        try:
+            return task.get_context().get(CURRENT_REQUEST)  # type: ignore[attr-defined,no-any-return]
+        except Exception:
+            return None
+    return _task_owners.get(task)
+
+
+# loop -> called with each task created on it (loop-time accounting on uvloop, 3.12+)
+_task_watchers: dict[asyncio.AbstractEventLoop, Callable[[Any], None]] = {}
+
+
+def watch_tasks(loop: asyncio.AbstractEventLoop, watcher: Callable[[Any], None] | None) -> None:
+    """Have ``watcher`` see every task created on ``loop`` (None: stop)."""
+    if watcher is None:
+        _task_watchers.pop(loop, None)
+        if HAS_TASK_CONTEXT:
+            uninstall_task_factory(loop)
+    else:
+        _task_watchers[loop] = watcher
+        install_task_factory(loop)
+
+
+def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
+    """A task factory that chains to the loop's own: on Python < 3.12 it remembers each new
+    task's request (its context is not readable later); it also feeds ``watch_tasks``.
+
+    Called again on every request: an app that sets its own factory at start-up, without
+    chaining to the one it replaces, gets it wrapped (and still called) from then on."""
+    if HAS_TASK_CONTEXT and loop not in _task_watchers:
+        return
+    previous = loop.get_task_factory()
+    if getattr(previous, "_loopwatch", False):
+        return
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        if previous is not None:
+            task = previous(loop, coro, **kwargs)
+        else:
+            task = asyncio.Task(coro, loop=loop, **kwargs)
+        if not HAS_TASK_CONTEXT:
+            context = kwargs.get("context")
+            record = context.get(CURRENT_REQUEST) if context is not None else CURRENT_REQUEST.get()
+            if record is not None:
+                try:  # noqa: SIM105 - not contextlib.suppress: this runs once per task
+                    _task_owners[task] = record  # type: ignore[index]
+                except TypeError:  # an app's factory returned something unweakable
+                    pass
+        watcher = _task_watchers.get(loop)
+        if watcher is not None:
+            watcher(task)
+        return task
+
+    factory._loopwatch = True  # type: ignore[attr-defined]
+    factory._previous = previous  # type: ignore[attr-defined]
+    loop.set_task_factory(factory)
+
+
+def uninstall_task_factory(loop: asyncio.AbstractEventLoop) -> None:
+    """Put back the factory ours chained to, if ours is still the loop's."""
+    current = loop.get_task_factory()
+    if getattr(current, "_loopwatch", False) and not loop.is_closed():
+        loop.set_task_factory(current._previous)  # type: ignore[union-attr]
