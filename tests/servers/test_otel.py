@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 
 from loopwatch import ConfigError, LoopWatchMiddleware, Monitor, Stall
-from loopwatch.attribution import HAS_TASK_CONTEXT
+from loopwatch.requests import HAS_TASK_CONTEXT
 from tests.helpers import StallLog, eventually, sample
 from tests.serving import serve, serve_process
 
@@ -310,6 +310,40 @@ def test_background_stall_is_a_root_span(otel: Otel, registry: CollectorRegistry
     assert stall.route == "<background>" and stall.trace_id == ""
     assert (span.attributes or {})["http.route"] == "<background>"
     assert "http.request.method" not in (span.attributes or {})
+
+
+def test_a_callback_a_request_scheduled_is_that_requests_span(
+    otel: Otel, registry: CollectorRegistry
+) -> None:
+    """One owner per hold: the callback runs in the request's context (asyncio reads it from
+    the callback's handle), so its stall's span is the request's route, in its trace."""
+    log = StallLog()
+    app = build_app(otel, registry, log)
+
+    @app.get("/schedule")
+    async def schedule() -> dict[str, str]:
+        done = asyncio.get_running_loop().create_future()
+
+        def blocker() -> None:
+            time.sleep(BLOCK)
+            done.set_result(None)
+
+        asyncio.get_running_loop().call_later(0.01, blocker)
+        await done
+        return {"ok": "scheduled"}
+
+    with serve(app) as url:
+        assert httpx.get(f"{url}/schedule", timeout=10).status_code == 200
+        (stall,) = log.wait_for(1)
+        eventually(lambda: len(otel.named("loopwatch.stall")) == 1, what="the stall span")
+    (span,) = otel.named("loopwatch.stall")
+    assert (stall.method, stall.route) == ("GET", "/schedule")
+    assert (span.attributes or {})["http.route"] == "/schedule"
+    assert (span.attributes or {})["http.request.method"] == "GET"
+    servers = [s for s in otel.spans() if s.kind == trace.SpanKind.SERVER]
+    traces = {s.context.trace_id for s in servers}  # type: ignore[union-attr]
+    assert span.parent is not None and span.context.trace_id in traces  # type: ignore[union-attr]
+    assert stall.trace_id == f"{span.context.trace_id:032x}"  # type: ignore[union-attr]
 
 
 def test_stall_before_routing_gets_its_span_once_routed(

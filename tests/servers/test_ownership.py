@@ -1,15 +1,18 @@
 """One owner per hold, in every view: the cases of the README's "Who owns a hold" table, each
 run on a real uvicorn (asyncio and uvloop) with a real HTTP client. For each, the stall's
 ``on_stall`` record, the ring, the log line, the stall counters, the histogram and loop time
-all name the same (method, route), and no other owner is charged with the hold; loopwatch's
-own work and an idle server's are never the app's."""
+the live page's data and ``loopwatch report`` all name the same (method, route), and no other
+owner is charged with the hold (the OpenTelemetry span: tests/servers/test_otel.py);
+loopwatch's own work and an idle server's are never the app's."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import logging
+import re
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -24,7 +27,7 @@ from starlette.middleware import Middleware
 
 from loopwatch import LoopWatchMiddleware, recent_stalls
 from tests.helpers import StallLog
-from tests.serving import serve
+from tests.serving import free_port, serve
 
 HOLD = 0.5  # well above the threshold: no test here depends on a busy machine's timing
 THRESHOLD = 0.1
@@ -37,6 +40,31 @@ COUNTED = (
     "loopwatch_stall_duration_seconds_count",
     "loopwatch_event_loop_busy_seconds_total",
 )
+
+
+class Views:
+    """What the side port shows a person: the live page's data and ``loopwatch report``."""
+
+    def __init__(self, port: int) -> None:
+        side = f"http://127.0.0.1:{port}"
+        self.page_stalls = httpx.get(f"{side}/ui/stalls.json", timeout=10).json()["stalls"]
+        self.page_routes = httpx.get(f"{side}/ui/routes.json", timeout=10).json()["routes"]
+        self.report = subprocess.run(
+            [sys.executable, "-m", "loopwatch", "report", f"{side}/metrics", "--plain"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+
+    def report_stalls(self) -> dict[str, int]:
+        """Stalls per row of the report's table ("GET /x", or a placeholder alone)."""
+        lines = self.report.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.strip().startswith("route"))
+        rows: dict[str, int] = {}
+        for line in lines[start + 2 :]:
+            if not re.match(r"^\s*(GET|POST|<)", line):
+                break
+            cells = re.split(r"\s{2,}", line.strip())
+            rows[cells[0]] = int(cells[2])
+        return rows
 
 
 def _counters(registry: CollectorRegistry) -> dict[str, dict[tuple[str, ...], float]]:
@@ -88,7 +116,7 @@ def _block() -> None:
     time.sleep(HOLD)
 
 
-def fastapi_app(registry: CollectorRegistry, log: StallLog, **extra: Any) -> FastAPI:
+def fastapi_app(registry: CollectorRegistry, log: StallLog, port: int = 0, **extra: Any) -> FastAPI:
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None, **extra)
 
     @app.get("/ok")
@@ -119,7 +147,10 @@ def fastapi_app(registry: CollectorRegistry, log: StallLog, **extra: Any) -> Fas
         await done
         return {}
 
-    app.add_middleware(LoopWatchMiddleware, registry=registry, threshold=THRESHOLD, on_stall=log)
+    app.add_middleware(
+        LoopWatchMiddleware, registry=registry, threshold=THRESHOLD, on_stall=log,
+        metrics_port=port or None,
+    )  # fmt: skip
     return app
 
 
@@ -140,7 +171,7 @@ class BeforeRouting:
         await self.app(scope, receive, send)
 
 
-def no_router_app(registry: CollectorRegistry, log: StallLog) -> Any:
+def no_router_app(registry: CollectorRegistry, log: StallLog, port: int) -> Any:
     async def plain(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
@@ -149,7 +180,9 @@ def no_router_app(registry: CollectorRegistry, log: StallLog) -> Any:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    return LoopWatchMiddleware(plain, registry=registry, threshold=THRESHOLD, on_stall=log)
+    return LoopWatchMiddleware(
+        plain, registry=registry, threshold=THRESHOLD, on_stall=log, metrics_port=port
+    )
 
 
 def _check_one_owner(
@@ -158,6 +191,7 @@ def _check_one_owner(
     lines: LogLines,
     before: dict[str, dict[tuple[str, ...], float]],
     after: dict[str, dict[tuple[str, ...], float]],
+    views: Views,
     *,
     loop_time: bool,
 ) -> None:
@@ -177,6 +211,14 @@ def _check_one_owner(
         assert busy.get(owner, 0.0) >= 0.8 * HOLD, busy
     others = {k: v for k, v in busy.items() if k != owner}
     assert sum(others.values()) < 0.2 * HOLD, busy
+    # the live page: its stall list and its route table
+    assert [(s["method"], s["route"]) for s in views.page_stalls] == [owner]
+    stalled = {(r["method"], r["route"]): r["stalls"] for r in views.page_routes if r["stalls"]}
+    assert stalled == {owner: 1}, views.page_routes
+    # loopwatch report, read from the side port
+    label = f"{method} {route}" if method != "-" else route
+    reported = {row: n for row, n in views.report_stalls().items() if n}
+    assert reported == {label: 1}, views.report
 
 
 def _settle(registry: CollectorRegistry) -> None:
@@ -201,7 +243,8 @@ def test_a_hold_has_one_owner_in_every_view(
         # uvloop runs the callback from C: no handle, no context to read (README, Limits)
         owner = ("-", "<background>")
     log = StallLog()
-    app = fastapi_app(registry, log)
+    port = free_port()
+    app = fastapi_app(registry, log, port)
     if case == "before routing":
         app.user_middleware.append(Middleware(BeforeRouting))  # innermost: inside loopwatch
     with serve(app, loop=loop_impl) as url:
@@ -212,9 +255,10 @@ def test_a_hold_has_one_owner_in_every_view(
         log.wait_for(1)
         _settle(registry)
         after = _counters(registry)
+        views = Views(port)
     # loop time sees a plain callback only where it sees its handle (pure-Python asyncio)
     seen = loop_impl == "asyncio" or (EXACT and case != "callback from a request")
-    _check_one_owner(owner, log, log_lines, before, after, loop_time=seen)
+    _check_one_owner(owner, log, log_lines, before, after, views, loop_time=seen)
 
 
 def test_a_hold_in_the_lifespan_is_background_not_the_server(
@@ -228,14 +272,17 @@ def test_a_hold_in_the_lifespan_is_background_not_the_server(
         _block()
         yield
 
-    app = fastapi_app(registry, log, lifespan=lifespan)
+    port = free_port()
+    app = fastapi_app(registry, log, port, lifespan=lifespan)
     before: dict[str, dict[tuple[str, ...], float]] = {}
     with serve(app, loop=loop_impl) as url:
         log.wait_for(1)
         assert httpx.get(url + "/ok", timeout=10).status_code == 200
         _settle(registry)
         after = _counters(registry)
-    _check_one_owner(("-", "<background>"), log, log_lines, before, after, loop_time=True)
+        views = Views(port)
+    owner = ("-", "<background>")
+    _check_one_owner(owner, log, log_lines, before, after, views, loop_time=True)
 
 
 def test_a_hold_in_the_servers_protocol_code_is_the_server(
@@ -265,7 +312,8 @@ def test_a_hold_in_the_servers_protocol_code_is_the_server(
         yield
         server.close()
 
-    app = fastapi_app(registry, log, lifespan=lifespan)
+    port = free_port()
+    app = fastapi_app(registry, log, port, lifespan=lifespan)
     with serve(app, loop=loop_impl) as url:
         assert httpx.get(url + "/ok", timeout=10).status_code == 200
         _settle(registry)
@@ -276,16 +324,18 @@ def test_a_hold_in_the_servers_protocol_code_is_the_server(
         log.wait_for(1)
         _settle(registry)
         after = _counters(registry)
-    _check_one_owner(
-        ("-", "<server>"), log, log_lines, before, after, loop_time=loop_impl == "asyncio"
-    )
+        views = Views(port)
+    owner = ("-", "<server>")
+    seen = loop_impl == "asyncio"
+    _check_one_owner(owner, log, log_lines, before, after, views, loop_time=seen)
 
 
 def test_a_hold_in_an_app_with_no_router_is_unmatched_in_every_view(
     loop_impl: str, registry: CollectorRegistry, log_lines: LogLines
 ) -> None:
     log = StallLog()
-    with serve(no_router_app(registry, log), loop=loop_impl) as url:
+    port = free_port()
+    with serve(no_router_app(registry, log, port), loop=loop_impl) as url:
         assert httpx.get(url + "/", timeout=10).status_code == 200
         _settle(registry)
         before = _counters(registry)
@@ -293,8 +343,10 @@ def test_a_hold_in_an_app_with_no_router_is_unmatched_in_every_view(
         log.wait_for(1)
         _settle(registry)
         after = _counters(registry)
+        views = Views(port)
     seen = loop_impl == "asyncio" or EXACT
-    _check_one_owner(("GET", "<unmatched>"), log, log_lines, before, after, loop_time=seen)
+    owner = ("GET", "<unmatched>")
+    _check_one_owner(owner, log, log_lines, before, after, views, loop_time=seen)
 
 
 def _busy(registry: CollectorRegistry) -> Callable[[str], float]:
