@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,67 +23,17 @@ from fastapi import FastAPI
 from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 
 from loopwatch import ConfigError, LoopWatchMiddleware, Monitor, Stall
 from loopwatch.requests import HAS_TASK_CONTEXT
 from tests.helpers import StallLog, eventually, sample
+from tests.otel_sdk import Otel
 from tests.serving import serve, serve_process
 
 BLOCK = 0.45  # seconds the blocker holds the loop; threshold 0.25
 THRESHOLD = 0.25
-
-
-class Otel:
-    """A real SDK: spans kept in memory, metrics read on demand."""
-
-    def __init__(self) -> None:
-        self.exporter = InMemorySpanExporter()
-        self.tracer_provider = TracerProvider()
-        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.exporter))
-        self.reader = InMemoryMetricReader()
-        self.meter_provider = MeterProvider(metric_readers=[self.reader])
-
-    def spans(self) -> list[ReadableSpan]:
-        return list(self.exporter.get_finished_spans())
-
-    def named(self, name: str) -> list[ReadableSpan]:
-        return [s for s in self.spans() if s.name == name]
-
-    def server_span(self, route: str) -> ReadableSpan:
-        (span,) = [
-            s
-            for s in self.spans()
-            if s.kind == trace.SpanKind.SERVER and (s.attributes or {}).get("http.route") == route
-        ]
-        return span
-
-    def metrics(self) -> dict[str, list[Any]]:
-        data = self.reader.get_metrics_data()
-        out: dict[str, list[Any]] = {}
-        for resource in data.resource_metrics if data else ():
-            for scope in resource.scope_metrics:
-                if scope.scope.name != "loopwatch":
-                    continue
-                for metric in scope.metrics:
-                    out[metric.name] = list(metric.data.data_points)
-        return out
-
-    def shutdown(self) -> None:
-        self.tracer_provider.shutdown()
-        self.meter_provider.shutdown()
-
-
-@pytest.fixture
-def otel() -> Iterator[Otel]:
-    sdk = Otel()
-    yield sdk
-    sdk.shutdown()
 
 
 def build_app(

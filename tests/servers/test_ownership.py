@@ -2,8 +2,8 @@
 run on a real uvicorn (asyncio and uvloop) with a real HTTP client. For each, the stall's
 ``on_stall`` record, the ring, the log line, the stall counters, the histogram and loop time
 the live page's data and ``loopwatch report`` all name the same (method, route), and no other
-owner is charged with the hold (the OpenTelemetry span: tests/servers/test_otel.py);
-loopwatch's own work and an idle server's are never the app's."""
+owner is charged with the hold; with a real OpenTelemetry SDK and FastAPI's instrumentation,
+the stall's span names it too. loopwatch's own work and an idle server's are never the app's."""
 
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from prometheus_client import CollectorRegistry
 from starlette.middleware import Middleware
 
 from loopwatch import LoopWatchMiddleware, recent_stalls
-from tests.helpers import StallLog
+from tests.helpers import StallLog, eventually
+from tests.otel_sdk import Otel
 from tests.serving import free_port, serve
 
 HOLD = 0.5  # well above the threshold: no test here depends on a busy machine's timing
@@ -116,7 +118,10 @@ def _block() -> None:
     time.sleep(HOLD)
 
 
-def fastapi_app(registry: CollectorRegistry, log: StallLog, port: int = 0, **extra: Any) -> FastAPI:
+def fastapi_app(
+    registry: CollectorRegistry, log: StallLog, port: int = 0, sdk: Otel | None = None,
+    **extra: Any,
+) -> FastAPI:  # fmt: skip
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None, **extra)
 
     @app.get("/ok")
@@ -149,9 +154,19 @@ def fastapi_app(registry: CollectorRegistry, log: StallLog, port: int = 0, **ext
 
     app.add_middleware(
         LoopWatchMiddleware, registry=registry, threshold=THRESHOLD, on_stall=log,
-        metrics_port=port or None,
+        metrics_port=port or None, **_providers(sdk),
     )  # fmt: skip
+    if sdk is not None:  # outside loopwatch, as usual
+        FastAPIInstrumentor.instrument_app(
+            app, tracer_provider=sdk.tracer_provider, meter_provider=sdk.meter_provider
+        )
     return app
+
+
+def _providers(sdk: Otel | None) -> dict[str, Any]:
+    if sdk is None:
+        return {}
+    return {"tracer_provider": sdk.tracer_provider, "meter_provider": sdk.meter_provider}
 
 
 async def _child() -> None:
@@ -171,7 +186,7 @@ class BeforeRouting:
         await self.app(scope, receive, send)
 
 
-def no_router_app(registry: CollectorRegistry, log: StallLog, port: int) -> Any:
+def no_router_app(registry: CollectorRegistry, log: StallLog, port: int, sdk: Otel) -> Any:
     async def plain(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
@@ -181,8 +196,9 @@ def no_router_app(registry: CollectorRegistry, log: StallLog, port: int) -> Any:
         await send({"type": "http.response.body", "body": b"ok"})
 
     return LoopWatchMiddleware(
-        plain, registry=registry, threshold=THRESHOLD, on_stall=log, metrics_port=port
-    )
+        plain, registry=registry, threshold=THRESHOLD, on_stall=log, metrics_port=port,
+        **_providers(sdk),
+    )  # fmt: skip
 
 
 def _check_one_owner(
@@ -192,6 +208,7 @@ def _check_one_owner(
     before: dict[str, dict[tuple[str, ...], float]],
     after: dict[str, dict[tuple[str, ...], float]],
     views: Views,
+    sdk: Otel,
     *,
     loop_time: bool,
 ) -> None:
@@ -219,6 +236,11 @@ def _check_one_owner(
     label = f"{method} {route}" if method != "-" else route
     reported = {row: n for row, n in views.report_stalls().items() if n}
     assert reported == {label: 1}, views.report
+    # the OpenTelemetry stall span
+    eventually(lambda: len(sdk.named("loopwatch.stall")) == 1, what="the stall span")
+    attributes = sdk.named("loopwatch.stall")[0].attributes or {}
+    assert attributes["http.route"] == route
+    assert attributes.get("http.request.method") == (None if method == "-" else method)
 
 
 def _settle(registry: CollectorRegistry) -> None:
@@ -236,7 +258,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_hold_has_one_owner_in_every_view(
-    case: str, loop_impl: str, registry: CollectorRegistry, log_lines: LogLines
+    case: str, loop_impl: str, registry: CollectorRegistry, log_lines: LogLines, otel: Otel
 ) -> None:
     path, owner = CASES[case]
     if case == "callback from a request" and loop_impl == "uvloop":
@@ -244,7 +266,7 @@ def test_a_hold_has_one_owner_in_every_view(
         owner = ("-", "<background>")
     log = StallLog()
     port = free_port()
-    app = fastapi_app(registry, log, port)
+    app = fastapi_app(registry, log, port, otel)
     if case == "before routing":
         app.user_middleware.append(Middleware(BeforeRouting))  # innermost: inside loopwatch
     with serve(app, loop=loop_impl) as url:
@@ -258,11 +280,11 @@ def test_a_hold_has_one_owner_in_every_view(
         views = Views(port)
     # loop time sees a plain callback only where it sees its handle (pure-Python asyncio)
     seen = loop_impl == "asyncio" or (EXACT and case != "callback from a request")
-    _check_one_owner(owner, log, log_lines, before, after, views, loop_time=seen)
+    _check_one_owner(owner, log, log_lines, before, after, views, otel, loop_time=seen)
 
 
 def test_a_hold_in_the_lifespan_is_background_not_the_server(
-    loop_impl: str, registry: CollectorRegistry, log_lines: LogLines
+    loop_impl: str, registry: CollectorRegistry, log_lines: LogLines, otel: Otel
 ) -> None:
     log = StallLog()
 
@@ -273,7 +295,7 @@ def test_a_hold_in_the_lifespan_is_background_not_the_server(
         yield
 
     port = free_port()
-    app = fastapi_app(registry, log, port, lifespan=lifespan)
+    app = fastapi_app(registry, log, port, otel, lifespan=lifespan)
     before: dict[str, dict[tuple[str, ...], float]] = {}
     with serve(app, loop=loop_impl) as url:
         log.wait_for(1)
@@ -282,11 +304,11 @@ def test_a_hold_in_the_lifespan_is_background_not_the_server(
         after = _counters(registry)
         views = Views(port)
     owner = ("-", "<background>")
-    _check_one_owner(owner, log, log_lines, before, after, views, loop_time=True)
+    _check_one_owner(owner, log, log_lines, before, after, views, otel, loop_time=True)
 
 
 def test_a_hold_in_the_servers_protocol_code_is_the_server(
-    loop_impl: str, registry: CollectorRegistry, log_lines: LogLines
+    loop_impl: str, registry: CollectorRegistry, log_lines: LogLines, otel: Otel
 ) -> None:
     """A protocol's ``data_received`` runs as a plain callback of the loop (no task, no
     request): the server's work, ``<server>``, in the stall views and in loop time."""
@@ -313,7 +335,7 @@ def test_a_hold_in_the_servers_protocol_code_is_the_server(
         server.close()
 
     port = free_port()
-    app = fastapi_app(registry, log, port, lifespan=lifespan)
+    app = fastapi_app(registry, log, port, otel, lifespan=lifespan)
     with serve(app, loop=loop_impl) as url:
         assert httpx.get(url + "/ok", timeout=10).status_code == 200
         _settle(registry)
@@ -327,15 +349,15 @@ def test_a_hold_in_the_servers_protocol_code_is_the_server(
         views = Views(port)
     owner = ("-", "<server>")
     seen = loop_impl == "asyncio"
-    _check_one_owner(owner, log, log_lines, before, after, views, loop_time=seen)
+    _check_one_owner(owner, log, log_lines, before, after, views, otel, loop_time=seen)
 
 
 def test_a_hold_in_an_app_with_no_router_is_unmatched_in_every_view(
-    loop_impl: str, registry: CollectorRegistry, log_lines: LogLines
+    loop_impl: str, registry: CollectorRegistry, log_lines: LogLines, otel: Otel
 ) -> None:
     log = StallLog()
     port = free_port()
-    with serve(no_router_app(registry, log, port), loop=loop_impl) as url:
+    with serve(no_router_app(registry, log, port, otel), loop=loop_impl) as url:
         assert httpx.get(url + "/", timeout=10).status_code == 200
         _settle(registry)
         before = _counters(registry)
@@ -346,7 +368,7 @@ def test_a_hold_in_an_app_with_no_router_is_unmatched_in_every_view(
         views = Views(port)
     seen = loop_impl == "asyncio" or EXACT
     owner = ("GET", "<unmatched>")
-    _check_one_owner(owner, log, log_lines, before, after, views, loop_time=seen)
+    _check_one_owner(owner, log, log_lines, before, after, views, otel, loop_time=seen)
 
 
 def _busy(registry: CollectorRegistry) -> Callable[[str], float]:
