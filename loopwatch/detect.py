@@ -121,7 +121,8 @@ class Hold:
         self.end: float | None = None  # once closed
         self.cpu_t0, self.cpu0, self.sched0 = figures
         self.in_flight = in_flight  # the requests the hold keeps waiting
-        self.idle = True  # every stack sample so far shows the loop waiting, not running code
+        # no stack sample so far shows the loop running code (none taken, or all idle)
+        self.idle = True
         self.culprits: collections.Counter[tuple[str, int, str] | None] = collections.Counter()
         self.stack: str | None = None
         self.next_long = long_stall
@@ -289,8 +290,10 @@ class Detector:
         if not hold.owner.booked:
             return  # loopwatch's own: never the app's
         if not hold.confirmed:
-            if hold.owner.background and hold.idle and hold.culprits:
-                return  # a paused or starved process idle in its selector: no code
+            if hold.owner.background and hold.idle:
+                # no stack sample showed code yet: a paused or starved process idle in its
+                # selector (or not sampled at all) is no evidence of a blocking call
+                return
             sched, sched0 = self.probes.sched, hold.sched0
             if (
                 sched is not None
@@ -331,8 +334,10 @@ class Detector:
         if not hold.owner.booked:
             logger.debug("loopwatch: %.3fs hold in loopwatch's own code: not the app's", duration)
             return None
-        if hold.owner.background and hold.idle and hold.culprits and not confirmed:
-            logger.debug("loopwatch: %.3fs late heartbeat with the loop idle: not code", duration)
+        if hold.owner.background and hold.idle and not confirmed:
+            # every stack sample showed the loop idle, or none was taken (the whole process
+            # was starved or paused, the watchdog too): a late heartbeat, not code
+            logger.debug("loopwatch: %.3fs late heartbeat with no code seen: not a stall", duration)
             return None
         kind = "wait"
         cpu_seconds = 0.0

@@ -357,15 +357,19 @@ def test_a_hold_in_an_app_with_no_router_is_unmatched_in_every_view(
 ) -> None:
     log = StallLog()
     port = free_port()
-    with serve(no_router_app(registry, log, port, otel), loop=loop_impl) as url:
-        assert httpx.get(url + "/", timeout=10).status_code == 200
-        _settle(registry)
-        before = _counters(registry)
-        assert httpx.get(url + "/block", timeout=10).status_code == 200
-        log.wait_for(1)
-        _settle(registry)
-        after = _counters(registry)
-        views = Views(port)
+    app = no_router_app(registry, log, port, otel)
+    try:
+        with serve(app, loop=loop_impl) as url:
+            assert httpx.get(url + "/", timeout=10).status_code == 200
+            _settle(registry)
+            before = _counters(registry)
+            assert httpx.get(url + "/block", timeout=10).status_code == 200
+            log.wait_for(1)
+            _settle(registry)
+            after = _counters(registry)
+            views = Views(port)
+    finally:
+        app.close()  # an app that ignores the lifespan: its side port stays until closed
     seen = loop_impl == "asyncio" or EXACT
     owner = ("GET", "<unmatched>")
     _check_one_owner(owner, log, log_lines, before, after, views, otel, loop_time=seen)

@@ -180,3 +180,26 @@ def test_a_cpu_hold_is_cpu() -> None:
     rig.detector.check(0.3)
     [(_, verdict)] = rig.events.stalls()
     assert verdict.kind == "cpu" and verdict.cpu_seconds == pytest.approx(0.29, abs=0.02)
+
+
+def test_a_background_hold_with_no_stack_sample_is_not_a_stall() -> None:
+    # The whole process was starved (the watchdog too): its first look at the hold comes as
+    # the loop is free again, with no frame of the loop thread to show code. A late heartbeat
+    # with no code seen is not a stall (it was reported with an <unknown> culprit).
+    rig = Rig()
+    rig.detector = Detector(
+        threshold=0.1, interval=0.01, long_stall=10.0, clock=lambda: rig.now, frames=dict,
+        code_filter=CodeFilter(), attribute=lambda: rig.owner, in_flight=lambda: 0,
+        events=rig.events,
+    )  # fmt: skip
+    rig.run(beat=0.0, until=0.3)
+    rig.now = 0.31
+    rig.detector.check(0.3)
+    assert rig.events.live == {} and rig.events.stalls() == []
+    # a request's hold is its request's, sampled or not: the owner is known
+    rig.owner = request("/slow")
+    rig.run(beat=0.3, until=0.7)
+    rig.now = 0.71
+    rig.detector.check(0.7)
+    [(label, verdict)] = rig.events.stalls()
+    assert label == ("GET", "/slow") and verdict.culprit == "<unknown>"
