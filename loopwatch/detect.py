@@ -270,7 +270,9 @@ class Detector:
         age = now - hold.start
         if age >= self.threshold / 2:
             self._sample_stack(hold, age)
-            hold.within = self.probes.figures(now)
+        # at every check while it lasts: a close that comes late (a loaded machine) judges the
+        # hold by these, never by figures read after it ended
+        hold.within = self.probes.figures(now)
         if age >= self.threshold:
             self._book_live(hold, age, now)
 

@@ -203,3 +203,19 @@ def test_a_background_hold_with_no_stack_sample_is_not_a_stall() -> None:
     rig.detector.check(0.7)
     [(label, verdict)] = rig.events.stalls()
     assert label == ("GET", "/slow") and verdict.culprit == "<unknown>"
+
+
+def test_a_hold_seen_once_inside_is_not_judged_by_the_starvation_after_it() -> None:
+    # The watchdog looks once while the hold lasts (at 80 ms, too young for a stack sample),
+    # then not again until 0.6 s, long after the hold ended at 0.265 s, while the loop thread
+    # waited for a core running what came next. That wait is not the hold's: a stall of
+    # 0.265 s, not CPU starvation.
+    rig = Rig(threshold=0.25, interval=0.05)
+    rig.owner = request("/barely")
+    rig.now = 0.08
+    rig.detector.check(0.0)
+    rig.now = 0.6
+    rig.figures.waiting += 0.3
+    rig.detector.check(0.265)
+    [(label, verdict)] = rig.events.stalls()
+    assert label == ("GET", "/barely") and verdict.duration == pytest.approx(0.265)
