@@ -81,7 +81,7 @@ def build_app(
     return app
 
 
-def blocker_with_victim(url: str) -> None:
+def blocker_with_victim(url: str, registry: CollectorRegistry) -> None:
     """GET /wait in flight, then GET /block holds the loop; then an innocent GET /fast."""
     with httpx.Client(timeout=10) as client:
         client.get(f"{url}/fast")  # warm: the monitor runs, routes known
@@ -90,7 +90,11 @@ def blocker_with_victim(url: str) -> None:
             target=lambda: results.append(client.get(f"{url}/wait").status_code)
         )
         victim.start()
-        time.sleep(0.05)
+        # the victim inside the app before the blocker holds the loop (a fixed pause lost
+        # that race on a loaded machine)
+        eventually(
+            lambda: sample(registry, "loopwatch_requests_in_flight") >= 1, what="/wait in flight"
+        )
         assert client.get(f"{url}/block").status_code == 200
         victim.join(10)
         assert results == [200]
@@ -106,7 +110,7 @@ def traced_stall(otel: Otel, registry: CollectorRegistry, loop_impl: str) -> tup
     """A blocker and a victim on a traced app: the stall and its one span."""
     log = StallLog()
     with serve(build_app(otel, registry, log), loop=loop_impl) as url:
-        blocker_with_victim(url)
+        blocker_with_victim(url, registry)
         (stall,) = log.wait_for(1)
         eventually(lambda: len(otel.named("loopwatch.stall")) == 1, what="the stall span")
     (span,) = otel.named("loopwatch.stall")
@@ -328,7 +332,7 @@ def test_otel_metrics_equal_the_prometheus_figures(
 ) -> None:
     log = StallLog()
     with serve(build_app(otel, registry, log), loop=loop_impl) as url:
-        blocker_with_victim(url)
+        blocker_with_victim(url, registry)
         httpx.get(f"{url}/pool", timeout=10)
         log.wait_for(1)
         settle()
@@ -439,7 +443,7 @@ def test_exemplars_carry_the_culprit_trace_in_openmetrics_only(
 ) -> None:
     log = StallLog()
     with serve(build_app(otel, registry, log)) as url:
-        blocker_with_victim(url)
+        blocker_with_victim(url, registry)
         (stall,) = log.wait_for(1)
         text = openmetrics(registry).decode()
         plain = httpx.get(f"{url}/fast").text  # noqa: F841 - the app keeps serving
@@ -475,7 +479,7 @@ def test_stall_log_record_carries_the_trace_ids(otel: Otel, registry: CollectorR
     try:
         log = StallLog()
         with serve(build_app(otel, registry, log)) as url:
-            blocker_with_victim(url)
+            blocker_with_victim(url, registry)
             (stall,) = log.wait_for(1)
     finally:
         logging.getLogger("loopwatch").removeHandler(handler)
@@ -495,7 +499,7 @@ def test_off_by_option_or_environment(
         monkeypatch.setenv("LOOPWATCH_OTEL", "0")
     log = StallLog()
     with serve(build_app(otel, registry, log, **options)) as url:
-        blocker_with_victim(url)
+        blocker_with_victim(url, registry)
         (stall,) = log.wait_for(1)
         text = openmetrics(registry).decode()
     assert otel.named("loopwatch.stall") == []
@@ -518,7 +522,7 @@ def test_off_without_a_real_provider(registry: CollectorRegistry) -> None:
     log = StallLog()
     app = build_app(None, registry, log)
     with serve(app) as url:
-        blocker_with_victim(url)
+        blocker_with_victim(url, registry)
         (stall,) = log.wait_for(1)
     assert stall.trace_id == "" and stall.span_context is None
 
