@@ -81,7 +81,7 @@ class Delivery:
         self._traced[id(hold)] = _Traced(otel.context_of(hold.owner.task, record), victims)
 
     def still_held(self, hold: Hold, age: float, culprit: str, stack: str) -> None:
-        method, route = hold.owner.label
+        method, route = hold.label
         logger.warning(
             "event loop blocked for %.1fs so far (still blocked) by %s %s at %s\n%s",
             age, method, route, culprit, stack,
@@ -106,7 +106,7 @@ class Delivery:
             self._traced[id(hold)] = traced
             self._tell(hold)
             self._traced.pop(id(hold), None)
-        method, route = hold.owner.label
+        method, route = hold.label
         otel = self.otel
         fields = otel.stall_fields(traced.context) if otel and traced else {}
         return Stall(
@@ -169,7 +169,7 @@ class Delivery:
         if otel is None:
             return
         end = hold.end if hold.end is not None else self._clock()
-        method, route = hold.owner.label
+        method, route = hold.label
         try:
             otel.tell_victims(
                 traced.victims, method=method, route=route, culprit=hold.culprit(),

@@ -104,6 +104,7 @@ class Hold:
         "end",
         "idle",
         "in_flight",
+        "label",
         "next_long",
         "owner",
         "sched0",
@@ -114,9 +115,10 @@ class Hold:
 
     def __init__(self, owner: Owner, start: float, now: float, long_stall: float,
                  figures: Figures, in_flight: int) -> None:  # fmt: skip
-        # fixed as the hold is first seen (the loop is held: its request cannot be routed
-        # meanwhile), and every view of the hold names it
         self.owner = owner
+        # (method, route) every view names: read at each check while the hold lasts (the
+        # step that holds the loop may route its request), and fixed at its first booking
+        self.label = owner.label
         self.start = start
         self.end: float | None = None  # once closed
         self.cpu_t0, self.cpu0, self.sched0 = figures
@@ -266,6 +268,8 @@ class Detector:
             hold = Hold(owner, start, now, self.long_stall, figures, self._in_flight())
             episode.hold = hold
             self._events.opened(hold)
+        elif not hold.counted:
+            hold.label = owner.label  # the same owner, routed meanwhile, or not
         episode.last_sample = now
         age = now - hold.start
         if age >= self.threshold / 2:

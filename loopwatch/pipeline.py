@@ -152,7 +152,7 @@ class Pipeline:
         self.delivery.opened(hold)
 
     def booked(self, hold: Hold, stalls: int, seconds: float) -> None:
-        self.ledger.book_live(hold.owner.label, hold.start, stalls, seconds)
+        self.ledger.book_live(hold.label, hold.start, stalls, seconds)
         if stalls:
             self.delivery.confirmed(hold)
 

@@ -41,7 +41,7 @@ class Recorder:
         self.events.append(("opened", hold.owner.label))
 
     def booked(self, hold: Hold, stalls: int, seconds: float) -> None:
-        entry = self.live.setdefault(hold.owner.label, [0, 0.0])
+        entry = self.live.setdefault(hold.label, [0, 0.0])
         entry[0] += stalls
         entry[1] += seconds
 
@@ -52,7 +52,7 @@ class Recorder:
         self.closed_holds.append((hold, verdict))
 
     def stalls(self) -> list[tuple[tuple[str, str], Verdict]]:
-        return [(h.owner.label, v) for h, v in self.closed_holds if v is not None]
+        return [(h.label, v) for h, v in self.closed_holds if v is not None]
 
 
 BACKGROUND = Owner(object(), None, ("-", "<background>"), background=True)
@@ -219,3 +219,23 @@ def test_a_hold_seen_once_inside_is_not_judged_by_the_starvation_after_it() -> N
     rig.detector.check(0.265)
     [(label, verdict)] = rig.events.stalls()
     assert label == ("GET", "/barely") and verdict.duration == pytest.approx(0.265)
+
+
+def test_a_hold_that_routes_its_request_before_it_is_booked_is_the_routes() -> None:
+    # Under load the watchdog may first see a hold while its step is still before routing
+    # (a middleware), and the same step then routes the request and blocks in the endpoint.
+    # The owner is read at every check until the first booking, and then fixed: the route.
+    rig = Rig()
+    record = RequestRecord("GET", {}, "")
+    rig.owner = Owner(record, record, ("GET", "<routing>"))
+    rig.now = 0.02
+    rig.run(beat=0.0, until=0.05)  # seen, not booked yet
+    rig.owner = Owner(record, record, ("GET", "/block"))  # routed within the same step
+    rig.run(beat=0.0, until=0.4)
+    rig.owner = Owner(record, record, ("GET", "/later"))  # once booked, it stays
+    rig.run(beat=0.0, until=0.5)
+    rig.now = 0.51
+    rig.detector.check(0.5)
+    assert list(rig.events.live) == [("GET", "/block")]
+    [(label, verdict)] = rig.events.stalls()
+    assert label == ("GET", "/block") and verdict.duration == pytest.approx(0.5)
