@@ -99,13 +99,10 @@ class Delivery:
 
     def stall(self, hold: Hold, verdict: Verdict, now: float) -> Stall:
         """The stall record of a closed hold, with its trace ids (OpenTelemetry on)."""
+        # a stall not confirmed while it lasted (short, or first taken for starvation): its
+        # victims are told now; those that answered meanwhile are skipped
+        self._tell(hold)
         traced = self._traced.pop(id(hold), None)
-        if traced is not None and not traced.told:
-            # a stall not confirmed while it lasted (short, or first taken for starvation):
-            # its victims are told now; those that answered meanwhile are skipped
-            self._traced[id(hold)] = traced
-            self._tell(hold)
-            self._traced.pop(id(hold), None)
         method, route = hold.label
         otel = self.otel
         fields = otel.stall_fields(traced.context) if otel and traced else {}
