@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,14 @@ def _fresh_stall_ring() -> Iterator[None]:
     clear_recent_stalls()
     yield
     clear_recent_stalls()
+
+
+@pytest.fixture(autouse=True)
+def _default_loop_policy() -> Iterator[None]:
+    # uvicorn < 0.36 sets uvloop's event loop policy process-wide for loop="uvloop" and never
+    # resets it: a later test's asyncio.new_event_loop() would quietly be a uvloop loop
+    yield
+    asyncio.set_event_loop_policy(None)
 
 
 @pytest.fixture
