@@ -116,6 +116,8 @@ class Delivery:
             stack=verdict.stack,
             requests_in_flight=max(hold.in_flight, len(self._in_flight())),
             cpu_seconds=verdict.cpu_seconds,
+            gc_seconds=verdict.gc_seconds,
+            gc_generation=verdict.gc_generation,
             **fields,
         )
 

@@ -10,8 +10,17 @@ pipeline: book, then deliver):
 - **booked**: past the threshold, and neither an idle process nor mostly CPU starvation, the
   hold is a stall; its seconds are booked at every check while it lasts;
 - **closed**: the heartbeat ran again, or the owner changed, with a ``Verdict``: its duration
-  and its kind (``cpu`` when the loop thread computed, ``wait`` when it slept or blocked); or
-  none, for a hold too short, idle or starved.
+  and its kind; or none, for a hold too short, idle or starved.
+
+The kinds: ``gc`` when the garbage collector ran for most of the hold; ``gil`` when the loop
+thread computed while keeping the GIL (one C call: the watchdog itself could not run, and woke
+that much late); ``cpu`` when it computed and let the GIL go (pure Python switches every 5 ms;
+C code such as bcrypt releases it); ``wait`` when it slept or blocked in a call.
+
+A hold made by one call that keeps the GIL is seen only after it: the watchdog gets the GIL
+back right after the call returns, while the loop thread still stands on the line that made it.
+So each check reads the loop thread's stack and owner first, before anything that lets the GIL
+go (reading /proc does), or the loop would have moved on by the time they are read.
 
 Nothing here reads or writes another module's objects but through ``attribute``'s ``Owner``
 and the ``HoldEvents`` protocol.
@@ -19,16 +28,19 @@ and the ``HoldEvents`` protocol.
 
 from __future__ import annotations
 
-import collections
 import logging
+import os
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from traceback import FrameSummary
 from types import CodeType, FrameType
 from typing import Protocol
 
 from loopwatch.attribute import Owner
-from loopwatch.frames import CodeFilter, FrameSource, format_culprit, format_stack
+from loopwatch.frames import CodeFilter, FrameSource, format_culprit, format_stack, snapshot
 
 __all__ = ["Detector", "Hold", "HoldEvents", "Probes", "Verdict"]
 
@@ -56,6 +68,26 @@ def _thread_schedstat(native_id: int) -> Callable[[], tuple[float, float]] | Non
     return read
 
 
+def _own_waiting() -> Callable[[], float] | None:
+    """Linux: seconds the calling thread (the watchdog) spent runnable but waiting for a CPU,
+    read with one ``pread`` of a descriptor kept open (read at every check)."""
+    try:
+        fd = os.open(f"/proc/self/task/{threading.get_native_id()}/schedstat", os.O_RDONLY)
+    except OSError:
+        return None
+
+    def read() -> float:
+        return int(os.pread(fd, 128, 0).split()[1]) / 1e9
+
+    try:
+        read()
+    except (OSError, ValueError, IndexError):
+        os.close(fd)
+        return None
+    weakref.finalize(read, os.close, fd)
+    return read
+
+
 def _thread_cpu_clock(thread_id: int) -> Callable[[], float] | None:
     try:
         clock_id = time.pthread_getcpuclockid(thread_id)
@@ -66,20 +98,22 @@ def _thread_cpu_clock(thread_id: int) -> Callable[[], float] | None:
 
 
 class Probes:
-    """The loop thread's CPU clock and schedstat. ``for_thread`` reads /proc: call it on the
-    watchdog's thread, never on the loop it watches."""
+    """The loop thread's CPU clock and schedstat, and the time the watchdog itself waited for
+    a CPU. ``for_thread`` reads /proc: call it on the watchdog's thread, never on the loop."""
 
     def __init__(
         self,
         cpu: Callable[[], float] | None = None,
         sched: Callable[[], tuple[float, float]] | None = None,
+        own_waiting: Callable[[], float] | None = None,
     ) -> None:
         self.cpu = cpu
         self.sched = sched
+        self.own_waiting = own_waiting
 
     @classmethod
     def for_thread(cls, thread_id: int, native_id: int) -> Probes:
-        return cls(_thread_cpu_clock(thread_id), _thread_schedstat(native_id))
+        return cls(_thread_cpu_clock(thread_id), _thread_schedstat(native_id), _own_waiting())
 
     def figures(self, now: float) -> Figures:
         """The loop thread's CPU clock and schedstat, read now (``now`` is their time)."""
@@ -102,11 +136,13 @@ class Hold:
         "cpu_t0",
         "culprits",
         "end",
+        "gil",
         "idle",
         "in_flight",
         "label",
         "next_long",
         "owner",
+        "sampled_at",
         "sched0",
         "stack",
         "start",
@@ -123,9 +159,14 @@ class Hold:
         self.end: float | None = None  # once closed
         self.cpu_t0, self.cpu0, self.sched0 = figures
         self.in_flight = in_flight  # the requests the hold keeps waiting
+        # seconds the watchdog could not run while the loop thread computed: the GIL kept
+        self.gil = 0.0
         # no stack sample so far shows the loop running code (none taken, or all idle)
         self.idle = True
-        self.culprits: collections.Counter[tuple[str, int, str] | None] = collections.Counter()
+        # each culprit seen, with the seconds its samples stand for (the time since the
+        # previous sample: the one sample after a call that kept the GIL stands for all of it)
+        self.culprits: dict[tuple[str, int, str] | None, float] = {}
+        self.sampled_at = start
         self.stack: str | None = None
         self.next_long = long_stall
         # a stall (``confirmed``) is booked at every check up to ``booked_until``; the close
@@ -141,10 +182,11 @@ class Hold:
     def culprit(self) -> str:
         """``path:line in function`` most sampled so far; safe from any thread."""
         try:
-            top = collections.Counter(dict(self.culprits)).most_common(1)  # one C-level copy
+            seen = dict(self.culprits)  # one C-level copy
         except RuntimeError:  # the watchdog added a sample meanwhile
             return format_culprit(None)
-        return format_culprit(top[0][0] if top else None)
+        top = max(seen.items(), key=lambda item: item[1], default=None)  # the first of ties
+        return format_culprit(top[0] if top else None)
 
 
 @dataclass(frozen=True)
@@ -159,6 +201,8 @@ class Verdict:
     stack: str
     booked: float
     counted: bool
+    gc_seconds: float = 0.0  # of the hold, the garbage collector's
+    gc_generation: int = -1  # the oldest generation it collected then (-1: none)
 
 
 class HoldEvents(Protocol):
@@ -201,6 +245,7 @@ class Detector:
         attribute: Callable[[], Owner],
         in_flight: Callable[[], int],
         events: HoldEvents,
+        gc_within: Callable[[float, float], tuple[float, int]] | None = None,
     ) -> None:
         self.threshold = threshold
         self.interval = interval
@@ -214,7 +259,10 @@ class Detector:
         self._attribute = attribute
         self._in_flight = in_flight
         self._events = events
+        self._gc_within = gc_within
         self._episode: _Episode | None = None
+        # at the last check: its time, the loop thread's CPU clock, the watchdog's CPU wait
+        self._last: tuple[float, float | None, float | None] | None = None
 
     @property
     def stalling(self) -> bool:
@@ -226,6 +274,11 @@ class Detector:
         """The hold in progress, if any (read from any thread)."""
         episode = self._episode
         return episode.hold if episode is not None else None
+
+    def started(self, now: float, loop_cpu: float) -> None:
+        """On the loop's thread as its watchdog starts: the loop thread's CPU clock then, the
+        base of the first check (a call that keeps the GIL may hold it from the start)."""
+        self._last = (now, loop_cpu, None)
 
     def reset(self) -> None:
         """Forget the hold in progress (after a failed check: the next one starts afresh)."""
@@ -242,9 +295,17 @@ class Detector:
             code.co_name == "select" and code.co_filename.endswith("selectors.py")
         )
 
-    def check(self, beat: float) -> None:
-        """One check: ``beat`` is when the heartbeat last ran."""
+    def check(self, beat: float, kept_out: float = 0.0) -> None:
+        """One check: ``beat`` is when the heartbeat last ran; ``kept_out``, how much later
+        than it asked the watchdog woke for it (it waited for the GIL, or for a CPU)."""
         now = self._clock()
+        overdue = now - beat > self.interval * 1.5
+        # first, before anything lets the GIL go: who holds the loop and where the loop
+        # thread stands (after a call that kept the GIL: the line that made it)
+        owner = self._attribute() if overdue else None
+        sample = self._sample(now - beat, kept_out >= self.interval) if overdue else None
+        last = self._last
+        gil = self._kept_by_loop(now, kept_out, last)
         episode = self._episode
         if episode is not None and beat != episode.beat:
             # The heartbeat ran again: the hold ended no later than that.
@@ -252,11 +313,10 @@ class Detector:
             if episode.hold is not None:
                 self._close(episode.hold, end=beat, now=now)
             episode = None
-        if now - beat <= self.interval * 1.5:
+        if owner is None:
             return
         if episode is None:
             episode = self._episode = _Episode(beat, now)
-        owner = self._attribute()
         hold = episode.hold
         if hold is None or hold.owner.key is not owner.key:
             if hold is None:
@@ -265,20 +325,48 @@ class Detector:
                 start = (episode.last_sample + now) / 2
                 self._close(hold, end=start, now=now)
             figures = self.probes.figures(now)
+            if gil and last is not None:
+                # the loop thread computed while nobody could look: its CPU since the last
+                # check belongs to this hold
+                # (schedstat's starvation test does not apply: it read nothing of the hold)
+                figures = (last[0], last[1], None)
             hold = Hold(owner, start, now, self.long_stall, figures, self._in_flight())
             episode.hold = hold
             self._events.opened(hold)
         elif not hold.counted:
             hold.label = owner.label  # the same owner, routed meanwhile, or not
+        hold.gil += gil
         episode.last_sample = now
         age = now - hold.start
-        if age >= self.threshold / 2:
-            self._sample_stack(hold, age)
+        if sample is not None:
+            # the sample stands for the time since the last check (after a call that kept
+            # the GIL: all of it), within the hold
+            since = max(hold.sampled_at, last[0]) if last is not None else hold.sampled_at
+            self._add_sample(hold, age, now - since, sample)
+            hold.sampled_at = now
         # at every check while it lasts: a close that comes late (a loaded machine) judges the
         # hold by these, never by figures read after it ended
         hold.within = self.probes.figures(now)
         if age >= self.threshold:
             self._book_live(hold, age, now)
+
+    def _kept_by_loop(
+        self, now: float, kept_out: float, last: tuple[float, float | None, float | None] | None
+    ) -> float:
+        """Seconds, since the last check, that the watchdog could not run while the loop
+        thread computed: a call that kept the GIL (0.0 if it was not that). A watchdog late
+        because it waited for a CPU (a busy machine) is not that."""
+        probes = self.probes
+        cpu = probes.cpu() if probes.cpu is not None else None
+        waited = probes.own_waiting() if probes.own_waiting is not None else None
+        self._last = (now, cpu, waited)
+        if kept_out < self.interval or last is None or cpu is None or last[1] is None:
+            return 0.0
+        if cpu - last[1] < 0.5 * kept_out:
+            return 0.0  # the loop thread did not compute through it: starved or paused
+        if waited is not None and last[2] is not None and waited - last[2] >= 0.5 * kept_out:
+            return 0.0  # the watchdog was runnable but not scheduled: a busy machine
+        return min(kept_out, now - last[0])
 
     def last_check(self, beat: float, stopped_at: float, running: bool) -> None:
         """The loop let go at ``stopped_at`` (its monitor stops): close the hold in progress
@@ -314,19 +402,30 @@ class Detector:
         hold.booked_until = now
         self._events.booked(hold, stalls, seconds)
 
-    def _sample_stack(self, hold: Hold, age: float) -> None:
+    def _sample(self, age: float, after_call: bool) -> tuple[list[FrameSummary], bool] | None:
+        """The loop thread's stack now, read into plain values at once, and whether the loop
+        is idle: a frame object is live, and the loop moves on as soon as this thread lets
+        the GIL go. Past half the threshold only."""
+        if age < self.threshold / 2:
+            return None
         frame = self.loop_frame()
         if frame is None:
-            return
-        hold.culprits[self._filter.culprit(frame)] += 1
-        if hold.idle and not self.is_idle(frame):
+            return None
+        return snapshot(frame, after_call), self.is_idle(frame)
+
+    def _add_sample(
+        self, hold: Hold, age: float, weight: float, sample: tuple[list[FrameSummary], bool]
+    ) -> None:
+        stack, idle = sample
+        culprit = self._filter.pick(stack)
+        hold.culprits[culprit] = hold.culprits.get(culprit, 0.0) + max(weight, 1e-6)
+        if hold.idle and not idle:
             hold.idle = False
         if hold.stack is None and age >= self.threshold:
-            hold.stack = format_stack(frame)
+            hold.stack = format_stack(stack)
         if age >= hold.next_long and hold.owner.booked:
             hold.next_long *= 2
-            culprit = format_culprit(self._filter.culprit(frame))
-            self._events.still_held(hold, age, culprit, format_stack(frame))
+            self._events.still_held(hold, age, format_culprit(culprit), format_stack(stack))
 
     def _close(self, hold: Hold, end: float, now: float) -> None:
         hold.end = end
@@ -347,6 +446,9 @@ class Detector:
             return None
         kind = "wait"
         cpu_seconds = 0.0
+        gc_seconds, gc_generation = (
+            self._gc_within(hold.start, end) if self._gc_within is not None else (0.0, -1)
+        )
         within = hold.within
         if within is None or within[0] > end:  # a hold too short to have been read inside
             within = self.probes.figures(now)
@@ -365,6 +467,10 @@ class Detector:
             cpu_seconds = cpu_now - hold.cpu0
             if wall > 0 and cpu_seconds >= 0.5 * wall:
                 kind = "cpu"
+        if gc_seconds >= 0.5 * duration:
+            kind = "gc"  # the collector, holding the GIL, whatever line allocated last
+        elif hold.gil >= 0.5 * duration:
+            kind = "gil"  # the loop thread computed and nobody else could run: one C call
         return Verdict(
             kind=kind,
             duration=duration,
@@ -373,4 +479,6 @@ class Detector:
             stack=hold.stack or "",
             booked=hold.booked_until - hold.start if hold.counted else 0.0,
             counted=hold.counted,
+            gc_seconds=gc_seconds,
+            gc_generation=gc_generation,
         )

@@ -217,17 +217,19 @@ class Monitor:
         install_task_factory(self.loop)
         self.pipeline.start_on_loop(self._loop_thread_id, _loop_entry_codes())
         self._start_heartbeat()
+        started_at = self._clock()
+        self.pipeline.detector.started(started_at, time.thread_time())
         self._thread = threading.Thread(
-            target=self._watch, args=(threading.get_native_id(),),
+            target=self._watch, args=(threading.get_native_id(), started_at),
             name="loopwatch-watchdog", daemon=True,
         )  # fmt: skip
         self._thread.start()
 
-    def _watch(self, native_id: int) -> None:
+    def _watch(self, native_id: int, started_at: float) -> None:
         self.pipeline.start_watching(native_id)
         _import_threadpool_backend()  # here, not on the loop: 50 ms or more on anyio 3
         self._backend_ready = True
-        self._watchdog.run()
+        self._watchdog.run(started_at)
 
     def _start_heartbeat(self) -> None:
         if self._stop.is_set() or self.loop.is_closed():
@@ -364,8 +366,8 @@ class Monitor:
     def loop_closed(self) -> bool:
         return self.loop.is_closed()
 
-    def check(self) -> None:
-        self.pipeline.check(self.last_beat, self.interval * 1.5)
+    def check(self, kept_out: float) -> None:
+        self.pipeline.check(self.last_beat, self.interval * 1.5, kept_out)
 
     def reset(self) -> None:
         self.pipeline.reset()

@@ -24,6 +24,7 @@ from loopwatch.config import Settings
 from loopwatch.deliver import Delivery
 from loopwatch.detect import Detector, Hold, Probes, Verdict
 from loopwatch.frames import CodeFilter, FrameSource
+from loopwatch.gcpauses import gc_pauses
 from loopwatch.profile import LoopSampler
 from loopwatch.requests import RequestRecord
 from loopwatch.stats import HistogramData
@@ -67,12 +68,14 @@ class Pipeline:
             long_stall=settings.long_stall, clock=clock, frames=frames,
             code_filter=code_filter, attribute=self.attribute,
             in_flight=lambda: len(self.in_flight_requests()), events=self,
+            gc_within=gc_pauses.within,
         )  # fmt: skip
         self.attributor = Attributor(
             loop, own, self.detector.loop_frame, lambda: self.detector.idle_codes
         )
         self._sampler: LoopSampler | None = None
         self._next_drain = 0.0
+        self._gc_timed = False  # this loop counts as a user of the GC callback
         # OpenTelemetry metrics: the heartbeat hands its lag values over through the tap
         self.lag_tap: collections.deque[float] | None = None
 
@@ -82,6 +85,9 @@ class Pipeline:
         """On the loop's thread: the thread whose stack is sampled, and the hooks."""
         self.detector.loop_thread_id = thread_id
         self.detector.idle_codes = entry_codes
+        if not self._gc_timed:
+            self._gc_timed = True
+            gc_pauses.start()
         if self.settings.loop_time:
             self.accountant = start_accounting(self.loop, self.ledger.book_busy)
         if self.settings.profile:
@@ -97,7 +103,9 @@ class Pipeline:
 
     # -- one check (the watchdog's thread) --------------------------------------------------
 
-    def check(self, last_beat: float, overdue_after: float) -> None:
+    def check(self, last_beat: float, overdue_after: float, kept_out: float = 0.0) -> None:
+        # detect first: it reads the loop thread's stack before anything lets the GIL go
+        self.detector.check(last_beat, kept_out)
         otel = self.delivery.otel
         if otel is not None and self.lag_tap:
             otel.record_lag(self.lag_tap)
@@ -107,7 +115,6 @@ class Pipeline:
             now, late, late > overdue_after, self.lag.bounds, self.lag.counts,
             self.ledger.busy_total() if self.accountant is not None else None,
         )  # fmt: skip
-        self.detector.check(last_beat)
         accountant = self.accountant
         if accountant is not None:
             accountant.check()
@@ -129,6 +136,9 @@ class Pipeline:
     def remove_hooks(self) -> None:
         """Stopping leaves no hook behind: the loop-time hook, after booking what it
         measured last."""
+        if self._gc_timed:
+            self._gc_timed = False
+            gc_pauses.stop()
         accountant = self.accountant
         if accountant is not None:
             accountant.stop()

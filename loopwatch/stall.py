@@ -25,7 +25,9 @@ class Stall:
 
     route: str
     method: str
-    kind: str  # "cpu" when the loop thread computed, "wait" when it slept or blocked in a call
+    # "gc": the garbage collector ran for most of it; "gil": the loop thread computed keeping
+    # the GIL (one C call); "cpu": it computed, letting the GIL go; "wait": it slept or blocked
+    kind: str
     duration: float  # seconds
     started_at: float  # wall-clock (time.time()) start
     culprit: str  # "path:line in function", innermost application frame
@@ -37,12 +39,19 @@ class Stall:
     trace_id: str = ""
     span_id: str = ""
     span_context: Any = field(default=None, repr=False, compare=False)
+    gc_seconds: float = 0.0  # the garbage collector's part of it
+    gc_generation: int = -1  # the oldest generation it collected then (-1: none)
 
     def describe(self) -> str:
         """The one-line summary used in the WARNING log line."""
+        gc = (
+            f"; garbage collection {self.gc_seconds:.3f}s (generation {self.gc_generation})"
+            if self.gc_seconds >= 0.001
+            else ""
+        )
         return (
             f"event loop blocked for {self.duration:.3f}s by {self.method} {self.route} "
-            f"({self.kind}) at {self.culprit}; {self.requests_in_flight} request(s) in flight"
+            f"({self.kind}) at {self.culprit}; {self.requests_in_flight} request(s) in flight{gc}"
         )
 
     def as_dict(self) -> dict[str, object]:
@@ -56,6 +65,8 @@ class Stall:
             "stack": self.stack,
             "requests_in_flight": self.requests_in_flight,
             "cpu_seconds": self.cpu_seconds,
+            "gc_seconds": self.gc_seconds,
+            "gc_generation": self.gc_generation,
             "trace_id": self.trace_id,
             "span_id": self.span_id,
         }

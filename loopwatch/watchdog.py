@@ -23,8 +23,9 @@ class Checked(Protocol):
 
     def loop_closed(self) -> bool: ...
 
-    def check(self) -> None:
-        """One check; may raise (logged once, then ``reset``)."""
+    def check(self, kept_out: float) -> None:
+        """One check; ``kept_out``: how much later than asked the watchdog woke (it could not
+        get the GIL, or a CPU). May raise (logged once, then ``reset``)."""
 
     def reset(self) -> None: ...
 
@@ -58,14 +59,17 @@ class Watchdog:
         self._failed = False
         self.checks = 0  # checks done; ``Monitor.settle`` waits for one more
 
-    def run(self) -> None:
-        checked = self._checked
-        wait = self._interval
-        while not self._stop.wait(wait):
+    def run(self, started_at: float | None = None) -> None:
+        """``started_at``: when the loop asked for this thread. A call that keeps the GIL
+        from then on keeps this thread from starting too: its first check is that late."""
+        checked, clock = self._checked, self._clock
+        due = (clock() if started_at is None else started_at) + self._interval
+        while not self._stop.wait(max(0.0, due - clock())):
+            kept_out = clock() - due  # how much later than due: it waited for the GIL or a CPU
             if checked.loop_closed():
                 break
             try:
-                checked.check()
+                checked.check(kept_out)
             except Exception:
                 if not self._failed:  # once, not 100 times a second
                     self._failed = True
@@ -73,6 +77,7 @@ class Watchdog:
                 checked.reset()
             self.checks += 1
             wait = self._interval if checked.stalling else self._relaxed
-            checked.after_check(self._clock())
+            checked.after_check(clock())
+            due = clock() + wait
         self._stop.set()
         checked.finish()

@@ -99,7 +99,7 @@ class RouteDiagnosis:
     requests: int
     stalls: int
     blocked: float  # seconds
-    kind: str  # "cpu", "wait", "cpu+wait" or "-"
+    kind: str  # "cpu", "gil", "gc", "wait", joined by "+" (most seconds first), or "-"
     worst: float | None  # longest stall still in the ring
     culprit: str  # "path:line in function" or "-"
     hint: str
@@ -155,11 +155,23 @@ def _awaits_inside(path: str, function: str, line: int) -> bool | None:
 
 def fix_hint(kind: str, route: str, ring: Sequence[RingStall], code: CodeFilter) -> str:
     """One line on how to stop this route blocking the loop."""
-    # any cpu stall: a CPU-bound function only looks like "wait" when other processes take
-    # the core from it, and a thread would not fix it either way
-    if "cpu" in kind.split("+"):
+    kinds = kind.split("+")  # by seconds, most first
+    if kinds[0] == "gc":
         return (
-            "CPU-bound: a thread will not help under the GIL; run it in a process pool "
+            "the garbage collector held the loop: keep fewer long-lived objects, or "
+            "gc.freeze() after start-up so collections skip them"
+        )
+    if "gil" in kinds:
+        return (
+            "one call kept the GIL: a thread will not help (the loop waits for the GIL); "
+            "run it in a process pool (await loop.run_in_executor(ProcessPoolExecutor(), fn)) "
+            "or do less per call"
+        )
+    # a CPU-bound function only looks like "wait" when other processes take the core from it
+    if "cpu" in kinds:
+        return (
+            "CPU-bound: a thread frees the loop only for code that lets the GIL go (bcrypt, "
+            "hashlib, zlib); for Python code use a process pool "
             "(await loop.run_in_executor(ProcessPoolExecutor(), fn))"
         )
     if route == BACKGROUND:

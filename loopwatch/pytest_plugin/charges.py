@@ -1,6 +1,7 @@
 """Charging: each stall, and each second of loop time, goes to the test (phase, fixture) that
-owns the loop, with a verdict: failed, allowed (``allow_blocking``, ``allow=True``) or below
-the test's threshold."""
+owns the loop, with a verdict: failed, allowed (``allow_blocking``, ``allow=True``), below
+the test's threshold, or ``gc`` (the garbage collector made it: reported, failed only with
+``--loopwatch-gc=fail``)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,14 @@ class Charges:
     threads and the loops' threads, read by pytest's."""
 
     def __init__(
-        self, threshold: float, worker: str | None, context: Callable[[], Context | None]
+        self,
+        threshold: float,
+        worker: str | None,
+        context: Callable[[], Context | None],
+        gc_fails: bool = False,
     ) -> None:
         self.threshold = threshold
+        self.gc_fails = gc_fails  # else a stall the collector made is reported, not failed
         self.worker = worker  # the pytest-xdist worker, if any
         self._context = context
         self._lock = threading.Lock()
@@ -67,6 +73,8 @@ class Charges:
             stall.started_at, stall.started_at + stall.duration
         ) < threshold:
             verdict = "allowed"
+        elif stall.kind == "gc" and not self.gc_fails:
+            verdict = "gc"
         else:
             verdict = "failed"
         record = Record(

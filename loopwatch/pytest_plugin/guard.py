@@ -44,7 +44,7 @@ class Guard:
         self._item_allow = False
         self._item_error: ConfigError | None = None
         self._fixtures: list[tuple[str, str]] = []
-        self.charges = Charges(self.threshold, self.worker, lambda: self._context)
+        self.charges = Charges(self.threshold, self.worker, lambda: self._context, options.gc_fails)
         self.runs = LoopRuns(
             self.threshold, lambda: self._context, self.charges.charge, self.charges.charge_busy
         )

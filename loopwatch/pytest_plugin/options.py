@@ -55,7 +55,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="write every stall as JSON to FILE (for CI artefacts); implies --loopwatch.",
     )
+    group.addoption(
+        "--loopwatch-gc",
+        metavar="VERDICT",
+        default=None,
+        help="a stall the garbage collector made for the most part: 'report' it without "
+        "failing the test (default) or 'fail' it like any other.",
+    )
     parser.addini("loopwatch", "enable loopwatch's event loop guard (true/false)", default="")
+    parser.addini(
+        "loopwatch_gc", "loopwatch: report (default) or fail a stall made by the GC", default=""
+    )
     parser.addini(
         "loopwatch_threshold", "loopwatch: seconds of blocking that fail a test", default=""
     )
@@ -68,6 +78,7 @@ class Options:
     threshold: float
     report: str | None
     threshold_source: str = "default"
+    gc_fails: bool = False  # a stall the garbage collector made fails its test too
 
 
 def parse_bool(text: str, source: str) -> bool:
@@ -114,7 +125,21 @@ def read_options(config: pytest.Config) -> Options:
         source = "ini key loopwatch_threshold"
         threshold = parse_seconds(ini_threshold, source)
     report = cli_report or str(config.getini("loopwatch_report")).strip() or None
-    return Options(True, threshold, report, source)
+    cli_gc: str | None = config.getoption("loopwatch_gc")
+    if cli_gc is not None:
+        gc_fails = parse_gc(cli_gc, "command line option --loopwatch-gc")
+    else:
+        ini_gc = str(config.getini("loopwatch_gc")).strip()
+        gc_fails = parse_gc(ini_gc, "ini key loopwatch_gc") if ini_gc else False
+    return Options(True, threshold, report, source, gc_fails)
+
+
+def parse_gc(text: str, source: str) -> bool:
+    """``report`` (False) or ``fail`` (True)."""
+    lowered = text.strip().lower()
+    if lowered not in ("report", "fail"):
+        raise ConfigError("loopwatch-gc", text, source, "report or fail")
+    return lowered == "fail"
 
 
 def read_marker(item: pytest.Item, marker: pytest.Mark, default: float) -> tuple[float, bool]:

@@ -42,7 +42,7 @@ class Record:
     loop_thread: str
     loop_owner: str
     threshold: float
-    verdict: str  # failed, allowed or below-threshold
+    verdict: str  # failed, allowed, below-threshold or gc (reported, not failed)
     worker: str | None = None  # the pytest-xdist worker that ran the loop
 
     def as_dict(self) -> dict[str, object]:
@@ -73,11 +73,25 @@ class Record:
             f"during {during}",
             f"  route:    {route}",
             f"  culprit:  {stall.culprit}{_C_CALLBACK if blames_the_runner(stall) else ''}",
-            f"  kind:     {stall.kind} ({stall.cpu_seconds:.3f}s of CPU on the loop thread)",
+            f"  kind:     {stall.kind} ({stall.cpu_seconds:.3f}s of CPU on the loop thread"
+            f"{_gc_part(stall)}){_KIND_NOTE.get(stall.kind, '')}",
             f"  loop:     thread {self.loop_thread!r}{where}, started during {self.loop_owner}",
             "  loop thread stack (innermost last):",
             *(f"    {line}" for line in stack or ["<not sampled>"]),
         ]
+
+
+_KIND_NOTE = {
+    "gil": " - one call kept the GIL: a thread will not help; a process pool or less work "
+    "per call will",
+    "gc": " - the garbage collector, not the line that allocated last",
+}
+
+
+def _gc_part(stall: Stall) -> str:
+    if stall.gc_seconds < 0.001:
+        return ""
+    return f"; garbage collection {stall.gc_seconds:.3f}s, generation {stall.gc_generation}"
 
 
 _C_CALLBACK = " (the loop ran a C function as a callback: no Python frame of its own)"

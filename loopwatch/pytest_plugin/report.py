@@ -27,6 +27,7 @@ class RemoteStalls:
     stray: list[list[str]]
     failed_tests: list[str]
     loop_time: dict[str, dict[str, float]] = field(default_factory=dict)
+    collected: list[list[str]] = field(default_factory=list)  # made by the GC: reported
 
     def as_message(self) -> dict[str, object]:
         return {
@@ -34,6 +35,7 @@ class RemoteStalls:
             "stray": self.stray,
             "failed_tests": self.failed_tests,
             "loop_time": self.loop_time,
+            "collected": self.collected,
         }
 
     @classmethod
@@ -41,6 +43,7 @@ class RemoteStalls:
         return cls(
             stalls=list(message.get("stalls", [])),
             stray=[list(lines) for lines in message.get("stray", [])],
+            collected=[list(lines) for lines in message.get("collected", [])],
             failed_tests=list(message.get("failed_tests", [])),
             loop_time={
                 str(nodeid): {str(k): float(v) for k, v in routes.items()}
@@ -83,6 +86,7 @@ def from_records(
             for record in records
             if record.context is None and record.verdict == "failed"
         ],
+        collected=[record.lines() for record in records if record.verdict == "gc"],
         failed_tests=failed_tests,
         loop_time=loop_time,
     )
@@ -93,6 +97,7 @@ def combine(mine: RemoteStalls, remote: list[RemoteStalls]) -> RemoteStalls:
     for other in remote:
         mine.stalls.extend(other.stalls)
         mine.stray.extend(other.stray)
+        mine.collected.extend(other.collected)
         mine.failed_tests.extend(other.failed_tests)
         mine.loop_time.update(other.loop_time)
     mine.failed_tests.sort()
@@ -100,7 +105,7 @@ def combine(mine: RemoteStalls, remote: list[RemoteStalls]) -> RemoteStalls:
 
 
 def write_report(path: str, threshold: float, everything: RemoteStalls) -> None:
-    counts = {v: 0 for v in ("failed", "allowed", "below-threshold")}
+    counts = {v: 0 for v in ("failed", "allowed", "below-threshold", "gc")}
     for stall in everything.stalls:
         counts[str(stall["verdict"])] += 1
     from loopwatch.version import __version__
@@ -130,12 +135,22 @@ def terminal_summary(
     stalls = everything.stalls
     failed = sum(s["verdict"] == "failed" for s in stalls)
     allowed = sum(s["verdict"] == "allowed" for s in stalls)
+    collected = sum(s["verdict"] == "gc" for s in stalls)
     if not stalls and report_path is None:
         return
     terminalreporter.section("loopwatch", sep="-")
     terminalreporter.line(
         f"{len(stalls)} stall(s) past {threshold:g}s: {failed} failed, {allowed} allowed"
+        + (f", {collected} made by the garbage collector (reported)" if collected else "")
     )
+    if everything.collected:
+        terminalreporter.line(
+            "made by the garbage collector (not failed; --loopwatch-gc=fail fails them):",
+            yellow=True,
+        )
+        for lines in everything.collected:
+            for line in lines:
+                terminalreporter.line(line)
     if everything.stray:
         terminalreporter.line(
             "blocking in loops not owned by the running test (this fails the run):", red=True

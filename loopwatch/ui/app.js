@@ -331,6 +331,9 @@ function drawStalls(stalls) {
       el("span", { class: "dur", text: seconds(s.duration) }), " ",
       el("code", { text: routeLabel(s.method, s.route) }),
       " (" + s.kind + ") at ", el("code", { text: where(s.culprit) }),
+      (s.gc_seconds >= 0.001
+        ? " · garbage collection " + seconds(s.gc_seconds) + " (generation " + s.gc_generation + ")"
+        : ""),
       " · " + when + " · " + s.requests_in_flight + " request(s) held up",
     );
     const pre = el("pre", { text: "loading the stack\u2026" });

@@ -595,7 +595,13 @@ def test_blocking_in_an_unowned_loop_fails_the_run(
         ]
     )
     document = json.loads(report.read_text())
-    assert document["summary"] == {"stalls": 2, "failed": 2, "allowed": 0, "below-threshold": 0}
+    assert document["summary"] == {
+        "stalls": 2,
+        "failed": 2,
+        "allowed": 0,
+        "below-threshold": 0,
+        "gc": 0,
+    }
     assert document["failed_tests"] == ["test_suite.py::test_guilty"]
     by_test = {s["test"]: s for s in document["stalls"]}
     assert sorted(by_test, key=str) == [None, "test_suite.py::test_guilty"]
@@ -992,3 +998,114 @@ def test_report_gives_each_tests_loop_time_and_top_route(
         "top_route_seconds": None,
         "routes": {},
     }
+
+
+# -- kinds: a call that keeps the GIL is caught and named; the GC is reported, not failed ----
+
+KINDS_SUITE = """
+import asyncio
+import gc
+import json
+import math
+import time
+
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from loopwatch import LoopWatchMiddleware
+from prometheus_client import CollectorRegistry
+
+
+def sized(make, n):
+    # the n for which make(n)() takes about 0.4 s on this machine
+    for _ in range(20):
+        work = make(n)
+        began = time.perf_counter()
+        work()
+        took = time.perf_counter() - began
+        if 0.3 <= took <= 0.6:
+            return n
+        n = n * 4 if took < 0.1 else max(1, int(n * 0.4 / took))
+    return n
+
+
+N = sized(lambda n: lambda: math.factorial(n), 20_000)
+TEXT = json.dumps(list(range(sized(lambda n: (lambda t: lambda: json.loads(t))(json.dumps(list(range(n)))), 100_000))))
+HEAP = [[i] for i in range(1_000_000)]  # a large heap: each full collection is long
+
+app = FastAPI()
+
+
+@app.get("/parse")
+async def parse():
+    items = json.loads(TEXT)  # JSON LINE
+    return {"n": len(items)}
+
+
+app.add_middleware(LoopWatchMiddleware, registry=CollectorRegistry())
+
+
+def test_factorial_in_asyncio_run():
+    async def main():
+        await asyncio.sleep(0.1)  # not in the loop's first instant, before its watchdog runs
+        digits = math.factorial(N).bit_length()  # FACTORIAL LINE
+        await asyncio.sleep(0.05)
+        return digits
+
+    asyncio.run(main())
+
+
+def test_json_through_testclient():
+    with TestClient(app) as client:
+        assert client.get("/parse").status_code == 200
+
+
+def test_collector():
+    async def main():
+        began = time.perf_counter()
+        while time.perf_counter() - began < 0.4:
+            gc.collect()  # GC LINE
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("gc_option", [None, "fail"])
+def test_gil_and_gc_holds_under_the_plugin(suite: pytest.Pytester, gc_option: str | None) -> None:
+    suite.makepyfile(test_kinds=KINDS_SUITE)
+    args = ["--loopwatch", "--loopwatch-threshold", "0.1", "--loopwatch-report", "report.json"]
+    if gc_option is not None:
+        args.append(f"--loopwatch-gc={gc_option}")
+    result = run(suite, *args)
+    found = outcomes(result)
+    assert found["test_factorial_in_asyncio_run"] == "FAILED"
+    assert found["test_json_through_testclient"] == "FAILED"
+    # the collector's hold: reported, and failed only when asked
+    assert found["test_collector"] == ("FAILED" if gc_option == "fail" else "PASSED")
+    records = stalls(suite.path / "report.json")
+    by_test = {r["test"].split("::")[-1]: r for r in records if r["test"]}
+    factorial = by_test["test_factorial_in_asyncio_run"]
+    assert factorial["kind"] == "gil"
+    assert factorial["culprit"].endswith(f":{line_of(KINDS_SUITE, 'FACTORIAL LINE')} in main")
+    parsed = by_test["test_json_through_testclient"]
+    assert (parsed["kind"], parsed["method"], parsed["route"]) == ("gil", "GET", "/parse")
+    assert parsed["culprit"].endswith(f":{line_of(KINDS_SUITE, 'JSON LINE')} in parse")
+    collected = by_test["test_collector"]
+    assert collected["kind"] == "gc" and collected["gc_generation"] == 2
+    assert collected["gc_seconds"] >= 0.5 * collected["duration"]
+    assert collected["verdict"] == ("failed" if gc_option == "fail" else "gc")
+    result.stdout.fnmatch_lines(["*kind:     gil*a thread will not help*"])
+    if gc_option is None:
+        result.stdout.fnmatch_lines(
+            ["*made by the garbage collector (not failed*", "*garbage collection *generation 2*"]
+        )
+
+
+def test_a_bad_gc_verdict_is_a_usage_error(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_suite="def test_nothing():\n    pass\n")
+    result = run(suite, "--loopwatch", "--loopwatch-gc=ignore")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*loopwatch: invalid loopwatch-gc='ignore' (from command line option --loopwatch-gc): "
+         "expected report or fail*"]
+    )  # fmt: skip
