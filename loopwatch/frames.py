@@ -11,6 +11,8 @@ import traceback
 from collections.abc import Callable
 from types import FrameType
 
+from loopwatch.names import clip
+
 __all__ = ["CodeFilter", "FrameSource", "format_culprit", "format_stack"]
 
 
@@ -121,17 +123,32 @@ class CodeFilter:
         return innermost
 
 
+# a culprit's parts, as printed (``names.clip``): the end of a long path names its file
+MAX_PATH = 200
+MAX_FUNCTION = 100
+MAX_SOURCE = 200
+
+
 def format_culprit(where: tuple[str, int, str] | None) -> str:
+    """ "path:line in function", on one line and bounded whatever the names."""
     if where is None:
         return "<unknown>"
     path, line, function = where
-    return f"{path}:{line} in {function}"
+    return f"{clip(path, MAX_PATH, tail=True)}:{line} in {clip(function, MAX_FUNCTION)}"
 
 
 def format_stack(frame: FrameType | None, limit: int = 60) -> str:
+    """The frames innermost last, as ``traceback`` formats them, each name and source line
+    escaped and cut like the culprit's, so every frame stays two lines."""
     if frame is None:
         return ""
-    return "".join(traceback.format_stack(frame, limit=limit))
+    out = []
+    for entry in traceback.extract_stack(frame, limit=limit):
+        path, function = clip(entry.filename, MAX_PATH, tail=True), clip(entry.name, MAX_FUNCTION)
+        out.append(f'  File "{path}", line {entry.lineno}, in {function}\n')
+        if entry.line:
+            out.append(f"    {clip(entry.line.strip(), MAX_SOURCE)}\n")
+    return "".join(out)
 
 
 FrameSource = Callable[[], dict[int, FrameType]]
