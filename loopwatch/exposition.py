@@ -117,7 +117,7 @@ class MetricsApp:
             return
         if live.serves(scope.get("path", ""), side_port=False):  # the live page and its data
             status, headers, body = await _in_thread(
-                live.respond, self.registry, scope["path"], scope.get("query_string", b""), False
+                live.respond, self.registry, scope["path"], scope.get("query_string", b""), None
             )
             await send({"type": "http.response.start", "status": status,
                         "headers": [(k.encode(), v.encode()) for k, v in headers]})  # fmt: skip
@@ -198,7 +198,7 @@ class MetricsServer:
                 return [b""]
             if live.serves(path, side_port=True):  # the live page (at /) and its data
                 query = environ.get("QUERY_STRING", "").encode("latin-1")
-                code, page_headers, page = live.respond(registry, path, query, True)
+                code, page_headers, page = live.respond(registry, path, query, self.port)
                 start_response(live.STATUS_LINES[code], page_headers)
                 return [b"" if method == "HEAD" else page]
             if _wants_stalls(environ.get("PATH_INFO", "")):
@@ -226,6 +226,8 @@ class MetricsServer:
 
         self._httpd = make_server(host, port, app, Server, handler_class=_QuietHandler)
         self.port: int = self._httpd.server_address[1]
+        # the port it got (metrics_port=0 picks any free one): nobody could find it otherwise
+        logger.info("loopwatch: side port serving /metrics and the live page at %s", self.page)
         self._closing = False
         # Its own thread: it answers while the event loop is frozen.
         self._thread = threading.Thread(
@@ -295,6 +297,11 @@ class MetricsServer:
         self._httpd.server_close()
 
     @property
-    def url(self) -> str:
+    def page(self) -> str:
+        """The live page's URL (``/``)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
+        return f"http://{host}:{self.port}/"
+
+    @property
+    def url(self) -> str:
+        return self.page + "metrics"

@@ -7,7 +7,8 @@ polls, every URL relative to the page, so the same files work at the side port's
 
 - ``ui/state.json``: the loop now: responsive, or blocked for how long, by which route, at
   which line (the watchdog's samples of the hold in progress). Only the side port answers
-  while the loop is frozen: ``side_port`` tells the page which one it is talking to.
+  while the loop is frozen: ``side_port`` tells the page which one it is talking to (the
+  side port's number, or false at the app's own mount).
 - ``ui/timeline.json?since=T``: one point per second per loop after wall-clock time ``T``
   (lag p99, longest heartbeat delay, utilization) and the stalls that ended in that window.
 - ``ui/routes.json``: per route: requests, stalls, seconds blocked, loop share, worst recent
@@ -79,9 +80,12 @@ def serves(path: str, *, side_port: bool) -> bool:
     return _name(path, side_port) is not None
 
 
-def respond(registry: CollectorRegistry, path: str, query: bytes, side_port: bool) -> Response:
-    """Status, headers and body for one of the page's URLs (``serves(path)`` was true)."""
-    name = _name(path, side_port)
+def respond(
+    registry: CollectorRegistry, path: str, query: bytes, side_port: int | None
+) -> Response:
+    """Status, headers and body for one of the page's URLs (``serves(path)`` was true);
+    ``side_port``: the side port's number, None at the app's own mount."""
+    name = _name(path, side_port is not None)
     if name in _STATIC:
         headers = [("Content-Type", _STATIC[name]), ("Cache-Control", "no-cache")]
         if name == "index.html":
@@ -132,7 +136,7 @@ def _monitors(book: StatsBook) -> list[WatchedLoop]:
     return [m for m in book.loops() if m.running]
 
 
-def state(book: StatsBook, side_port: bool) -> dict[str, Any]:
+def state(book: StatsBook, side_port: int | None) -> dict[str, Any]:
     """The loop now; with several loops, the one blocked longest."""
     monitors = _monitors(book)
     blocked: dict[str, Any] | None = None
@@ -154,7 +158,7 @@ def state(book: StatsBook, side_port: bool) -> dict[str, Any]:
     ring = recent_stalls()
     return {
         "time": time.time(),
-        "side_port": side_port,
+        "side_port": side_port if side_port is not None else False,
         "pid": os.getpid(),
         "loops": len(monitors),
         "threshold": min((m.threshold for m in monitors), default=None),

@@ -7,6 +7,9 @@ lookups per request instead of a walk of the route table. FastAPI 0.137+ dispatc
 scope (its path lacks the router prefixes); the full template is then in FastAPI's own
 "effective route context". Older Starlette wrote only ``scope["endpoint"]``: that case falls
 back to a table built once per router.
+
+Every template leaves here safe to show (``names.clip``: escaped, cut to 200 characters), so
+that every view names the same route.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import threading
 import weakref
 from collections.abc import Mapping
 from typing import Any
+
+from loopwatch.names import clip
 
 __all__ = ["declared_routes", "has_router", "route_template"]
 
@@ -46,11 +51,11 @@ def route_template(scope: Mapping[str, Any], root_path: str) -> str | None:
             # mounted app is a plain ASGI app (static files, a metrics app) with no routes
             if _child_routes(route):
                 return None
-            return _mount_prefix(scope, root_path) + "/{path}"
+            return clip(_mount_prefix(scope, root_path) + "/{path}")
         path = _effective_path(scope, route)
         if path is None:
             return None
-    return _mount_prefix(scope, root_path) + path
+    return clip(_mount_prefix(scope, root_path) + path)
 
 
 def _effective_path(scope: Mapping[str, Any], route: Any) -> str | None:
@@ -215,13 +220,13 @@ def _walk_declared(routes: list[Any], prefix: str, out: set[tuple[str, str]], de
         methods = getattr(route, "methods", None)
         if methods is None:
             if "websocket" in type(route).__name__.lower():
-                out.add(("WS", prefix + path))
+                out.add(("WS", clip(prefix + path)))
                 continue
             methods = _class_endpoint_methods(getattr(route, "endpoint", None))
         for method in methods:
             if method == "HEAD" and "GET" in methods:
                 continue  # served by the GET route; one zero series is enough
-            out.add((method, prefix + path))
+            out.add((method, clip(prefix + path)))
 
 
 _HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -57,14 +58,24 @@ def serve(app: Any, *, loop: str = "asyncio", lifespan: str = "on", **config: An
 
 @contextlib.contextmanager
 def serve_process(
-    target: str, *, args: tuple[str, ...] = (), env: dict[str, str] | None = None
+    target: str,
+    *,
+    args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    console_script: bool = False,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Run ``uvicorn target`` as a subprocess; yields (base URL, process). Its output goes to
-    a file (a pipe nobody reads would fill up and freeze the server); ``proc.output_path``."""
+    """Run ``uvicorn target`` as a subprocess (``python -m uvicorn``, or the ``uvicorn``
+    console script pip wrote in this interpreter's ``bin``); yields (base URL, process). Its
+    output goes to a file (a pipe nobody reads would fill up and freeze the server);
+    ``proc.output_path``."""
     port = free_port()
+    if console_script:
+        command = [os.path.join(sysconfig.get_path("scripts"), "uvicorn")]
+    else:
+        command = [sys.executable, "-m", "uvicorn"]
     with tempfile.NamedTemporaryFile(prefix="uvicorn-", suffix=".log", delete=False) as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port),
+            [*command, target, "--host", "127.0.0.1", "--port", str(port),
              "--log-level", "warning", *args],
             env={**os.environ, **(env or {})},
             stdout=log, stderr=subprocess.STDOUT,

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loopwatch.cli.output import Output
+from loopwatch.cli.output import MAX_CELL, Output
 from loopwatch.cli.scrape import RingStall, Snapshot
 from loopwatch.frames import CodeFilter
+from loopwatch.names import clip
 from loopwatch.stall import BACKGROUND
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "loop_fix_hint",
     "loop_time",
     "print_diagnosis",
+    "short_culprit",
     "short_path",
 ]
 
@@ -31,6 +33,11 @@ __all__ = [
 # under a millisecond, so a busy route that is merely popular is not flagged.
 EATS_SHARE = 0.2
 EATS_PER_REQUEST = 0.002  # seconds
+
+# characters shown of a route and of a culprit (its end: the file, line and function)
+ROUTE_WIDTH = 60
+CULPRIT_WIDTH = 80
+HINT_WIDTH = 240
 
 Key = tuple[str, str]
 
@@ -216,6 +223,19 @@ def loop_fix_hint(culprit: str) -> str:
     return f"{m['func']}() awaits, keep it async: `await run_in_threadpool(fn)` for the sync work"
 
 
+def short_culprit(culprit: str, width: int = CULPRIT_WIDTH) -> str:
+    """ "path:line in function" in ``width`` characters: the function cut at its end, the
+    path at its start (its file name and the line stay)."""
+    m = _CULPRIT.match(culprit)
+    if m is None:
+        return clip(culprit, width, tail=True)
+    where = f":{m['line']} in {clip(m['func'], width // 3)}"
+    return clip(m["path"], max(width - len(where), 8), tail=True) + where
+
+
+_CULPRIT = re.compile(r"^(?P<path>.+):(?P<line>\d+) in (?P<func>.+)$", re.DOTALL)
+
+
 def short_path(culprit: str, cwd: str | None = None) -> str:
     """The culprit with its path relative to the working directory when it is under it."""
     base = os.path.join(cwd or os.getcwd(), "")
@@ -298,14 +318,14 @@ def print_diagnosis(
     title = f"loopwatch's diagnosis, read from {snapshot.source}{ring}"
     table_rows = [
         [
-            r.label,
+            clip(r.label, ROUTE_WIDTH),
             str(r.requests),
             str(r.stalls),
             f"{r.blocked:.2f}",
             f"{r.worst:.2f}" if r.worst is not None else "-",
             r.kind,
             _share(r),
-            r.culprit if r.stalls or r.eats_loop else "-",
+            short_culprit(r.culprit) if r.stalls or r.eats_loop else "-",
         ]
         for r in rows
     ]
@@ -316,6 +336,7 @@ def print_diagnosis(
         table_rows,
         right=(1, 2, 3, 4, 6),
         row_styles=styles,
+        widths=(ROUTE_WIDTH, *[MAX_CELL] * 6, CULPRIT_WIDTH),
     )
     total = sum(r.blocked for r in rows)
     stalls = sum(r.stalls for r in rows)
@@ -351,10 +372,11 @@ def print_diagnosis(
     if fixes:
         out.line()
         out.line("How to fix:")
-        width = max(len(r.label) for r in fixes)
-        for r in fixes:
+        labels = [clip(r.label, ROUTE_WIDTH) for r in fixes]
+        width = max(len(label) for label in labels)
+        for r, label in zip(fixes, labels, strict=True):
             hint = r.hint
             if not r.stalls and loop is not None:
                 per = f", {(r.per_request or 0) * 1000:.1f} ms of loop per request"
                 hint = f"0 stalls, {r.share or 0:.0%} of the loop {loop.window}{per}: {hint}"
-            out.line(f"  {r.label:<{width}}  {hint}", style="yellow")
+            out.line(f"  {label:<{width}}  {clip(hint, HINT_WIDTH)}", style="yellow")

@@ -9,7 +9,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
-__all__ = ["Output", "render_plain_table"]
+from loopwatch.names import clip
+
+__all__ = ["MAX_CELL", "Output", "render_plain_table"]
+
+MAX_CELL = 100  # characters in a table cell: longer names are cut with "…"
 
 
 class Output:
@@ -47,7 +51,14 @@ class Output:
         rows: Sequence[Sequence[str]],
         right: Sequence[int] = (),
         row_styles: Sequence[str | None] = (),
+        widths: Sequence[int] = (),
     ) -> None:
+        """``widths``: the most characters a cell of each column shows (else ``MAX_CELL``);
+        every cell is escaped and cut to it, so a row stays one line of bounded length."""
+        rows = [
+            [clip(cell, widths[i] if i < len(widths) else MAX_CELL) for i, cell in enumerate(row)]
+            for row in rows
+        ]
         self.line(title, style="bold")
         if self._console is None:
             print(render_plain_table(headers, rows, right), file=self.stream, flush=True)

@@ -18,6 +18,12 @@ function el(tag, props, ...children) {
   return node;
 }
 
+// A name from the app, on one line: cut with an ellipsis by the stylesheet when too long, the
+// whole of it in its title (the server sends names escaped and at most 200 characters long).
+function named(tag, text, cls) {
+  return el(tag, { class: "cut" + (cls ? " " + cls : ""), text, title: text });
+}
+
 function svg(tag, attrs, text) {
   const node = document.createElementNS(SVGNS, tag);
   for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
@@ -129,8 +135,8 @@ function drawState() {
     const age = b.seconds + (performance.now() - stateAt) / 1000;
     box.className = "state blocked";
     word.textContent = "BLOCKED";
-    const parts = ["for " + age.toFixed(1) + " s by ", el("code", { text: routeLabel(b.method, b.route) })];
-    if (b.culprit) parts.push(" at ", el("code", { text: where(b.culprit) }));
+    const parts = ["for " + age.toFixed(1) + " s by ", named("code", routeLabel(b.method, b.route))];
+    if (b.culprit) parts.push(" at ", named("code", where(b.culprit)));
     detail.replaceChildren(...parts);
   } else if (state.loops === 0) {
     box.className = "state waiting";
@@ -262,7 +268,7 @@ function drawRoutes() {
     }
     const kind = kindOf(r.kinds);
     const tr = el("tr", { class: r.blocking_now !== null ? "blocking" : "" },
-      el("td", { class: "route", text: routeLabel(r.method, r.route) }),
+      el("td", { class: "route" }, named("span", routeLabel(r.method, r.route))),
       el("td", { class: "num", text: String(r.requests) }),
       el("td", { class: "num", text: String(r.stalls) }),
       el("td", { class: "num", text: r.blocked_seconds ? r.blocked_seconds.toFixed(2) : "0" }),
@@ -329,8 +335,8 @@ function drawStalls(stalls) {
     const when = new Date(s.started_at * 1000).toLocaleTimeString();
     const summary = el("summary", {},
       el("span", { class: "dur", text: seconds(s.duration) }), " ",
-      el("code", { text: routeLabel(s.method, s.route) }),
-      " (" + s.kind + ") at ", el("code", { text: where(s.culprit) }),
+      named("code", routeLabel(s.method, s.route)),
+      " (" + s.kind + ") at ", named("code", where(s.culprit)),
       (s.gc_seconds >= 0.001
         ? " · garbage collection " + seconds(s.gc_seconds) + " (generation " + s.gc_generation + ")"
         : ""),

@@ -161,7 +161,8 @@ def test_metrics_app_serves_the_page_under_its_mount(site: Site) -> None:
     assert site.get("/metrics/ui/app.js").status_code == 200
     state = site.get("/metrics/ui/state.json").json()
     assert state["side_port"] is False and state["loops"] == 1
-    assert httpx.get(site.side + "/ui/state.json").json()["side_port"] is True
+    side_port = int(site.side.rsplit(":", 1)[1])
+    assert httpx.get(site.side + "/ui/state.json").json()["side_port"] == side_port
     assert "loopwatch_stall_seconds_total" in site.get("/metrics").text
     assert httpx.post(site.app + "/metrics/ui").status_code == 405
 
@@ -418,3 +419,78 @@ def test_flame_graph_shows_the_burning_function_from_the_real_profile(
     p.locator("#profile-route").select_option("GET /cpu")
     expect(burn.first).to_be_visible()
     assert page.errors == []
+
+
+# -- long and odd names ----------------------------------------------------------------------
+
+SCRIPTED = "/<script>alert(1)</script>/{item}"
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_long_and_odd_route_names_are_cut_on_the_page_and_never_run(
+    browser: Any, loop: str
+) -> None:
+    """A 5,000-character route and one with a newline and terminal escapes: one line each,
+    cut with an ellipsis, the whole name in the title, and the culprit column keeps its
+    width; a route with a script tag is text."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from tests.servers.test_names import LONG, LONG_LABEL, LONG_PATH, ODD, ODD_LABEL, ODD_PATH
+
+    def hold_the_loop(seconds: float) -> None:
+        time.sleep(seconds)
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        hold_the_loop(2.0 if request.path_params["item"] == "long" else 0.4)
+        return PlainTextResponse("done")
+
+    app = Starlette(routes=[Route(t, endpoint) for t in (LONG, ODD, SCRIPTED)])
+    watched = LoopWatchMiddleware(app, registry=CollectorRegistry(), metrics_port=0)
+    assert watched.metrics_server is not None
+    side = f"http://127.0.0.1:{watched.metrics_server.port}"
+    try:
+        with serve(watched, loop=loop) as url, watched_page(browser) as page:
+            dialogs: list[str] = []
+            page.page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            for path in (LONG_PATH, ODD_PATH, SCRIPTED.replace("{item}", "1")):
+                assert httpx.get(url + path, timeout=30).text == "done"
+            open_live(page, side + "/")
+            p = page.page
+            rows = p.locator("#routes tbody tr")
+            for label in (LONG_LABEL, ODD_LABEL, SCRIPTED):
+                row = rows.filter(has=p.get_by_title("GET " + label, exact=True))
+                expect(row).to_have_count(1, timeout=5000)
+                name = row.locator("td.route .cut")
+                assert name.text_content() == "GET " + label  # one line: escaped, as text
+                expect(row.locator("td.culprit")).to_contain_text("hold_the_loop (")
+                culprit = row.locator("td.culprit").bounding_box()
+                route = row.locator("td.route").bounding_box()
+                assert culprit is not None and route is not None
+                assert culprit["width"] >= 200, (label, culprit)  # never squeezed
+                assert route["width"] <= 420, (label, route)  # 30em of 12px and padding
+                one_line = name.bounding_box()
+                assert one_line is not None and one_line["height"] < 25, (label, one_line)
+            long_name = p.locator("#routes td.route .cut", has_text="/long/")
+            assert long_name.evaluate("e => e.scrollWidth > e.clientWidth")  # the ellipsis
+            # the banner while it blocks, and the recent stalls: cut, the title whole
+            held = threading.Thread(
+                target=httpx.get, args=(url + LONG_PATH.replace("/1", "/long"),),
+                kwargs={"timeout": 30}, daemon=True,
+            )  # fmt: skip
+            held.start()
+            banner = p.locator("#state-detail code.cut").first
+            expect(banner).to_have_attribute("title", "GET " + LONG_LABEL, timeout=3000)
+            width = p.locator("#state-detail").evaluate(
+                "e => e.querySelector('code.cut').getBoundingClientRect().width"
+            )  # (redrawn every 200 ms: read in one go)
+            assert 100 < width <= 40 * 14 + 2  # 40em of the banner's 14px code
+            held.join(30)
+            summary = p.locator("#stalls summary code.cut").first
+            expect(summary).to_have_attribute("title", "GET " + LONG_LABEL, timeout=5000)
+            assert p.locator("script").count() == 1  # app.js only
+            assert dialogs == [] and page.errors == []
+    finally:
+        watched.close()

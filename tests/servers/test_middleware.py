@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
+import pathlib
 import random
+import re
 import socket
 import string
 import threading
@@ -20,7 +22,7 @@ from starlette.testclient import TestClient
 
 from loopwatch import UNMATCHED, LoopWatchMiddleware, metrics_app
 from tests.helpers import StallLog, eventually, sample, series
-from tests.serving import free_port, serve
+from tests.serving import free_port, serve, serve_process, server_output
 
 
 def small_app(registry: CollectorRegistry, **options: object) -> FastAPI:
@@ -667,3 +669,39 @@ def test_head_answers_every_exposition_path_without_a_body(registry: CollectorRe
                     raw += chunk
             assert raw.startswith(b"HTTP/1.0 200") and raw.endswith(b"\r\n\r\n"), (path, raw[-80:])
         assert httpx.get(f"{url}/ok", timeout=5).status_code == 200  # the server is fine
+
+
+SIDE_PORT_APP = """
+import logging
+
+from fastapi import FastAPI
+
+from loopwatch import LoopWatchMiddleware
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+app = FastAPI()
+app.add_middleware(LoopWatchMiddleware)
+"""
+
+
+def test_a_side_port_on_port_0_logs_the_port_it_got_and_state_json_names_it(
+    tmp_path: pathlib.Path, loop_impl: str
+) -> None:
+    (tmp_path / "side_port_app.py").write_text(SIDE_PORT_APP)
+    with serve_process(
+        "side_port_app:app",
+        args=("--app-dir", str(tmp_path), "--loop", loop_impl),
+        env={"LOOPWATCH_METRICS_PORT": "0"},
+    ) as (url, proc):
+        output = server_output(proc)
+        found = re.findall(
+            r"INFO loopwatch loopwatch: side port .* at http://127\.0\.0\.1:(\d+)/", output
+        )
+        assert len(found) == 1, output  # once, when it is bound
+        port = int(found[0])
+        assert port != 0 and f"127.0.0.1:{port}" not in url
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
+        assert page.status_code == 200 and '<script src="ui/app.js"' in page.text
+        state = httpx.get(f"http://127.0.0.1:{port}/ui/state.json", timeout=10).json()
+        assert state["side_port"] == port
+        assert "loopwatch_stall_seconds_total" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
