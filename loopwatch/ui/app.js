@@ -96,8 +96,10 @@ function onState(data) {
     refreshStalls();
   }
   if (data.profile && !profileStarted) startProfile();
-  if (!data.profile) $("profile-note").textContent =
-    "This version of loopwatch does not serve the loop profile (/profile) yet.";
+  if (!data.profile) $("profile-note").textContent = data.code === false
+    ? "This mount serves no code locations (app_endpoints='summary'): no loop profile, " +
+      "culprits or stacks. The side port serves them."
+    : "This version of loopwatch does not serve the loop profile (/profile) yet.";
   drawState();
 }
 
@@ -210,7 +212,7 @@ function drawTimeline() {
   for (const s of stallMarks.values()) {
     mark(s.started_at, s.duration, "stall-mark",
       "stall " + seconds(s.duration) + " (" + s.kind + ") by " + routeLabel(s.method, s.route) +
-      "\nat " + where(s.culprit));
+      (s.culprit ? "\nat " + where(s.culprit) : ""));
   }
   if (state && state.blocked) {
     const age = state.blocked.seconds + (performance.now() - stateAt) / 1000;
@@ -312,6 +314,10 @@ async function refreshStalls() {
 }
 
 async function loadStack(s, pre) {
+  if (state && state.code === false) {
+    pre.textContent = "(stacks are not served on this mount; the side port serves them)";
+    return;
+  }
   try {
     const response = await fetch("ui/stalls.json?stack=" + s.started_at, { cache: "no-store" });
     const found = response.ok ? (await response.json()).stalls : [];
@@ -330,7 +336,7 @@ function drawStalls(stalls) {
     const summary = el("summary", {},
       el("span", { class: "dur", text: seconds(s.duration) }), " ",
       el("code", { text: routeLabel(s.method, s.route) }),
-      " (" + s.kind + ") at ", el("code", { text: where(s.culprit) }),
+      " (" + s.kind + ")", ...(s.culprit ? [" at ", el("code", { text: where(s.culprit) })] : []),
       " · " + when + " · " + s.requests_in_flight + " request(s) held up",
     );
     const pre = el("pre", { text: "loading the stack\u2026" });
