@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ConfigError", "Settings"]
+__all__ = ["APP_ENDPOINTS", "ConfigError", "Settings", "resolve_app_endpoints"]
 
 _MISSING: Any = object()
 
@@ -80,6 +80,30 @@ _ENV_EXPECTED = {
     "otel": "one of 1/0, true/false, yes/no, on/off",
     "profile": "one of 1/0, true/false, yes/no, on/off",
 }
+
+
+# What ``metrics_app()`` (the app's own mount) serves; the side port always serves everything.
+# all: everything; metrics: the Prometheus exposition only; summary: the exposition, and the
+# stalls and the page with routes and durations but no code location (no culprit, stack,
+# path or line; no /profile).
+APP_ENDPOINTS = ("all", "metrics", "summary")
+_APP_ENDPOINTS_ENV = "LOOPWATCH_APP_ENDPOINTS"
+_APP_ENDPOINTS_EXPECTED = "one of 'all', 'metrics', 'summary'"
+
+
+def resolve_app_endpoints(given: object = None, env: Mapping[str, str] | None = None) -> str:
+    """``metrics_app(app_endpoints=...)``, else ``LOOPWATCH_APP_ENDPOINTS``, else ``all``;
+    anything else is a ``ConfigError`` at once (the mount is built when the app is)."""
+    env = os.environ if env is None else env
+    if given is not None:
+        value, source = given, "argument"
+    elif _APP_ENDPOINTS_ENV in env:
+        value, source = env[_APP_ENDPOINTS_ENV], f"environment variable {_APP_ENDPOINTS_ENV}"
+    else:
+        return "all"
+    if not isinstance(value, str) or value.strip().lower() not in APP_ENDPOINTS:
+        raise ConfigError("app_endpoints", value, source, _APP_ENDPOINTS_EXPECTED)
+    return value.strip().lower()
 
 
 # the watchdog's period is at most this fraction of the threshold

@@ -1,5 +1,10 @@
 """Serving the metrics: ``metrics_app()`` for the app itself, and a side-port server that
-answers from its own thread while the event loop is frozen."""
+answers from its own thread while the event loop is frozen.
+
+The side port serves everything: the exposition, ``/stalls``, ``/profile`` and the live page.
+``metrics_app(app_endpoints=...)`` chooses what the app's own mount serves, which may be
+public: ``all``, ``metrics`` (the exposition only; the rest is 404) or ``summary`` (no code
+location anywhere: stalls and the page without culprits or stacks, no ``/profile``)."""
 
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 
 from loopwatch import live
-from loopwatch.config import ConfigError, Settings
+from loopwatch.config import ConfigError, Settings, resolve_app_endpoints
 from loopwatch.metrics import book_for, multiprocess_dir, scrape_registry
 from loopwatch.profile import parse_seconds
 from loopwatch.profile import render as render_profile
@@ -48,9 +53,10 @@ def _header(scope: MutableMapping[str, Any], name: bytes) -> str:
     return ",".join(v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == name)
 
 
-def stalls_json() -> bytes:
-    """The ring of recent stalls, newest last, as JSON (culprits and stacks included)."""
-    return json.dumps([s.as_dict() for s in recent_stalls()], indent=1).encode()
+def stalls_json(code: bool = True) -> bytes:
+    """The ring of recent stalls, newest last, as JSON (culprits and stacks included unless
+    ``code`` is False)."""
+    return json.dumps([s.as_dict(code=code) for s in recent_stalls()], indent=1).encode()
 
 
 def _wants_stalls(path: str) -> bool:
@@ -72,6 +78,7 @@ def profile_response(query: bytes) -> tuple[int, bytes]:
 
 
 _TEXT = b"text/plain; charset=utf-8"
+_NOT_FOUND = b"not found\n"
 
 
 def render(
@@ -96,9 +103,23 @@ class MetricsApp:
 
     loopwatch_metrics_app = True  # the middleware looks for this to skip and fix the mount
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, app_endpoints: str | None = None
+    ) -> None:
         self.registry = REGISTRY if registry is None else registry
+        # checked here: the mount is built with the app, so a bad value stops it loading
+        self.app_endpoints = resolve_app_endpoints(app_endpoints)
         book_for(self.registry)  # loopwatch's metrics exist even before the first request
+
+    def _refuses(self, path: str) -> bool:
+        """A 404 for what ``app_endpoints`` keeps off this mount (the side port serves it)."""
+        if self.app_endpoints == "all":
+            return False
+        if _wants_profile(path):  # stacks: code locations through and through
+            return True
+        return self.app_endpoints == "metrics" and (
+            live.serves(path, side_port=False) or _wants_stalls(path)
+        )
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":  # a mounted app gets none, but a bare one might
@@ -115,17 +136,27 @@ class MetricsApp:
                         "headers": [(b"allow", b"GET, HEAD"), (b"content-length", b"0")]})  # fmt: skip
             await send({"type": "http.response.body", "body": b""})
             return
-        if live.serves(scope.get("path", ""), side_port=False):  # the live page and its data
+        path = scope.get("path", "")
+        if self._refuses(path):
+            await send({"type": "http.response.start", "status": 404, "headers": [
+                (b"content-type", _TEXT),
+                (b"content-length", str(len(_NOT_FOUND)).encode()),
+            ]})  # fmt: skip
+            await send({"type": "http.response.body",
+                        "body": b"" if scope["method"] == "HEAD" else _NOT_FOUND})  # fmt: skip
+            return
+        code = self.app_endpoints == "all"  # "summary": no culprit, stack, path or line
+        if live.serves(path, side_port=False):  # the live page and its data
             status, headers, body = await _in_thread(
-                live.respond, self.registry, scope["path"], scope.get("query_string", b""), None
+                live.respond, self.registry, path, scope.get("query_string", b""), None, code
             )
             await send({"type": "http.response.start", "status": status,
                         "headers": [(k.encode(), v.encode()) for k, v in headers]})  # fmt: skip
             await send({"type": "http.response.body",
                         "body": b"" if scope["method"] == "HEAD" else body})  # fmt: skip
             return
-        if _wants_stalls(scope.get("path", "")):
-            body = await _in_thread(stalls_json)
+        if _wants_stalls(path):
+            body = await _in_thread(stalls_json, code)
             await send({"type": "http.response.start", "status": 200, "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
@@ -133,9 +164,9 @@ class MetricsApp:
             await send({"type": "http.response.body",
                         "body": b"" if scope["method"] == "HEAD" else body})  # fmt: skip
             return
-        if _wants_profile(scope.get("path", "")):
-            code, body = await _in_thread(profile_response, scope.get("query_string", b""))
-            await send({"type": "http.response.start", "status": code, "headers": [
+        if _wants_profile(path):
+            status, body = await _in_thread(profile_response, scope.get("query_string", b""))
+            await send({"type": "http.response.start", "status": status, "headers": [
                 (b"content-type", _TEXT),
                 (b"content-length", str(len(body)).encode()),
             ]})  # fmt: skip
@@ -166,12 +197,17 @@ async def _in_thread(fn: Any, *args: Any) -> Any:
     return await loop.run_in_executor(_executor(), fn, *args)
 
 
-def metrics_app(registry: CollectorRegistry | None = None) -> MetricsApp:
+def metrics_app(
+    registry: CollectorRegistry | None = None, *, app_endpoints: str | None = None
+) -> MetricsApp:
     """An ASGI app for ``app.mount("/metrics", metrics_app())``: Prometheus text or
     OpenMetrics, gzip when asked, rendered off the event loop. With ``LoopWatchMiddleware``
     installed, ``GET /metrics`` answers 200 directly (no redirect to ``/metrics/``) and scrapes
-    are never counted as requests."""
-    return MetricsApp(registry)
+    are never counted as requests.
+
+    ``app_endpoints`` (or ``LOOPWATCH_APP_ENDPOINTS``): ``all`` (default), ``metrics`` or
+    ``summary``, see the module's docstring; a bad value raises ``ConfigError`` here."""
+    return MetricsApp(registry, app_endpoints)
 
 
 class _QuietHandler(WSGIRequestHandler):

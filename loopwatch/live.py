@@ -16,6 +16,10 @@ polls, every URL relative to the page, so the same files work at the side port's
 - ``ui/stalls.json``: the newest stalls; ``?stack=T``: the one that started at ``T``, with
   its stack (fetched when the page opens it).
 
+With ``code=False`` (``metrics_app(app_endpoints="summary")``) every document leaves out
+code locations: stalls carry no culprit or stack, the state and the routes no culprit, and
+the page is told there is no profile.
+
 Read-only: nothing here changes any state, and the servers answer 405 to anything but GET
 and HEAD. Route templates, paths and function names go out as JSON strings; the page puts
 them in the DOM as text only (``textContent``), and its Content-Security-Policy allows no
@@ -81,10 +85,11 @@ def serves(path: str, *, side_port: bool) -> bool:
 
 
 def respond(
-    registry: CollectorRegistry, path: str, query: bytes, side_port: int | None
+    registry: CollectorRegistry, path: str, query: bytes, side_port: int | None, code: bool = True
 ) -> Response:
     """Status, headers and body for one of the page's URLs (``serves(path)`` was true);
-    ``side_port``: the side port's number, None at the app's own mount."""
+    ``side_port``: the side port's number, None at the app's own mount; ``code=False``: no
+    culprit, stack, path or line in any of them."""
     name = _name(path, side_port is not None)
     if name in _STATIC:
         headers = [("Content-Type", _STATIC[name]), ("Cache-Control", "no-cache")]
@@ -95,13 +100,13 @@ def respond(
     book = book_for(registry)
     args = parse_qs(query.decode("latin-1"))
     if name == "state.json":
-        doc = state(book, side_port)
+        doc = state(book, side_port, code)
     elif name == "timeline.json":
-        doc = timeline(book, _float(args.get("since"), 0.0))
+        doc = timeline(book, _float(args.get("since"), 0.0), code)
     elif name == "routes.json":
-        doc = routes(book)
+        doc = routes(book, code)
     elif name == "stalls.json":
-        doc = stalls(_float(args.get("stack"), -1.0))
+        doc = stalls(_float(args.get("stack"), -1.0), code)
     else:
         return 404, [("Content-Type", "text/plain"), ("Content-Length", "10")], b"not found\n"
     body = json.dumps(doc, separators=(",", ":")).encode()
@@ -136,7 +141,7 @@ def _monitors(book: StatsBook) -> list[WatchedLoop]:
     return [m for m in book.loops() if m.running]
 
 
-def state(book: StatsBook, side_port: int | None) -> dict[str, Any]:
+def state(book: StatsBook, side_port: int | None, code: bool = True) -> dict[str, Any]:
     """The loop now; with several loops, the one blocked longest."""
     monitors = _monitors(book)
     blocked: dict[str, Any] | None = None
@@ -153,7 +158,7 @@ def state(book: StatsBook, side_port: int | None) -> dict[str, Any]:
                 "seconds": round(age, 3),
                 "method": method,
                 "route": route,
-                "culprit": monitor.hold_culprit(),
+                "culprit": monitor.hold_culprit() if code else None,
             }
     ring = recent_stalls()
     return {
@@ -166,11 +171,12 @@ def state(book: StatsBook, side_port: int | None) -> dict[str, Any]:
         "blocked": blocked,
         "stalls_seen": len(ring),
         "last_stall": ring[-1].started_at if ring else None,
-        "profile": _has_profile(),
+        "profile": code and _has_profile(),  # without code locations, no stacks
+        "code": code,
     }
 
 
-def timeline(book: StatsBook, since: float) -> dict[str, Any]:
+def timeline(book: StatsBook, since: float, code: bool = True) -> dict[str, Any]:
     """Points after ``since`` (one a second; several loops: the worst of each second), and
     the stalls that ended up to 5 s before it (a stall is delivered once it has ended; the
     page also takes the marks of older ones from ``stalls.json``)."""
@@ -191,12 +197,14 @@ def timeline(book: StatsBook, since: float) -> dict[str, Any]:
         for _, p in sorted(by_second.items())
     ]
     stalls = [
-        _stall(s, stack=False) for s in recent_stalls() if s.started_at + s.duration > since - 5
+        _stall(s, stack=False, code=code)
+        for s in recent_stalls()
+        if s.started_at + s.duration > since - 5
     ]
     return {"time": now, "keep": KEEP, "points": points, "stalls": stalls}
 
 
-def routes(book: StatsBook) -> dict[str, Any]:
+def routes(book: StatsBook, code: bool = True) -> dict[str, Any]:
     """One row per route with anything to show (requests, stalls or loop time)."""
     totals = book.totals()
     requests: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -232,7 +240,7 @@ def routes(book: StatsBook) -> dict[str, Any]:
                 "loop_share": round(loop_time / busy_total, 4) if busy_total > 0 else None,
                 "worst": round(worst[key], 4) if key in worst else None,
                 "kinds": kinds.get(key, {}),
-                "culprit": top[0][0] if top else None,
+                "culprit": top[0][0] if top and code else None,
                 "blocking_now": round(totals.in_progress[key], 3)
                 if key in totals.in_progress
                 else None,
@@ -246,17 +254,19 @@ def routes(book: StatsBook) -> dict[str, Any]:
     }
 
 
-def stalls(stack_of: float) -> dict[str, Any]:
+def stalls(stack_of: float, code: bool = True) -> dict[str, Any]:
     """The newest stalls without their stacks (a stack is a few KB), or the one stall that
     started at ``stack_of`` (its ``started_at``, as the list gave it) with its stack."""
     ring = recent_stalls()
     if stack_of >= 0:
-        return {"stalls": [_stall(s, stack=True) for s in ring if s.started_at == stack_of]}
-    return {"stalls": [_stall(s, stack=False) for s in ring[::-1][:STALLS_SHOWN]]}
+        return {
+            "stalls": [_stall(s, stack=True, code=code) for s in ring if s.started_at == stack_of]
+        }
+    return {"stalls": [_stall(s, stack=False, code=code) for s in ring[::-1][:STALLS_SHOWN]]}
 
 
-def _stall(s: Stall, *, stack: bool) -> dict[str, Any]:
-    doc = s.as_dict()
+def _stall(s: Stall, *, stack: bool, code: bool = True) -> dict[str, Any]:
+    doc = s.as_dict(code=code)
     if not stack:
-        del doc["stack"]
+        doc.pop("stack", None)
     return doc

@@ -54,7 +54,19 @@ class Stall:
             f"({self.kind}) at {self.culprit}; {self.requests_in_flight} request(s) in flight{gc}"
         )
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self, *, code: bool = True) -> dict[str, object]:
+        """Every field; ``code=False``: only the route, timing and counts (a list of what
+        may go out, so a field added later is not published by default)."""
+        if not code:
+            return {
+                "route": self.route,
+                "method": self.method,
+                "kind": self.kind,
+                "duration": self.duration,
+                "started_at": self.started_at,
+                "requests_in_flight": self.requests_in_flight,
+                "cpu_seconds": self.cpu_seconds,
+            }
         return {
             "route": self.route,
             "method": self.method,

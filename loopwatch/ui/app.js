@@ -102,8 +102,10 @@ function onState(data) {
     refreshStalls();
   }
   if (data.profile && !profileStarted) startProfile();
-  if (!data.profile) $("profile-note").textContent =
-    "This version of loopwatch does not serve the loop profile (/profile) yet.";
+  if (!data.profile) $("profile-note").textContent = data.code === false
+    ? "This mount serves no code locations (app_endpoints='summary'): no loop profile, " +
+      "culprits or stacks. The side port serves them."
+    : "This version of loopwatch does not serve the loop profile (/profile) yet.";
   drawState();
 }
 
@@ -216,7 +218,7 @@ function drawTimeline() {
   for (const s of stallMarks.values()) {
     mark(s.started_at, s.duration, "stall-mark",
       "stall " + seconds(s.duration) + " (" + s.kind + ") by " + routeLabel(s.method, s.route) +
-      "\nat " + where(s.culprit));
+      (s.culprit ? "\nat " + where(s.culprit) : ""));
   }
   if (state && state.blocked) {
     const age = state.blocked.seconds + (performance.now() - stateAt) / 1000;
@@ -318,6 +320,10 @@ async function refreshStalls() {
 }
 
 async function loadStack(s, pre) {
+  if (state && state.code === false) {
+    pre.textContent = "(stacks are not served on this mount; the side port serves them)";
+    return;
+  }
   try {
     const response = await fetch("ui/stalls.json?stack=" + s.started_at, { cache: "no-store" });
     const found = response.ok ? (await response.json()).stalls : [];
@@ -336,7 +342,7 @@ function drawStalls(stalls) {
     const summary = el("summary", {},
       el("span", { class: "dur", text: seconds(s.duration) }), " ",
       named("code", routeLabel(s.method, s.route)),
-      " (" + s.kind + ") at ", named("code", where(s.culprit)),
+      " (" + s.kind + ")", ...(s.culprit ? [" at ", named("code", where(s.culprit))] : []),
       (s.gc_seconds >= 0.001
         ? " · garbage collection " + seconds(s.gc_seconds) + " (generation " + s.gc_generation + ")"
         : ""),

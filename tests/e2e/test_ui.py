@@ -36,9 +36,9 @@ def burn_cpu(seconds: float) -> int:
     return n
 
 
-def build_app(registry: CollectorRegistry) -> LoopWatchMiddleware:
+def build_app(registry: CollectorRegistry, app_endpoints: str = "all") -> LoopWatchMiddleware:
     app = FastAPI()
-    app.mount("/metrics", metrics_app(registry))
+    app.mount("/metrics", metrics_app(registry, app_endpoints=app_endpoints))
 
     @app.get("/cpu")
     async def cpu() -> dict[str, int]:
@@ -83,8 +83,8 @@ class Site:
         return thread
 
 
-def _site(loop: str = "asyncio") -> Iterator[Site]:
-    watched = build_app(CollectorRegistry())
+def _site(loop: str = "asyncio", app_endpoints: str = "all") -> Iterator[Site]:
+    watched = build_app(CollectorRegistry(), app_endpoints)
     assert watched.metrics_server is not None
     side = f"http://127.0.0.1:{watched.metrics_server.port}"
     try:
@@ -309,6 +309,31 @@ def test_routes_table_lists_routes_and_culprits_and_sorts(site: Site, page: Watc
     first.locator("summary").click()
     expect(first.locator("pre")).to_contain_text('File "')
     assert page.errors == []
+
+
+def test_a_summary_mount_shows_routes_and_stalls_but_no_code_location(browser: Any) -> None:
+    for site in _site(app_endpoints="summary"):
+        site.get("/wait")
+        [stall] = wait_for_stalls(site, 1)
+        culprit = stall["culprit"]  # the side port names it: "path:line in wait"
+        assert culprit.startswith(__file__) and culprit.endswith(" in wait")
+        with watched_page(browser) as page:
+            open_live(page, site.app + "/metrics/ui")
+            p = page.page
+            row = p.locator("#routes tbody tr", has_text="GET /wait")
+            expect(row.locator("td").nth(6)).to_have_text("wait", timeout=5000)
+            expect(row.locator("td.culprit")).to_have_text("")
+            mine = p.locator("#stalls li details", has_text="GET /wait").first
+            expect(mine.locator("summary")).to_contain_text("GET /wait (wait) ·")
+            mine.locator("summary").click()
+            expect(mine.locator("pre")).to_contain_text("not served on this mount")
+            expect(p.locator("#timeline .stall-mark title").first).to_contain_text("GET /wait")
+            expect(p.locator("#profile-note")).to_contain_text("app_endpoints='summary'")
+            shown = p.content()  # the whole DOM: text, titles, attributes
+            for location in (culprit, culprit.rsplit(" in ", 1)[0], __file__, ".py", 'File "'):
+                assert location not in shown, location
+            assert not [url for url in page.requests if "/profile" in url]
+            assert page.errors == []
 
 
 def test_route_names_are_text_never_markup(site: Site, page: Watched) -> None:
