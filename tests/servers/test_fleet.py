@@ -5,77 +5,25 @@ and samples; a worker killed leaves the view, and one stopped cleanly removes it
 
 from __future__ import annotations
 
-import threading
+import os
+import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from loopwatch.profile import parse_collapsed
-from tests.serving import serve_gunicorn
+from tests.fleet import Fleet, gunicorn_fleet, wait_for
 
 ROUTE = "/freeze/{pid}"
 
 
-class Fleet:
-    def __init__(self, url: str, side: str, directory: Path) -> None:
-        self.url, self.side, self.directory = url, side, directory
-
-    def state(self) -> dict[str, Any]:
-        return dict(httpx.get(f"{self.side}/ui/state.json", timeout=10).json())
-
-    def pids(self) -> set[int]:
-        return {row["pid"] for row in self.state()["event_loops"]}
-
-    def freeze(self, pid: int, seconds: float) -> threading.Thread:
-        """Hold worker ``pid``'s loop for ``seconds``: connections go to whichever worker
-        accepts, so keep asking (another worker answers 409, holding its loop 30 ms so that
-        the next connection goes elsewhere) until the side port says ``pid`` is blocked."""
-        threads = []
-        deadline = time.monotonic() + 30
-        while not any(r["pid"] == pid and r["blocked"] for r in self.state()["event_loops"]):
-            assert time.monotonic() < deadline, f"could not freeze worker {pid}"
-            thread = threading.Thread(
-                target=httpx.get,
-                args=(f"{self.url}/freeze/{pid}?seconds={seconds}",),
-                kwargs={"timeout": 30, "headers": {"connection": "close"}},
-                daemon=True,
-            )
-            thread.start()
-            threads.append(thread)
-            time.sleep(0.02)
-        waiter = threading.Thread(target=lambda: [t.join(30) for t in threads], daemon=True)
-        waiter.start()
-        return waiter
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 @pytest.fixture
-def fleet(tmp_path: Path, free_side_port: int) -> Iterator[Fleet]:
-    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "LOOPWATCH_METRICS_PORT": str(free_side_port)}
-    with serve_gunicorn("tests.workers_app:app", workers=2, env=env) as (url, _):
-        side = Fleet(url, f"http://127.0.0.1:{free_side_port}", tmp_path)
-        wait_for(lambda: len(side.pids()) == 2, 20, "both workers' loops on the side port")
-        yield side
-
-
-@pytest.fixture
-def free_side_port() -> int:
-    from tests.serving import free_port
-
-    return free_port()
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    with gunicorn_fleet(tmp_path) as (found, _):
+        yield found
 
 
 def test_the_side_port_shows_every_workers_loop_stalls_and_profile(fleet: Fleet) -> None:
@@ -125,16 +73,8 @@ def test_the_side_port_shows_every_workers_loop_stalls_and_profile(fleet: Fleet)
     assert both == mine + theirs, (both, mine, theirs)
 
 
-def test_a_killed_worker_leaves_the_view_and_a_stopped_one_its_files(
-    tmp_path: Path, free_side_port: int
-) -> None:
-    import os
-    import signal
-
-    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "LOOPWATCH_METRICS_PORT": str(free_side_port)}
-    with serve_gunicorn("tests.workers_app:app", workers=2, env=env) as (url, proc):
-        fleet = Fleet(url, f"http://127.0.0.1:{free_side_port}", tmp_path)
-        wait_for(lambda: len(fleet.pids()) == 2, 20, "both workers' loops on the side port")
+def test_a_killed_worker_leaves_the_view_and_a_stopped_one_its_files(tmp_path: Path) -> None:
+    with gunicorn_fleet(tmp_path) as (fleet, proc):
         (other,) = fleet.pids() - {fleet.state()["pid"]}
         os.kill(other, signal.SIGKILL)
         killed = time.monotonic()
