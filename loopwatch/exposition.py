@@ -13,6 +13,7 @@ import errno
 import gzip
 import json
 import logging
+import os
 import selectors
 import socket
 import sys
@@ -26,12 +27,12 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 
-from loopwatch import live
+from loopwatch import fleet, live
 from loopwatch.config import ConfigError, Settings, resolve_app_endpoints
 from loopwatch.metrics import book_for, multiprocess_dir, scrape_registry
-from loopwatch.profile import parse_seconds
+from loopwatch.profile import format_collapsed, parse_seconds
 from loopwatch.profile import render as render_profile
-from loopwatch.stall import recent_stalls
+from loopwatch.stall import recent_stalls, without_code
 
 __all__ = ["MetricsServer", "metrics_app"]
 
@@ -53,10 +54,33 @@ def _header(scope: MutableMapping[str, Any], name: bytes) -> str:
     return ",".join(v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == name)
 
 
-def stalls_json(code: bool = True) -> bytes:
-    """The ring of recent stalls, newest last, as JSON (culprits and stacks included unless
-    ``code`` is False)."""
-    return json.dumps([s.as_dict(code=code) for s in recent_stalls()], indent=1).encode()
+def _pid(query: bytes) -> int | None:
+    """``?pid=N``: one worker's figures; ValueError names the value."""
+    values = parse_qs(query.decode("latin-1"), keep_blank_values=True).get("pid")
+    if not values:
+        return None
+    text = values[-1]
+    if not (text.isdigit() and 0 < int(text) < 1 << 31):
+        raise ValueError(f"invalid pid={text!r}: expected a worker's process id")
+    return int(text)
+
+
+def stalls_response(query: bytes, code: bool = True) -> tuple[int, bytes]:
+    """Status and body of ``/stalls``: the ring of recent stalls, oldest first, as JSON
+    (culprits and stacks included unless ``code`` is False); in multiprocess mode every
+    worker's, each with its ``pid`` (``?pid=N``: that worker's only)."""
+    try:
+        pid = _pid(query)
+    except ValueError as exc:
+        return 400, f"{exc}\n".encode()
+    directory = multiprocess_dir()
+    if directory:
+        ring = fleet.stalls(directory, pid)
+    else:
+        ring = [s.as_dict() for s in recent_stalls() if pid is None or pid == os.getpid()]
+    if not code:
+        ring = [without_code(doc) for doc in ring]
+    return 200, json.dumps(ring, indent=1).encode()
 
 
 def _wants_stalls(path: str) -> bool:
@@ -68,12 +92,19 @@ def _wants_profile(path: str) -> bool:
 
 
 def profile_response(query: bytes) -> tuple[int, bytes]:
-    """Status and body of ``/profile?seconds=N``: collapsed stacks, or a one-line error."""
+    """Status and body of ``/profile?seconds=N``: collapsed stacks, or a one-line error; in
+    multiprocess mode every worker's (``&pid=N``: that worker's only)."""
     values = parse_qs(query.decode("latin-1"), keep_blank_values=True).get("seconds")
     try:
         seconds = parse_seconds(values[-1] if values else None)
+        pid = _pid(query)
     except ValueError as exc:
         return 400, f"{exc}\n".encode()
+    directory = multiprocess_dir()
+    if directory:
+        return 200, format_collapsed(fleet.profile(directory, seconds, pid)).encode("utf-8")
+    if pid is not None and pid != os.getpid():
+        return 200, b""
     return 200, render_profile(seconds)
 
 
@@ -156,9 +187,9 @@ class MetricsApp:
                         "body": b"" if scope["method"] == "HEAD" else body})  # fmt: skip
             return
         if _wants_stalls(path):
-            body = await _in_thread(stalls_json, code)
-            await send({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-type", b"application/json"),
+            status, body = await _in_thread(stalls_response, scope.get("query_string", b""), code)
+            await send({"type": "http.response.start", "status": status, "headers": [
+                (b"content-type", b"application/json" if status == 200 else _TEXT),
                 (b"content-length", str(len(body)).encode()),
             ]})  # fmt: skip
             await send({"type": "http.response.body",
@@ -238,9 +269,11 @@ class MetricsServer:
                 start_response(live.STATUS_LINES[code], page_headers)
                 return [b"" if method == "HEAD" else page]
             if _wants_stalls(environ.get("PATH_INFO", "")):
-                body = stalls_json()
-                start_response("200 OK", [("Content-Type", "application/json"),
-                                          ("Content-Length", str(len(body)))])  # fmt: skip
+                code, body = stalls_response(environ.get("QUERY_STRING", "").encode("latin-1"))
+                start_response("200 OK" if code == 200 else f"{code} Bad Request",
+                               [("Content-Type", "application/json" if code == 200
+                                 else _TEXT.decode()),
+                                ("Content-Length", str(len(body)))])  # fmt: skip
                 return [b"" if method == "HEAD" else body]
             if _wants_profile(environ.get("PATH_INFO", "")):
                 code, body = profile_response(environ.get("QUERY_STRING", "").encode("latin-1"))

@@ -5,16 +5,17 @@ Both servers call ``serves(path)`` and then ``respond(...)``: the page (``loopwa
 polls, every URL relative to the page, so the same files work at the side port's ``/`` and at
 ``<metrics mount>/ui``:
 
-- ``ui/state.json``: the loop now: responsive, or blocked for how long, by which route, at
-  which line (the watchdog's samples of the hold in progress). Only the side port answers
-  while the loop is frozen: ``side_port`` tells the page which one it is talking to (the
-  side port's number, or false at the app's own mount).
+- ``ui/state.json``: the loops now, one row each: responsive, or blocked for how long, by
+  which route, at which line (the watchdog's samples of the hold in progress). Only the side
+  port answers while the loop is frozen: ``side_port`` tells the page which one it is talking
+  to (the side port's number, or false at the app's own mount). In multiprocess mode every
+  live worker's loops (``fleet``), with its pid.
 - ``ui/timeline.json?since=T``: one point per second per loop after wall-clock time ``T``
   (lag p99, longest heartbeat delay, utilization) and the stalls that ended in that window.
 - ``ui/routes.json``: per route: requests, stalls, seconds blocked, loop share, worst recent
   stall, kind, culprit.
 - ``ui/stalls.json``: the newest stalls; ``?stack=T``: the one that started at ``T``, with
-  its stack (fetched when the page opens it).
+  its stack (fetched when the page opens it). In multiprocess mode, every worker's.
 
 With ``code=False`` (``metrics_app(app_endpoints="summary")``) every document leaves out
 code locations: stalls carry no culprit or stack, the state and the routes no culprit, and
@@ -40,8 +41,9 @@ from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry
 
-from loopwatch.metrics import book_for
-from loopwatch.stall import Stall, recent_stalls
+from loopwatch import fleet
+from loopwatch.metrics import book_for, multiprocess_dir
+from loopwatch.stall import recent_stalls, without_code
 from loopwatch.stats import StatsBook, WatchedLoop
 from loopwatch.timeline import KEEP
 
@@ -142,38 +144,58 @@ def _monitors(book: StatsBook) -> list[WatchedLoop]:
 
 
 def state(book: StatsBook, side_port: int | None, code: bool = True) -> dict[str, Any]:
-    """The loop now; with several loops, the one blocked longest."""
+    """The loops now: one row per loop (in multiprocess mode, every live worker's: ``pid``,
+    and ``age``, how old its figures are), and the one blocked longest."""
     monitors = _monitors(book)
-    blocked: dict[str, Any] | None = None
-    for monitor in monitors:
-        age = monitor.current_stall_seconds()
-        if age <= 0.0:
-            continue
-        live = monitor.stall_in_progress()
-        method, route = live[0] if live is not None else (None, None)
-        if live is not None:
-            age = max(age, live[1])
-        if blocked is None or age > blocked["seconds"]:
-            blocked = {
-                "seconds": round(age, 3),
-                "method": method,
-                "route": route,
-                "culprit": monitor.hold_culprit() if code else None,
-            }
+    pid = os.getpid()
+    rows = [{"pid": pid, "age": 0.0, **row} for row in fleet.loop_rows(monitors)]
     ring = recent_stalls()
+    stalls_seen, last_stall = len(ring), ring[-1].started_at if ring else None
+    directory = multiprocess_dir()
+    if directory:
+        for worker in fleet.workers(directory):
+            age = round(worker.age, 3)
+            rows += [{"pid": worker.pid, "age": age, **row} for row in worker.loops]
+            stalls_seen += worker.stalls
+            if worker.last_stall is not None:
+                last_stall = max(last_stall or 0.0, worker.last_stall)
+    if not code:  # no culprit of a hold in progress either
+        rows = [{**row, "blocked": _no_culprit(row["blocked"])} for row in rows]
+    blocked: dict[str, Any] | None = None
+    for row in rows:
+        held = row["blocked"]
+        if held is not None and (blocked is None or held["seconds"] > blocked["seconds"]):
+            blocked = {**held, "pid": row["pid"]}
+    thresholds = [row["threshold"] for row in rows if row["threshold"] is not None]
     return {
         "time": time.time(),
         "side_port": side_port if side_port is not None else False,
-        "pid": os.getpid(),
-        "loops": len(monitors),
-        "threshold": min((m.threshold for m in monitors), default=None),
-        "in_flight": sum(m.in_flight for m in monitors),
+        "pid": pid,
+        "multiprocess": bool(directory),
+        "loops": len(rows),
+        "workers": len({row["pid"] for row in rows}),
+        "threshold": min(thresholds, default=None),
+        "in_flight": sum(row["in_flight"] for row in rows),
         "blocked": blocked,
-        "stalls_seen": len(ring),
-        "last_stall": ring[-1].started_at if ring else None,
+        "event_loops": rows,
+        "stalls_seen": stalls_seen,
+        "last_stall": last_stall,
         "profile": code and _has_profile(),  # without code locations, no stacks
         "code": code,
     }
+
+
+def _no_culprit(held: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if held is None else {**held, "culprit": None}
+
+
+def recent() -> list[dict[str, Any]]:
+    """The recent stalls, oldest first (``Stall.as_dict``); in multiprocess mode every
+    worker's, each with its ``pid``. Shared records: copy one before changing it."""
+    directory = multiprocess_dir()
+    if directory:
+        return fleet.stalls(directory)
+    return [s.as_dict() for s in recent_stalls()]
 
 
 def timeline(book: StatsBook, since: float, code: bool = True) -> dict[str, Any]:
@@ -198,8 +220,8 @@ def timeline(book: StatsBook, since: float, code: bool = True) -> dict[str, Any]
     ]
     stalls = [
         _stall(s, stack=False, code=code)
-        for s in recent_stalls()
-        if s.started_at + s.duration > since - 5
+        for s in recent()
+        if s["started_at"] + s["duration"] > since - 5
     ]
     return {"time": now, "keep": KEEP, "points": points, "stalls": stalls}
 
@@ -215,10 +237,10 @@ def routes(book: StatsBook, code: bool = True) -> dict[str, Any]:
         kinds.setdefault((method, route), {})[kind] = sum(hist.counts)
     worst: dict[tuple[str, str], float] = {}
     culprits: dict[tuple[str, str], collections.Counter[str]] = {}
-    for s in recent_stalls():
-        key = (s.method, s.route)
-        worst[key] = max(worst.get(key, 0.0), s.duration)
-        culprits.setdefault(key, collections.Counter())[s.culprit] += 1
+    for s in recent():
+        key = (s["method"], s["route"])
+        worst[key] = max(worst.get(key, 0.0), s["duration"])
+        culprits.setdefault(key, collections.Counter())[s["culprit"]] += 1
     busy = totals.busy or {}
     busy_total = sum(busy.values())
     rows = []
@@ -257,16 +279,17 @@ def routes(book: StatsBook, code: bool = True) -> dict[str, Any]:
 def stalls(stack_of: float, code: bool = True) -> dict[str, Any]:
     """The newest stalls without their stacks (a stack is a few KB), or the one stall that
     started at ``stack_of`` (its ``started_at``, as the list gave it) with its stack."""
-    ring = recent_stalls()
+    ring = recent()
     if stack_of >= 0:
         return {
-            "stalls": [_stall(s, stack=True, code=code) for s in ring if s.started_at == stack_of]
+            "stalls": [
+                _stall(s, stack=True, code=code) for s in ring if s["started_at"] == stack_of
+            ]
         }
     return {"stalls": [_stall(s, stack=False, code=code) for s in ring[::-1][:STALLS_SHOWN]]}
 
 
-def _stall(s: Stall, *, stack: bool, code: bool = True) -> dict[str, Any]:
-    doc = s.as_dict(code=code)
-    if not stack:
-        doc.pop("stack", None)
-    return doc
+def _stall(s: dict[str, Any], *, stack: bool, code: bool = True) -> dict[str, Any]:
+    if not code:
+        return without_code(s)
+    return s if stack else {k: v for k, v in s.items() if k != "stack"}

@@ -5,7 +5,8 @@ The hot path never touches prometheus_client: the middleware and the watchdog up
 Python aggregates (``stats``), one shard per event loop, and ``LoopwatchCollector.collect``
 sums them when a scrape arrives. With ``PROMETHEUS_MULTIPROC_DIR`` set (several worker
 processes), each process's watchdog also mirrors its totals into prometheus_client's
-multiprocess files about once a second, and scrapes render the aggregate of all workers.
+multiprocess files about once a second, and scrapes render the aggregate of all workers; the
+same call publishes its loops, stalls and profile for the live page (``fleet``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -27,6 +28,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
+from loopwatch import fleet
 from loopwatch.config import ConfigError
 from loopwatch.stats import (
     LAG_BUCKETS,
@@ -107,12 +109,29 @@ def book_for(registry: CollectorRegistry | None) -> StatsBook:
         book = _books.get(registry)
         if book is None:
             book = StatsBook()
-            if multiprocess_dir():
-                book.use_mirror(_MultiprocessMirror(book).sync)
+            directory = multiprocess_dir()
+            if directory:
+                book.use_mirror(_mirror(book, directory))
             else:
                 registry.register(LoopwatchCollector(book))
             _books[registry] = book
         return book
+
+
+def _mirror(book: StatsBook, directory: str) -> Callable[[], None]:
+    """Multiprocess mode: the totals into prometheus_client's files, and this worker's loops,
+    stalls and profile into the fleet's (``fleet``), for the worker that serves the page."""
+    mirror = _MultiprocessMirror(book)
+    publisher = fleet.publisher_for(directory)
+    publisher.add(book)
+
+    def sync() -> None:
+        try:
+            mirror.sync()
+        finally:
+            publisher.publish()  # logs its own failure, once
+
+    return sync
 
 
 def scrape_registry(registry: CollectorRegistry) -> CollectorRegistry:

@@ -170,11 +170,17 @@ class ProfileStore:
                     total[stack] = total.get(stack, 0) + count
         return total
 
+    def completed(self, after: int) -> tuple[int, list[tuple[int, dict[Stack, int]]]]:
+        """The current second, and a copy of each bucket of a second that is over and later
+        than ``after`` (what a worker publishes for the others, in multiprocess mode)."""
+        now = int(self._clock())
+        with self._lock:
+            return now, [(t, dict(c)) for t, c in self._buckets if after < t < now]
+
     def collapsed(self, seconds: int = DEFAULT_SECONDS) -> str:
         """The window as collapsed stacks, one ``label;frame;...;leaf COUNT`` line each,
         sorted (so the same profile renders the same text)."""
-        counts = self.counts(seconds)
-        return "".join(f"{';'.join(stack)} {counts[stack]}\n" for stack in sorted(counts))
+        return format_collapsed(self.counts(seconds))
 
     def clear(self) -> None:
         with self._lock:
@@ -184,6 +190,11 @@ class ProfileStore:
 
 
 PROFILE = ProfileStore()
+
+
+def format_collapsed(counts: dict[Stack, int]) -> str:
+    """``label;frame;...;leaf COUNT`` lines, sorted (the same profile renders the same text)."""
+    return "".join(f"{';'.join(stack)} {counts[stack]}\n" for stack in sorted(counts))
 
 
 def parse_seconds(text: str | None, keep: int = KEEP_SECONDS) -> int:

@@ -58,15 +58,7 @@ class Stall:
         """Every field; ``code=False``: only the route, timing and counts (a list of what
         may go out, so a field added later is not published by default)."""
         if not code:
-            return {
-                "route": self.route,
-                "method": self.method,
-                "kind": self.kind,
-                "duration": self.duration,
-                "started_at": self.started_at,
-                "requests_in_flight": self.requests_in_flight,
-                "cpu_seconds": self.cpu_seconds,
-            }
+            return without_code(self.as_dict())
         return {
             "route": self.route,
             "method": self.method,
@@ -82,6 +74,18 @@ class Stall:
             "trace_id": self.trace_id,
             "span_id": self.span_id,
         }
+
+
+# what a stall may show where code locations may not go (``app_endpoints="summary"``): a
+# list of what may go out, so a field added later is not published by default
+_NO_CODE = ("route", "method", "kind", "duration", "started_at", "requests_in_flight",
+            "cpu_seconds", "gc_seconds", "gc_generation", "pid")  # fmt: skip
+
+
+def without_code(doc: dict[str, object]) -> dict[str, object]:
+    """A stall's record (``as_dict``, or a worker's in multiprocess mode) with only its
+    route, timing and counts: no culprit, stack, path or line."""
+    return {key: doc[key] for key in _NO_CODE if key in doc}
 
 
 _ring: collections.deque[Stall] = collections.deque(maxlen=RING_SIZE)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -87,6 +88,33 @@ def serve_process(
         yield url, proc
     finally:
         stop_process(proc)
+        os.unlink(log.name)
+
+
+@contextlib.contextmanager
+def serve_gunicorn(
+    target: str, *, workers: int = 2, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run ``gunicorn target`` with uvicorn's worker class as a subprocess, in a process group
+    of its own (its workers too, killed whatever happens); yields (base URL, master)."""
+    port = free_port()
+    with tempfile.NamedTemporaryFile(prefix="gunicorn-", suffix=".log", delete=False) as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", target, "--bind", f"127.0.0.1:{port}",
+             "--workers", str(workers), "--worker-class", "uvicorn_worker.UvicornWorker",
+             "--no-control-socket", "--graceful-timeout", "5"],
+            env={**os.environ, **(env or {})},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    proc.output_path = log.name  # type: ignore[attr-defined]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, proc)
+        yield url, proc
+    finally:
+        stop_process(proc)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # a worker the master left behind
         os.unlink(log.name)
 
 

@@ -129,7 +129,8 @@ function drawState() {
   facts.push(state.loops + (state.loops === 1 ? " event loop" : " event loops") + " watched");
   if (state.threshold !== null) facts.push("threshold " + seconds(state.threshold));
   facts.push(state.in_flight + " request(s) in flight");
-  facts.push("pid " + state.pid);
+  if (state.multiprocess) facts.push(state.workers + (state.workers === 1 ? " worker" : " workers"));
+  facts.push((state.multiprocess ? "served by pid " : "pid ") + state.pid);
   facts.push(state.side_port ? "side port: live during a freeze" : "served by the app's loop");
   $("state-facts").textContent = facts.join(" · ");
   const b = state.blocked;
@@ -139,6 +140,7 @@ function drawState() {
     word.textContent = "BLOCKED";
     const parts = ["for " + age.toFixed(1) + " s by ", named("code", routeLabel(b.method, b.route))];
     if (b.culprit) parts.push(" at ", named("code", where(b.culprit)));
+    if (state.workers > 1) parts.push(" in pid " + b.pid);
     detail.replaceChildren(...parts);
   } else if (state.loops === 0) {
     box.className = "state waiting";
@@ -147,8 +149,31 @@ function drawState() {
   } else {
     box.className = "state ok";
     word.textContent = "RESPONSIVE";
-    detail.replaceChildren("the event loop answers its heartbeat");
+    detail.replaceChildren(
+      state.loops === 1 ? "the event loop answers its heartbeat" : "every event loop answers its heartbeat");
   }
+  drawLoops();
+}
+
+function drawLoops() {
+  // one row per loop (every worker's in multiprocess mode); the ages tick between polls
+  const since = (performance.now() - stateAt) / 1000;
+  const rows = (state.event_loops || []).map((r) => {
+    const b = r.blocked;
+    const pid = String(r.pid) + (r.pid === state.pid && state.workers > 1 ? " (serves this page)" : "");
+    let word = b ? "BLOCKED" : "RESPONSIVE";
+    if (r.age > 2) word += " (as of " + r.age.toFixed(0) + " s ago)";
+    const tr = el("tr", { class: b ? "blocked" : "ok", "data-pid": String(r.pid) },
+      el("td", { class: "num", text: pid }),
+      el("td", { class: "word", text: word }),
+      el("td", { class: "num", text: b ? (b.seconds + since).toFixed(1) + " s" : "" }),
+      el("td", { class: "route", text: b ? routeLabel(b.method, b.route) : "" }),
+      el("td", { class: "culprit", text: b ? where(b.culprit) : "" }),
+      el("td", { class: "num", text: String(r.in_flight) }),
+    );
+    return tr;
+  });
+  $("loops").tBodies[0].replaceChildren(...rows);
 }
 
 // ---- timeline ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -519,3 +520,34 @@ def test_long_and_odd_route_names_are_cut_on_the_page_and_never_run(
             assert dialogs == [] and page.errors == []
     finally:
         watched.close()
+
+
+def test_one_row_per_loop_and_the_frozen_workers_row_names_route_and_line(
+    browser: Any, site: Site, tmp_path: Path
+) -> None:
+    from tests.fleet import gunicorn_fleet
+
+    with watched_page(browser) as page:  # one loop, one row
+        open_live(page, site.side + "/")
+        expect(page.page.locator("#loops tbody tr")).to_have_count(1)
+        expect(page.page.locator("#loops tbody tr td.word")).to_have_text("RESPONSIVE")
+    with gunicorn_fleet(tmp_path) as (fleet, _), watched_page(browser) as page:
+        serving = fleet.state()["pid"]
+        (other,) = fleet.pids() - {serving}
+        open_live(page, fleet.side + "/")
+        rows = page.page.locator("#loops tbody tr")
+        expect(rows).to_have_count(2)
+        expect(page.page.locator("#state-facts")).to_contain_text("2 workers")
+        done = fleet.freeze(other, 3.0)
+        row = page.page.locator(f'#loops tbody tr[data-pid="{other}"]')
+        expect(row.locator("td.word")).to_have_text("BLOCKED", timeout=3000)
+        expect(row.locator("td.route")).to_have_text("GET /freeze/{pid}", timeout=1000)
+        expect(row.locator("td.culprit")).to_contain_text("hold_the_loop (", timeout=2000)
+        calm = page.page.locator(f'#loops tbody tr[data-pid="{serving}"] td.word')
+        expect(calm).to_have_text("RESPONSIVE")
+        expect(page.page.locator("#state-word")).to_have_text("BLOCKED")
+        expect(page.page.locator("#state-detail")).to_contain_text(f"in pid {other}")
+        done.join(30)
+        expect(row.locator("td.word")).to_have_text("RESPONSIVE", timeout=5000)
+        expect(rows).to_have_count(2)
+        assert page.errors == []
