@@ -183,6 +183,8 @@ SUMMARY_FIELDS = {
     "started_at",
     "requests_in_flight",
     "cpu_seconds",
+    "gc_seconds",
+    "gc_generation",
 }
 
 
