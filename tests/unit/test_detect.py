@@ -239,3 +239,94 @@ def test_a_hold_that_routes_its_request_before_it_is_booked_is_the_routes() -> N
     assert list(rig.events.live) == [("GET", "/block")]
     [(label, verdict)] = rig.events.stalls()
     assert label == ("GET", "/block") and verdict.duration == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("starved,reported", [(0.18, True), (0.22, False)])
+def test_the_starvation_rule_at_its_boundary(starved: float, reported: bool) -> None:
+    # A 0.3 s hold by a request's code, of which the loop thread spent ``starved`` seconds
+    # runnable but waiting for a core (a busy machine). The rule (README, "How it works"): it
+    # is a stall when what is left, its own part, is at least the threshold (0.1 s): 0.12 s
+    # is; 0.08 s is not (on a quiet machine it would have been no stall). Its reported
+    # duration is the whole hold: the loop was unavailable that long.
+    rig = Rig()
+    rig.owner = request("/spin")
+    rig.now = 0.0
+    steps = 30
+    while rig.now < 0.3 - 1e-9:
+        rig.now = round(rig.now + 0.01, 6)
+        rig.figures.waiting += starved / steps
+        rig.figures.on_cpu += (0.3 - starved) / steps
+        rig.detector.check(0.0)
+    rig.now = 0.31
+    rig.detector.check(0.3)
+    stalls = rig.events.stalls()
+    if reported:
+        [(label, verdict)] = stalls
+        assert label == ("GET", "/spin") and verdict.duration == pytest.approx(0.3)
+        assert rig.events.live[("GET", "/spin")][0] == 1  # booked live by the same rule
+    else:
+        assert stalls == [] and rig.events.live == {}
+
+
+def test_a_call_that_keeps_the_gil_is_gil_and_named_at_its_line() -> None:
+    # The watchdog could not run for 0.4 s (it woke that late) while the loop thread
+    # computed: one C call kept the GIL. Its first check after the call is the only look.
+    rig = Rig()
+    rig.owner = request("/parse")
+    waited = [0.0]
+    rig.detector.probes = Probes(rig.figures.cpu, rig.figures.sched, lambda: waited[0])
+    rig.now = 0.01
+    rig.detector.check(0.0)  # the loop was free: a base for the CPU clock
+    rig.now = 0.43
+    rig.figures.on_cpu += 0.41
+    rig.detector.check(0.01, kept_out=0.4)
+    rig.now = 0.45
+    rig.detector.check(0.44)
+    [(label, verdict)] = rig.events.stalls()
+    assert label == ("GET", "/parse") and verdict.kind == "gil"
+    assert verdict.cpu_seconds == pytest.approx(0.41) and verdict.duration == pytest.approx(0.43)
+    assert "test_detect.py" in verdict.culprit  # this test's frame: the loop thread's
+
+
+@pytest.mark.parametrize("cause", ["watchdog-starved", "loop-idle"])
+def test_a_late_watchdog_that_did_not_wait_for_the_gil_is_not_gil(cause: str) -> None:
+    # The watchdog woke 0.4 s late because it waited for a core (its own schedstat says so),
+    # or the loop thread did not compute meanwhile (a paused process): not a kept GIL.
+    rig = Rig()
+    rig.owner = request("/spin")
+    waited = [0.0]
+    rig.detector.probes = Probes(rig.figures.cpu, rig.figures.sched, lambda: waited[0])
+    rig.now = 0.01
+    rig.detector.check(0.0)
+    rig.now = 0.43
+    if cause == "watchdog-starved":
+        waited[0] += 0.35
+        rig.figures.on_cpu += 0.41  # the loop computed, letting the GIL go
+    rig.detector.check(0.01, kept_out=0.4)
+    rig.now = 0.45
+    rig.detector.check(0.44)
+    kinds = [v.kind for _, v in rig.events.stalls()]
+    assert "gil" not in kinds
+
+
+def test_a_hold_the_collector_made_is_gc_with_its_seconds_and_generation() -> None:
+    pauses = [(0.05, 0.25, 2), (0.26, 0.27, 0)]  # (start, end, generation), the hold's clock
+
+    def within(start: float, end: float) -> tuple[float, int]:
+        seconds = sum(max(0.0, min(b, end) - max(a, start)) for a, b, _ in pauses)
+        return seconds, max((g for a, b, g in pauses if min(b, end) > max(a, start)), default=-1)
+
+    rig = Rig()
+    rig.detector = Detector(
+        threshold=0.1, interval=0.01, long_stall=10.0, clock=lambda: rig.now,
+        frames=lambda: {0: sys._getframe()}, code_filter=CodeFilter(),
+        attribute=lambda: rig.owner, in_flight=lambda: 1, events=rig.events, gc_within=within,
+    )  # fmt: skip
+    rig.detector.probes = Probes(rig.figures.cpu, rig.figures.sched)
+    rig.owner = request("/objects")
+    rig.run(beat=0.0, until=0.3)
+    rig.now = 0.31
+    rig.detector.check(0.3)
+    [(_, verdict)] = rig.events.stalls()
+    assert verdict.kind == "gc"
+    assert verdict.gc_seconds == pytest.approx(0.21) and verdict.gc_generation == 2
