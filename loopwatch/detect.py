@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from traceback import FrameSummary
 from types import CodeType, FrameType
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from loopwatch.attribute import Owner
 from loopwatch.frames import CodeFilter, FrameSource, format_culprit, format_stack, snapshot
@@ -54,17 +54,21 @@ Figures = tuple[float, float | None, tuple[float, float] | None]
 def _thread_schedstat(native_id: int) -> Callable[[], tuple[float, float]] | None:
     """Linux: (seconds on a CPU, seconds runnable but waiting for one) of a thread. The second
     tells a loop held by its code from a loop starved by a busy machine."""
-    path = f"/proc/self/task/{native_id}/schedstat"
+    try:  # one descriptor kept open, read with ``pread``: read at every check
+        fd = os.open(f"/proc/self/task/{native_id}/schedstat", os.O_RDONLY)
+    except OSError:
+        return None
 
     def read() -> tuple[float, float]:
-        with open(path, "rb") as f:
-            on_cpu, waiting, _ = f.read().split()
+        on_cpu, waiting, _ = os.pread(fd, 128, 0).split()
         return int(on_cpu) / 1e9, int(waiting) / 1e9
 
     try:
         read()
     except (OSError, ValueError):
+        os.close(fd)
         return None
+    weakref.finalize(read, os.close, fd)
     return read
 
 
@@ -97,6 +101,18 @@ def _thread_cpu_clock(thread_id: int) -> Callable[[], float] | None:
     return lambda: time.clock_gettime(clock_id)
 
 
+class Reading(NamedTuple):
+    """At one check: its time, the loop thread's busy seconds (on a CPU or runnable) and CPU
+    clock, the watchdog's seconds waiting for a CPU, the process's CPU clock (None: not
+    known)."""
+
+    time: float
+    busy: float | None
+    cpu: float | None
+    waited: float | None
+    process: float | None
+
+
 class Probes:
     """The loop thread's CPU clock and schedstat, and the time the watchdog itself waited for
     a CPU. ``for_thread`` reads /proc: call it on the watchdog's thread, never on the loop."""
@@ -106,14 +122,32 @@ class Probes:
         cpu: Callable[[], float] | None = None,
         sched: Callable[[], tuple[float, float]] | None = None,
         own_waiting: Callable[[], float] | None = None,
+        process: Callable[[], float] | None = None,
     ) -> None:
         self.cpu = cpu
         self.sched = sched
         self.own_waiting = own_waiting
+        self.process = process  # the whole process's CPU clock
 
     @classmethod
     def for_thread(cls, thread_id: int, native_id: int) -> Probes:
-        return cls(_thread_cpu_clock(thread_id), _thread_schedstat(native_id), _own_waiting())
+        return cls(
+            _thread_cpu_clock(thread_id), _thread_schedstat(native_id), _own_waiting(),
+            time.process_time,
+        )  # fmt: skip
+
+    def reading(self, now: float) -> Reading:
+        """What the check after a late wake-up compares with (cheap: read at every check)."""
+        sched = self.sched() if self.sched is not None else None
+        cpu = self.cpu() if self.cpu is not None else None
+        return Reading(
+            now,
+            # the loop thread computing, or wanting to (runnable): both keep it from sleeping
+            sum(sched) if sched is not None else cpu,
+            cpu,
+            self.own_waiting() if self.own_waiting is not None else None,
+            self.process() if self.process is not None else None,
+        )
 
     def figures(self, now: float) -> Figures:
         """The loop thread's CPU clock and schedstat, read now (``now`` is their time)."""
@@ -136,6 +170,7 @@ class Hold:
         "cpu_t0",
         "culprits",
         "end",
+        "frozen",
         "gil",
         "idle",
         "in_flight",
@@ -161,6 +196,9 @@ class Hold:
         self.in_flight = in_flight  # the requests the hold keeps waiting
         # seconds the watchdog could not run while the loop thread computed: the GIL kept
         self.gil = 0.0
+        # seconds the watchdog could not run, not waiting for a CPU, while nothing in the
+        # process ran: paused (SIGSTOP, a frozen container), no code held the loop
+        self.frozen = 0.0
         # no stack sample so far shows the loop running code (none taken, or all idle)
         self.idle = True
         # each culprit seen, with the seconds its samples stand for (the time since the
@@ -261,8 +299,7 @@ class Detector:
         self._events = events
         self._gc_within = gc_within
         self._episode: _Episode | None = None
-        # at the last check: its time, the loop thread's CPU clock, the watchdog's CPU wait
-        self._last: tuple[float, float | None, float | None] | None = None
+        self._last: Reading | None = None  # at the last check
 
     @property
     def stalling(self) -> bool:
@@ -275,10 +312,10 @@ class Detector:
         episode = self._episode
         return episode.hold if episode is not None else None
 
-    def started(self, now: float, loop_cpu: float) -> None:
-        """On the loop's thread as its watchdog starts: the loop thread's CPU clock then, the
-        base of the first check (a call that keeps the GIL may hold it from the start)."""
-        self._last = (now, loop_cpu, None)
+    def started(self, now: float, process_cpu: float) -> None:
+        """On the loop's thread as its watchdog starts: the base of the first check (a call
+        that keeps the GIL may hold it from the start); the process's CPU clock only."""
+        self._last = Reading(now, None, None, None, process_cpu)
 
     def reset(self) -> None:
         """Forget the hold in progress (after a failed check: the next one starts afresh)."""
@@ -305,7 +342,7 @@ class Detector:
         owner = self._attribute() if overdue else None
         sample = self._sample(now - beat, kept_out >= self.interval) if overdue else None
         last = self._last
-        gil = self._kept_by_loop(now, kept_out, last)
+        gil, frozen = self._kept_out(now, kept_out, last)
         episode = self._episode
         if episode is not None and beat != episode.beat:
             # The heartbeat ran again: the hold ended no later than that.
@@ -327,15 +364,16 @@ class Detector:
             figures = self.probes.figures(now)
             if gil and last is not None:
                 # the loop thread computed while nobody could look: its CPU since the last
-                # check belongs to this hold
-                # (schedstat's starvation test does not apply: it read nothing of the hold)
-                figures = (last[0], last[1], None)
+                # check belongs to this hold (schedstat's starvation test does not apply: it
+                # read nothing of the hold)
+                figures = (last.time, last.cpu, None)
             hold = Hold(owner, start, now, self.long_stall, figures, self._in_flight())
             episode.hold = hold
             self._events.opened(hold)
         elif not hold.counted:
             hold.label = owner.label  # the same owner, routed meanwhile, or not
         hold.gil += gil
+        hold.frozen += frozen
         episode.last_sample = now
         age = now - hold.start
         if sample is not None:
@@ -350,23 +388,31 @@ class Detector:
         if age >= self.threshold:
             self._book_live(hold, age, now)
 
-    def _kept_by_loop(
-        self, now: float, kept_out: float, last: tuple[float, float | None, float | None] | None
-    ) -> float:
-        """Seconds, since the last check, that the watchdog could not run while the loop
-        thread computed: a call that kept the GIL (0.0 if it was not that). A watchdog late
-        because it waited for a CPU (a busy machine) is not that."""
-        probes = self.probes
-        cpu = probes.cpu() if probes.cpu is not None else None
-        waited = probes.own_waiting() if probes.own_waiting is not None else None
-        self._last = (now, cpu, waited)
-        if kept_out < self.interval or last is None or cpu is None or last[1] is None:
-            return 0.0
-        if cpu - last[1] < 0.5 * kept_out:
-            return 0.0  # the loop thread did not compute through it: starved or paused
-        if waited is not None and last[2] is not None and waited - last[2] >= 0.5 * kept_out:
-            return 0.0  # the watchdog was runnable but not scheduled: a busy machine
-        return min(kept_out, now - last[0])
+    def _kept_out(self, now: float, kept_out: float, last: Reading | None) -> tuple[float, float]:
+        """Seconds since the last check that the watchdog could not run (it woke ``kept_out``
+        late, not waiting for a CPU): (while the loop thread computed: a call that kept the
+        GIL; while no thread of the process ran: the process was paused). (0.0, 0.0) if it
+        was neither, or if the watchdog waited for a CPU (a busy machine: it tells nothing)."""
+        reading = self.probes.reading(now)
+        self._last = reading
+        if kept_out < self.interval or last is None:
+            return 0.0, 0.0
+        if (
+            reading.waited is not None
+            and last.waited is not None
+            and reading.waited - last.waited >= 0.5 * kept_out
+        ):
+            return 0.0, 0.0  # the watchdog was runnable but not scheduled: a busy machine
+        window = min(kept_out, now - last.time)
+        if (
+            reading.process is not None
+            and last.process is not None
+            and reading.process - last.process < 0.5 * kept_out
+        ):
+            return 0.0, window  # stopped, not waiting for a CPU, and nothing ran: paused
+        if reading.busy is None or last.busy is None or reading.busy - last.busy < 0.5 * kept_out:
+            return 0.0, 0.0  # another thread ran, not the loop's: it kept the GIL from both
+        return window, 0.0
 
     def last_check(self, beat: float, stopped_at: float, running: bool) -> None:
         """The loop let go at ``stopped_at`` (its monitor stops): close the hold in progress
@@ -384,6 +430,8 @@ class Detector:
         if not hold.owner.booked:
             return  # loopwatch's own: never the app's
         if not hold.confirmed:
+            if hold.frozen >= 0.5 * age:
+                return  # so far mostly a paused process: nothing ran
             if hold.owner.background and hold.idle:
                 # no stack sample showed code yet: a paused or starved process idle in its
                 # selector (or not sampled at all) is no evidence of a blocking call
@@ -438,6 +486,11 @@ class Detector:
             return None
         if not hold.owner.booked:
             logger.debug("loopwatch: %.3fs hold in loopwatch's own code: not the app's", duration)
+            return None
+        if hold.frozen >= 0.5 * duration and not confirmed:
+            # the watchdog could not run, and neither did any thread of the process: paused
+            # (SIGSTOP, a frozen container); no code held the loop
+            logger.debug("loopwatch: %.3fs hold while the process was paused", duration)
             return None
         if hold.owner.background and hold.idle and not confirmed:
             # every stack sample showed the loop idle, or none was taken (the whole process

@@ -330,3 +330,31 @@ def test_a_hold_the_collector_made_is_gc_with_its_seconds_and_generation() -> No
     [(_, verdict)] = rig.events.stalls()
     assert verdict.kind == "gc"
     assert verdict.gc_seconds == pytest.approx(0.21) and verdict.gc_generation == 2
+
+
+@pytest.mark.parametrize("process_ran", [False, True])
+def test_a_paused_process_is_no_stall_but_another_threads_gil_is(process_ran: bool) -> None:
+    # The watchdog woke 0.5 s late without waiting for a core, and the loop thread did not
+    # run. If no thread of the process ran either, the process was paused (SIGSTOP, a frozen
+    # container): no stall, whatever the loop was running when it froze (here the server's
+    # own code, which the idle rule does not cover). If another thread ran, it kept the GIL
+    # from the loop: the loop was held, a 'wait' stall of its owner.
+    rig = Rig()
+    rig.owner = Owner(object(), None, ("-", "<server>"))
+    process = [1.0]
+    rig.detector.probes = Probes(
+        rig.figures.cpu, rig.figures.sched, lambda: 0.0, lambda: process[0]
+    )  # fmt: skip
+    rig.now = 0.01
+    rig.detector.check(0.0)
+    rig.now = 0.52
+    if process_ran:
+        process[0] += 0.5
+    rig.detector.check(0.01, kept_out=0.5)
+    rig.now = 0.54
+    rig.detector.check(0.53)
+    if process_ran:
+        [(label, verdict)] = rig.events.stalls()
+        assert label == ("-", "<server>") and verdict.kind == "wait"
+    else:
+        assert rig.events.stalls() == [] and rig.events.live == {}
