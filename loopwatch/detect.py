@@ -405,9 +405,10 @@ class Detector:
             return 0.0, 0.0  # the watchdog was runnable but not scheduled: a busy machine
         window = min(kept_out, now - last.time)
         if (
-            reading.process is not None
+            kept_out >= self.threshold / 2  # not a thread holding the GIL, preempted a moment
+            and reading.process is not None
             and last.process is not None
-            and reading.process - last.process < 0.5 * kept_out
+            and reading.process - last.process < 0.25 * kept_out
         ):
             return 0.0, window  # stopped, not waiting for a CPU, and nothing ran: paused
         if reading.busy is None or last.busy is None or reading.busy - last.busy < 0.5 * kept_out:
