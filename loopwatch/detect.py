@@ -359,7 +359,11 @@ class Detector:
             if hold is None:
                 start = beat  # the loop was free when the heartbeat last ran
             else:
-                start = (episode.last_sample + now) / 2
+                # the owner changed between two checks: midway, unless the watchdog was kept
+                # out by a call that kept the GIL, which then began as it was kept out
+                start = (
+                    max(episode.last_sample, now - gil) if gil else (episode.last_sample + now) / 2
+                )
                 self._close(hold, end=start, now=now)
             figures = self.probes.figures(now)
             if gil and last is not None:
