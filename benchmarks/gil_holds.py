@@ -600,6 +600,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             for s in stray
         ),
     ]
+    split = [r for r in rows if r.get("setting") is not None and len(r["stalls"]) > 1]
+    text.append(f"\ncalls overlapped by more than one stall (a hold split): {len(split)}")
+    text += [
+        f"- {r['setting']} {r['name']} {r['size']} (call {r['seconds']:.3f} s): "
+        + "; ".join(
+            f"{s['method']} {s['route']} {s['kind']} {s['duration']:.3f} s" for s in r["stalls"]
+        )
+        for r in split
+    ]
     if extra.get("pytest"):
         text.append(f"\npytest: {extra['pytest'][0]}")
     misses = [
