@@ -112,6 +112,12 @@ LABEL = {
     "pydantic": "TypeAdapter(list[int]).validate_json",
     "objects": "json.loads (objects)",
 }
+SHORT = {
+    "factorial": "factorial",
+    "json": "json.loads numbers",
+    "pydantic": "pydantic list[int]",
+    "objects": "json.loads objects",
+}
 UVICORN = ("uvicorn asyncio", "uvicorn uvloop")
 PLUGIN = ("asyncio.run", "TestClient", "asyncio.run (first step)")
 SETTINGS = (*UVICORN, *PLUGIN)
@@ -469,7 +475,7 @@ def judge(row: dict[str, Any], source_lines: dict[str, int]) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]], n: int, sizes: Sequence[str]) -> tuple[list[str], list[str]]:
     """(the full table, the compact one: a row per call x size, a column per setting)."""
     full = [
-        "| call | size | setting | call s median (min) | on CPU | GC share (in 1 ms+ collections) | detected | route | line | "
+        "| call | size | setting | call s median (min) | on CPU | GC share apart (1 ms+ only) | detected | route | line | "
         "kind | kinds seen | error ms median (worst) |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
@@ -517,8 +523,9 @@ def table(rows: list[dict[str, Any]], n: int, sizes: Sequence[str]) -> tuple[lis
                     f"{det}/{count} | {route}/{count} | {line}/{count} | {kind}/{count} | {seen} | "
                     f"{error} |"
                 )
-                cells.append(f"{det}/{route}/{line}/{kind} of {count} · {error}")
-            compact.append(f"| {LABEL[name]} | {size} s | " + " | ".join(cells) + " |")
+                of = "" if count == n else f" of {count}"
+                cells.append(f"{det}/{route}/{line}/{kind}{of} · {error}")
+            compact.append(f"| {SHORT[name]} | {size} s | " + " | ".join(cells) + " |")
     return full, compact
 
 
@@ -587,8 +594,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             for name, by in sizes.items()
         ),
         "",
-        "Each cell: detected/route right/culprit line right/kind right of N · duration error "
-        "ms, median (worst).",
+        f"Each cell: detected/route right/culprit line right/kind right, of {args.n} calls · "
+        "the stall's duration minus the call's own, ms, median (worst).",
         "",
         *compact,
         "",
