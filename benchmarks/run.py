@@ -21,6 +21,10 @@ asserts nothing. Every server is a real uvicorn process (one worker) serving
   routes.
 - profile-bias: the loop profile's shares against the app's own CPU time per function
   (``benchmarks.profile_bias``; ``profile-bias --help`` for its options). Not part of ``all``.
+- gil-holds: calls that keep the GIL (math.factorial, json.loads, pydantic-core) under
+  uvicorn (asyncio, uvloop) and the pytest plugin (asyncio.run, TestClient): detected, route,
+  culprit line and kind against the app's own timing (``benchmarks.gil_holds``;
+  ``gil-holds --help`` for its options). Not part of ``all``.
 
 A full run (``make bench``) takes about seven minutes on two cores. ``--quick`` checks the
 harness in about a minute; its figures are too short to quote.
@@ -577,7 +581,7 @@ def parse_options(argv: Sequence[str] | None) -> tuple[list[str], Options, argpa
     )  # fmt: skip
     parser.add_argument("parts", nargs="*", default="all",
                         choices=["all", "overhead", "idle", "detect", "memory",
-                                 "profile-bias"])  # fmt: skip
+                                 "profile-bias", "gil-holds"])  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help="tiny run to check the harness (overrides the sizes)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=5)
@@ -692,6 +696,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from benchmarks.profile_bias import main as profile_bias
 
         profile_bias(argv[1:])
+        return
+    if argv[:1] == ["gil-holds"]:  # its own harness and options (--help lists them)
+        from benchmarks.gil_holds import main as gil_holds
+
+        gil_holds(argv[1:])
         return
     parts, opts, args = parse_options(argv)
     # a SIGTERM (make's, timeout's) unwinds like Ctrl-C, so the servers are stopped
