@@ -6,6 +6,8 @@ tally (``GET /truth``):
 
 - ``/burn1``, ``/burn3``: two slices of 1 ms (3 ms) per request, split by an ``await``;
 - ``/burn12``: one 12 ms slice per request;
+- ``/callback3``: two 3 ms slices per request in plain callbacks (``call_soon``,
+  ``call_later``) the endpoint schedules and awaits, not in task steps;
 - ``/await``: only awaits (``asyncio.sleep``), the framework's own cost per request.
 
 The harness drives every route at once at a fixed rate (open loop, from the other core) for
@@ -39,8 +41,10 @@ ROUTES: dict[str, tuple[int, float, float]] = {
     "/burn1": (2, 1.0, 100.0),
     "/burn3": (2, 3.0, 30.0),
     "/burn12": (1, 12.0, 15.0),
+    "/callback3": (2, 3.0, 30.0),
     "/await": (0, 0.0, 100.0),
 }
+IN_CALLBACKS = {"/callback3"}  # its slices run in plain callbacks, not in the endpoint
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -71,8 +75,30 @@ def build_app() -> Any:
         endpoint.__name__ = "endpoint" + route.replace("/", "_")
         return endpoint
 
+    def make_callbacks(route: str, slices: int, ms: float) -> Any:
+        async def endpoint() -> dict[str, str]:
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+            left = [slices]
+
+            def callback() -> None:
+                burn(route, ms)
+                left[0] -= 1
+                if not left[0]:
+                    done.set_result(None)
+
+            loop.call_soon(callback)
+            for i in range(1, slices):
+                loop.call_later(0.001 * i, callback)
+            await done
+            return {}
+
+        endpoint.__name__ = "endpoint" + route.replace("/", "_")
+        return endpoint
+
     for route, (slices, ms, _) in ROUTES.items():
-        app.add_api_route(route, make(route, slices, ms), methods=["GET"])
+        maker = make_callbacks if route in IN_CALLBACKS else make
+        app.add_api_route(route, maker(route, slices, ms), methods=["GET"])
 
     @app.get("/truth")
     async def tally() -> dict[str, float]:
@@ -202,6 +228,8 @@ def report(results: list[dict[str, Any]]) -> str:
             busy = r["busy"].get(f"GET {route}", 0.0)
             known = r["truth"].get(route, 0.0)
             work = f"{slices} x {ms:g} ms" if slices else "awaits only"
+            if route in IN_CALLBACKS:
+                work += " in callbacks"
             if known:
                 net = busy - per_request * sent[route]
                 ratio, net_ratio = f"{busy / known:.2f}", f"{net / known:.2f}"

@@ -21,7 +21,7 @@ from typing import Any
 
 from benchmarks.apps import VARIANTS, build
 
-ABLATIONS = ("bind", "finish", "task-factory")
+ABLATIONS = ("bind", "finish", "task-factory", "callbacks")
 
 
 def _ablate(parts: list[str]) -> None:
@@ -34,6 +34,10 @@ def _ablate(parts: list[str]) -> None:
         setattr(middleware, "unbind_request", lambda token: None)  # noqa: B010
     if "finish" in parts:
         RequestRecord.finish = lambda self: "<ablated>"  # type: ignore[method-assign]
+    if "callbacks" in parts:  # uvloop 3.12+: task steps timed, plain callbacks not
+        from loopwatch.scheduling import SchedulingHook
+
+        SchedulingHook.add = lambda self, loop: False  # type: ignore[method-assign]
 
 
 async def _drive(variant: str, routes: int, requests: int, ablate: list[str]) -> float:

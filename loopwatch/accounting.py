@@ -12,8 +12,9 @@ One hook per kind of loop, chosen at start:
   included, runs through ``asyncio.events.Handle._run``; the hook wraps it, once per process,
   and times only the loops it was asked to.
 - ``MonitoringHook``, any loop (uvloop) on 3.12+: ``sys.monitoring`` local events on the top
-  coroutine code object of each task time every task step. The server's own callbacks in C
-  are not seen.
+  coroutine code object of each task time every task step; on uvloop, also on the code of
+  every callback scheduled through ``call_soon``/``call_later``/``call_at``/
+  ``call_soon_threadsafe`` (``scheduling``). The server's own callbacks in C are not seen.
 - ``SamplingHook``, uvloop on 3.10/3.11: no exact hook exists; the watchdog samples the
   loop's current task every check. Biased: it misses steps shorter than the sampling period.
 
@@ -34,11 +35,12 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from types import CodeType
+from types import CodeType, FrameType
 from typing import Any
 
 from loopwatch.attribute import ServerCode, callback_is_server
 from loopwatch.requests import CURRENT_REQUEST, RequestRecord, owner_of, watch_tasks
+from loopwatch.scheduling import SchedulingHook
 from loopwatch.stall import BACKGROUND, OWN, SERVER, UNMATCHED
 
 __all__ = ["Accountant", "BusySink", "start_accounting"]
@@ -99,6 +101,14 @@ class Accountant:
         from now on, the callback's time is the request's."""
         self.bound_at = time.perf_counter()
         self.bound = record
+
+    def running_owner(self) -> RequestRecord | None:
+        """From the watchdog: the request whose code the exact hook times right now (the
+        owner a live booking charges), if any. Written before ``start`` on the loop thread,
+        so a set ``start`` never pairs with an older callback's owner."""
+        if self.start is None or not self.exact:
+            return None
+        return self.owner
 
     def finished_request(self, record: RequestRecord) -> None:
         """On the loop: ``record`` is over; its last loop time is booked at the next drain
@@ -318,9 +328,11 @@ _TOOL_IDS = (3, 4, 2, 5, 1, 0)
 
 class MonitoringHook(_Hook):
     """Times each task step with ``sys.monitoring`` local events on the top coroutine code
-    object of each task (registered by the task factory as tasks are created). A step starts
-    when that frame starts or resumes and ends when it yields, returns or unwinds. A frame
-    of the same code awaited inside another step nests (a depth count), and does not end it.
+    object of each task (registered by the task factory as tasks are created), and each
+    plain callback on uvloop the same way, on its code (registered as it is scheduled,
+    ``scheduling``). A step starts when that frame starts or resumes and ends when it
+    yields, returns or unwinds. A frame of such code running inside another step (awaited,
+    or a callback's function called by a task) nests (a depth count), and does not end it.
     Takes a free tool id; if none is free, gives up and says so."""
 
     kind = "monitoring"
@@ -337,6 +349,7 @@ class MonitoringHook(_Hook):
         self._depth: dict[int, int] = {}
         self._failed_once = False
         self._lock = threading.Lock()
+        self._callbacks = SchedulingHook(self.watch_code)
 
     def add(self, accountant: Accountant) -> bool:
         mon = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
@@ -365,10 +378,12 @@ class MonitoringHook(_Hook):
                 self._tool = tool
             self._loops[threading.get_ident()] = accountant
             self._depth[threading.get_ident()] = 0
+        self._callbacks.add(accountant.loop)  # a uvloop loop: its callbacks too
         return True
 
     def remove(self, accountant: Accountant) -> None:
         mon = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
+        self._callbacks.remove(accountant.loop)
         with self._lock:
             for ident, acct in list(self._loops.items()):
                 if acct is accountant:
@@ -399,7 +414,13 @@ class MonitoringHook(_Hook):
             code = getattr(task.get_coro(), "cr_code", None)
         except Exception:
             return
-        if code is None or id(code) in self._codes:
+        if code is not None:
+            self.watch_code(code)
+
+    def watch_code(self, code: CodeType) -> None:
+        """Time every run of ``code`` on a watched loop's thread as a step (a task's top
+        coroutine, a callback's function). From any thread; raises nothing of its own."""
+        if id(code) in self._codes:
             return
         ev = sys.monitoring.events  # type: ignore[attr-defined,unused-ignore]
         with self._lock:  # not while remove() frees the tool id
@@ -410,6 +431,30 @@ class MonitoringHook(_Hook):
             sys.monitoring.set_local_events(  # type: ignore[attr-defined,unused-ignore]
                 tool, code, ev.PY_START | ev.PY_RESUME | ev.PY_YIELD | ev.PY_RETURN
             )
+            ident = threading.get_ident()
+            acct = self._loops.get(ident)
+            if acct is not None and acct.start is not None:
+                self._nest_running(ident, code)
+
+    def _nest_running(self, ident: int, code: CodeType) -> None:
+        """``code`` was hooked inside a step on the loop thread: its frames running in that
+        step (a function that schedules itself) will end without having started, so they
+        count as nested, or the first to return would end the step. Only frames above the
+        step's own (its top frame is the deepest hooked one: the others are counted in the
+        depth already); frames below it called into the loop and outlive the step."""
+        depth = self._depth.get(ident, 0)
+        running = 0
+        frame: FrameType | None = sys._getframe(2)
+        while frame is not None:
+            if frame.f_code is code:
+                running += 1
+            elif id(frame.f_code) in self._codes:
+                if depth == 0:
+                    break  # the step's top frame
+                depth -= 1
+            frame = frame.f_back
+        if running:
+            self._depth[ident] = self._depth.get(ident, 0) + running
 
     def _on_start(self, code: CodeType, offset: int) -> None:
         try:  # inside the app's coroutine: nothing may escape (no wrapper: it runs per step)

@@ -1,7 +1,8 @@
 """Attribute: who owns what the loop thread runs now, one rule for every view.
 
 A task step belongs to the request bound in the task's context; a plain callback to the
-request whose context it was scheduled in (read from its ``Handle`` on a pure-Python loop); the
+request whose context it was scheduled in (read from its ``Handle`` on a pure-Python loop, and
+on uvloop from the loop-time hook that times it, 3.12+); the
 server's own code (its tasks, its protocol callbacks) to ``<server>``; loopwatch's own work to
 none of the app's books; anything else to ``<background>``. The loop-time hooks
 (``accounting``) charge callbacks by the same rule.
@@ -152,11 +153,15 @@ class Attributor:
         own: RequestRecord,
         frame: Callable[[], FrameType | None],
         entry_codes: Callable[[], frozenset[CodeType]],
+        timed_callback: Callable[[], RequestRecord | None] = lambda: None,
     ) -> None:
         self._loop = loop
         self._own = own
         self._frame = frame
         self._entry_codes = entry_codes
+        # the request of the plain callback the loop-time hook times now, if it knows one:
+        # on uvloop no handle can be read, and loop time charges it there (one owner)
+        self._timed_callback = timed_callback
         self.server_code = ServerCode()
 
     def owner(self) -> Owner:
@@ -167,6 +172,8 @@ class Attributor:
                 return _SERVER if self.server_code.task_is_server(task) else _BACKGROUND
         else:
             found = running_callback_owner(self._frame(), self.server_code, self._entry_codes())
+            if found is None:
+                found = self._timed_callback()
             if found is None:
                 return _BACKGROUND
             if isinstance(found, str):

@@ -71,8 +71,9 @@ class Pipeline:
             gc_within=gc_pauses.within,
         )  # fmt: skip
         self.attributor = Attributor(
-            loop, own, self.detector.loop_frame, lambda: self.detector.idle_codes
-        )
+            loop, own, self.detector.loop_frame, lambda: self.detector.idle_codes,
+            self._timed_callback,
+        )  # fmt: skip
         self._sampler: LoopSampler | None = None
         self._next_drain = 0.0
         self._gc_timed = False  # this loop counts as a user of the GC callback
@@ -146,6 +147,10 @@ class Pipeline:
 
     def attribute(self) -> Owner:
         return self.attributor.owner()
+
+    def _timed_callback(self) -> RequestRecord | None:
+        accountant = self.accountant
+        return accountant.running_owner() if accountant is not None else None
 
     def in_flight_requests(self) -> list[RequestRecord]:
         """A copy of the loop's set of requests, which the loop may change meanwhile."""

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+import uvloop
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.background import BackgroundTask
@@ -154,6 +157,163 @@ def test_loop_time_of_a_background_task_after_the_response_is_the_routes(
     assert busy(registry, "/later") >= 0.75 * truth.seconds["/later"], busy(registry, "/later")
 
 
+CALLBACKS = 6  # callbacks per request, in every form a callback takes (see schedule_work)
+
+
+def callback_app(registry: CollectorRegistry, truth: Truth) -> FastAPI:
+    """Routes whose work runs in plain callbacks (``call_soon``, ``call_later``, ``call_at``,
+    ``call_soon_threadsafe``), not in task steps: closures, a bound method, partials."""
+    app = work_app(registry, truth)
+
+    class Burner:
+        def __init__(self, route: str, seconds: float, done: Callable[[], None]) -> None:
+            self.route, self.seconds, self.done = route, seconds, done
+
+        def burn(self) -> None:
+            truth.burn(self.route, self.seconds)
+            self.done()
+
+    async def schedule_work(route: str, ms: float) -> None:
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+        left = [CALLBACKS]
+        seconds = ms / 1000
+
+        def one_done() -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                finished.set_result(None)
+
+        def burn(route: str) -> None:
+            truth.burn(route, seconds)
+            one_done()
+
+        burner = Burner(route, seconds, one_done)
+        loop.call_soon(burn, route)
+        loop.call_soon(functools.partial(burn, route))
+        loop.call_later(0.002, burner.burn)
+        loop.call_at(loop.time() + 0.004, functools.partial(burner.burn))
+        loop.call_soon_threadsafe(burn, route)
+        # a callback's code called inside a task step too: it nests, and the rest of the step
+        # after it is still the step's
+        burn(route)
+        truth.burn(route, seconds)
+        await finished
+
+    @app.get("/cb-big")
+    async def cb_big() -> dict[str, str]:
+        await schedule_work("/cb-big", 4.0)
+        return {}
+
+    @app.get("/cb-small")
+    async def cb_small() -> dict[str, str]:
+        await schedule_work("/cb-small", 2.5)
+        return {}
+
+    return app
+
+
+def test_callback_loop_time_is_the_scheduling_requests(
+    loop_impl: str, registry: CollectorRegistry
+) -> None:
+    if loop_impl == "uvloop" and not EXACT:
+        pytest.skip(
+            "uvloop runs callbacks from C: they are timed through sys.monitoring (3.12+); "
+            "3.10/3.11 sample task steps and see none (README, Limits)"
+        )
+    truth = Truth()
+    app = callback_app(registry, truth)
+    requests = 10
+    paths = ["/cb-big", "/cb-small", "/await"] * requests
+    with serve(app, loop=loop_impl) as url:
+        asyncio.run(_drive(url, paths))
+        time.sleep(0.6)  # the watchdog books every 0.25 s
+    # about 0.28 s of work for /cb-big and 0.18 s for /cb-small (5 of 7 slices in callbacks)
+    assert truth.seconds["/cb-big"] > 0.2
+    framework = busy(registry, "/await")  # routing, validation, serialisation: per request
+    for route, known in truth.seconds.items():
+        measured = busy(registry, route)
+        assert abs(measured - framework - known) <= 0.1 * known, (route, measured, known)
+    # booked to the request that scheduled them, not to <background>
+    assert busy(registry, BACKGROUND, "-") < 0.05 * sum(truth.seconds.values())
+
+
+def test_a_callback_that_first_schedules_itself_inside_a_step(
+    loop_impl: str, registry: CollectorRegistry
+) -> None:
+    """``tick()`` called from the endpoint schedules itself: on uvloop its code is hooked while
+    its frame runs, so its return comes without a start; the rest of the step stays timed."""
+    if loop_impl == "uvloop" and not EXACT:
+        pytest.skip("uvloop's callbacks are hooked with sys.monitoring, 3.12+")
+    truth = Truth()
+    app = work_app(registry, truth)
+
+    @app.get("/tick")
+    async def tick_route() -> dict[str, str]:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        runs = [0]
+
+        def tick() -> None:
+            truth.burn("/tick", 0.05)
+            runs[0] += 1
+            if runs[0] == 1:
+                loop.call_soon(tick)  # the first time it is hooked, inside its own frame
+            else:
+                done.set_result(None)
+
+        tick()
+        truth.burn("/tick", 0.1)  # the same step, after tick() returned
+        await done
+        return {}
+
+    with serve(app, loop=loop_impl) as url:  # a fresh monitor: tick's code is new to it
+        assert httpx.get(f"{url}/tick", timeout=5).status_code == 200
+        time.sleep(0.4)
+    known, measured = truth.seconds["/tick"], busy(registry, "/tick")
+    assert 0.9 * known <= measured <= 1.1 * known + 0.004, (measured, known)
+
+
+def _run_or_burn(what: uvicorn.Server | float) -> None:
+    """Runs the server (a frame below its loop, for the server's whole life), or burns."""
+    if isinstance(what, uvicorn.Server):
+        what.run()
+    else:
+        Truth().burn("below", what)
+
+
+@pytest.mark.skipif(not EXACT, reason="uvloop's callbacks are hooked with sys.monitoring, 3.12+")
+def test_a_callback_whose_code_also_runs_the_loop_does_not_merge_steps(
+    registry: CollectorRegistry,
+) -> None:
+    """The scheduled function's code has a frame below the loop (it runs the server): that
+    frame is outside every step, and must not count as nested in one, or the step would
+    never end and idle time would be booked to the route."""
+    app = work_app(registry, Truth())
+
+    @app.get("/below")
+    async def below() -> dict[str, str]:
+        asyncio.get_running_loop().call_soon(_run_or_burn, 0.001)
+        await asyncio.sleep(0.3)  # idle: not loop time
+        return {}
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, loop="uvloop", log_level="warning")
+    )
+    thread = threading.Thread(target=_run_or_burn, args=(server,), daemon=True)
+    thread.start()
+    try:
+        eventually(lambda: server.started, what="uvicorn started")
+        for _ in range(2):
+            assert httpx.get(f"http://127.0.0.1:{port}/below", timeout=5).status_code == 200
+        time.sleep(0.4)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert busy(registry, "/below") < 0.05, busy(registry, "/below")  # not its 0.6 s of sleep
+
+
 def test_a_long_hold_is_booked_while_it_lasts(loop_impl: str, registry: CollectorRegistry) -> None:
     port = free_port()
     truth = Truth()
@@ -271,6 +431,7 @@ def test_other_loops_are_not_accounted(
 def test_stopping_leaves_no_hook_behind(loop_impl: str, registry: CollectorRegistry) -> None:
     original_run = asyncio.events.Handle._run
     tools = _tools()
+    methods = _uvloop_methods()
     app = work_app(registry, Truth())
     with serve(app, loop=loop_impl) as url:
         httpx.get(f"{url}/await", timeout=5)
@@ -279,8 +440,10 @@ def test_stopping_leaves_no_hook_behind(loop_impl: str, registry: CollectorRegis
         elif EXACT:
             # an id no kind of tool has reserved, not the debugger's 0 or coverage's 1
             assert _tools().get(3) == "loopwatch" or _tools().get(4) == "loopwatch", _tools()
+            assert all(m is not None for m in _uvloop_methods().values())  # the callbacks'
     assert asyncio.events.Handle._run is original_run
     assert _tools() == tools
+    assert _uvloop_methods() == methods == dict.fromkeys(SCHEDULING)  # uvloop's own again
     assert [m for m in Monitor._by_loop.values() if m.accountant is not None] == []
 
 
@@ -303,6 +466,7 @@ def test_a_restart_hooks_again_and_each_stop_leaves_nothing_behind(
         booked.append(busy(registry, "/hold") - before)
         assert asyncio.events.Handle._run is original_run
         assert _tools() == tools
+        assert _uvloop_methods() == dict.fromkeys(SCHEDULING)
         assert [m for m in Monitor._by_loop.values() if m.accountant is not None] == []
     # the second run was timed as the first was (its hook was installed again)
     assert booked[1] == pytest.approx(booked[0], rel=0.3), booked
@@ -316,6 +480,15 @@ def test_loop_time_off(loop_impl: str, registry: CollectorRegistry) -> None:
         assert asyncio.events.Handle._run is original_run
         assert "loopwatch" not in _tools().values()
     assert series(registry, BUSY) == []
+
+
+SCHEDULING = ("call_soon", "call_soon_threadsafe", "call_later", "call_at")
+
+
+def _uvloop_methods() -> dict[str, object]:
+    """What ``uvloop.Loop`` itself defines of the scheduling methods (None: inherited from
+    uvloop's C loop, as uvloop ships it)."""
+    return {name: vars(uvloop.Loop).get(name) for name in SCHEDULING}
 
 
 def _tools() -> dict[int, str]:
@@ -391,3 +564,127 @@ def test_work_before_the_request_is_bound_is_not_the_routes(
     outside = busy(registry, BACKGROUND, "-") + busy(registry, SERVER, "-")
     assert route < 0.1, (route, outside)  # the route's own time, not the outer 0.2 s
     assert outside >= 0.19, (route, outside)  # booked once, before the binding
+
+
+def _shared_work(seconds: float, done: threading.Event) -> None:
+    """A callback scheduled on the watched loop and on another one."""
+    Truth().burn("shared", seconds)
+    done.set()
+
+
+@pytest.mark.skipif(not EXACT, reason="uvloop's callbacks are hooked with sys.monitoring, 3.12+")
+def test_other_uvloop_loops_pass_through(registry: CollectorRegistry) -> None:
+    other = uvloop.new_event_loop()
+    thread = threading.Thread(target=other.run_forever, daemon=True)
+    thread.start()
+    app = work_app(registry, Truth())
+
+    @app.get("/share")
+    async def share() -> dict[str, str]:
+        done = threading.Event()
+        asyncio.get_running_loop().call_soon(_shared_work, 0.001, done)  # its code is watched
+        await asyncio.sleep(0.01)
+        assert done.is_set()
+        return {}
+
+    try:
+        with serve(app, loop="uvloop") as url:
+            assert httpx.get(f"{url}/share", timeout=5).status_code == 200
+            assert vars(uvloop.Loop)["call_soon_threadsafe"] is not None  # wrapped, for all
+            ran = threading.Event()
+            other.call_soon_threadsafe(_shared_work, 0.2, ran)  # the same code, not watched
+            assert ran.wait(5)
+            assert accountant_for(other) is None
+            time.sleep(0.4)
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        thread.join(5)
+        other.close()
+    total = sum(sample(registry, BUSY, **s) for s in series(registry, BUSY))
+    assert total < 0.15, series(registry, BUSY)  # the other loop's 0.2 s is not this app's
+
+
+@pytest.mark.skipif(not EXACT, reason="uvloop's callbacks are hooked with sys.monitoring, 3.12+")
+def test_a_scheduling_wrapper_installed_after_ours_keeps_working(
+    registry: CollectorRegistry,
+) -> None:
+    """Another tool wraps ``uvloop.Loop.call_soon`` while loopwatch's wrapper is there: once
+    loopwatch stops, theirs stays and ours passes through under it; the next monitor times
+    callbacks through both; unwrapped, ours is removed at the next stop."""
+    seen: list[object] = []
+    ours: Any = None
+
+    def theirs(loop: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(args[0])
+        return ours(loop, *args, **kwargs)
+
+    try:
+        with serve(callback_app(registry, Truth()), loop="uvloop") as url:
+            ours = vars(uvloop.Loop)["call_soon"]
+            uvloop.Loop.call_soon = theirs  # type: ignore[method-assign]
+            assert httpx.get(f"{url}/cb-small", timeout=5).status_code == 200
+        assert vars(uvloop.Loop)["call_soon"] is theirs  # left alone
+        assert _uvloop_methods()["call_later"] is None  # the others: uvloop's own again
+        seen.clear()
+        assert uvloop.run(_call_soon_roundtrip()) == "ran"  # a loop nobody watches: through
+        assert seen
+        # the next monitor: callbacks timed again, through their wrapper and ours
+        truth, registry2 = Truth(), CollectorRegistry()
+        with serve(callback_app(registry2, truth), loop="uvloop") as url:
+            asyncio.run(_drive(url, ["/cb-big", "/await"] * 5))
+            time.sleep(0.4)
+        known, framework = truth.seconds["/cb-big"], busy(registry2, "/await")
+        measured = busy(registry2, "/cb-big")
+        assert abs(measured - framework - known) <= 0.1 * known, (measured, known)
+    finally:
+        if ours is not None:
+            uvloop.Loop.call_soon = ours  # type: ignore[method-assign]
+    with serve(work_app(CollectorRegistry(), Truth()), loop="uvloop") as url:
+        httpx.get(f"{url}/await", timeout=5)
+    assert _uvloop_methods() == dict.fromkeys(SCHEDULING)  # unwrapped: removed at the stop
+
+
+async def _call_soon_roundtrip() -> str:
+    done = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(done.set_result, "ran")
+    return await done  # type: ignore[no-any-return]
+
+
+def test_a_callback_that_raises_is_timed_and_its_exception_reaches_the_loop(
+    loop_impl: str, registry: CollectorRegistry
+) -> None:
+    truth = Truth()
+    app = work_app(registry, truth)
+    raised: list[BaseException] = []
+    handled: list[object] = []
+
+    @app.get("/raises")
+    async def raises() -> dict[str, str]:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            handled.append(context.get("exception"))
+            done.set_result(None)
+
+        def fail() -> None:
+            truth.burn("/raises", 0.04)
+            raised.append(ValueError("from the callback"))
+            raise raised[-1]
+
+        loop.set_exception_handler(handler)
+        try:
+            loop.call_soon(fail)
+            await done
+        finally:
+            loop.set_exception_handler(None)
+        return {}
+
+    with serve(app, loop=loop_impl) as url:
+        for _ in range(5):
+            assert httpx.get(f"{url}/raises", timeout=5).status_code == 200
+        time.sleep(0.4)
+    assert len(raised) == 5 and all(a is b for a, b in zip(handled, raised, strict=True))
+    if loop_impl == "asyncio" or EXACT:
+        known, measured = truth.seconds["/raises"], busy(registry, "/raises")
+        assert 0.9 * known <= measured <= 1.1 * known + 5 * 0.004, (measured, known)
