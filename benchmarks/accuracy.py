@@ -30,10 +30,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from benchmarks.serving import free_port, get, wait_up
 
 ROOT = Path(__file__).resolve().parent.parent
 # route -> (slices per request, ms per slice, requests per second)
@@ -113,14 +114,8 @@ if os.environ.get("BENCH_ACCURACY_APP") == "1":
     app = build_app()
 
 
-def _get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=10) as answer:
-        data: bytes = answer.read()
-        return data
-
-
 def _busy(url: str) -> dict[str, float]:
-    text = _get(url + "/metrics").decode()
+    text = get(url + "/metrics").decode()
     out: dict[str, float] = {}
     pattern = re.compile(
         r'^loopwatch_event_loop_busy_seconds_total\{method="([^"]*)",route="([^"]*)"\} (\S+)$'
@@ -166,7 +161,7 @@ async def _drive(port: int, seconds: float) -> dict[str, int]:
 
 
 def measure(loop: str, seconds: float, server_cpu: str, load_cpu: str) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     pin = ["taskset", "-c", server_cpu] if server_cpu else []
     log = tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH_")}
@@ -177,22 +172,13 @@ def measure(loop: str, seconds: float, server_cpu: str, load_cpu: str) -> dict[s
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                _get(url + "/truth")
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(log.read().decode(errors="replace")) from None
-                time.sleep(0.1)
+        wait_up(url + "/truth", proc, log)
         if load_cpu:
             os.sched_setaffinity(0, {int(c) for c in load_cpu.split(",")})
-        busy0, truth0, cpu0, t0 = _busy(url), json.loads(_get(url + "/truth")), _loop_cpu(proc.pid), time.monotonic()  # fmt: skip
+        busy0, truth0, cpu0, t0 = _busy(url), json.loads(get(url + "/truth")), _loop_cpu(proc.pid), time.monotonic()  # fmt: skip
         sent = asyncio.run(_drive(port, seconds))
         time.sleep(0.5)  # the last requests end; the watchdog books within 0.25 s
-        busy1, truth1, cpu1, t1 = _busy(url), json.loads(_get(url + "/truth")), _loop_cpu(proc.pid), time.monotonic()  # fmt: skip
+        busy1, truth1, cpu1, t1 = _busy(url), json.loads(get(url + "/truth")), _loop_cpu(proc.pid), time.monotonic()  # fmt: skip
     finally:
         proc.terminate()
         proc.wait(10)
@@ -201,14 +187,6 @@ def measure(loop: str, seconds: float, server_cpu: str, load_cpu: str) -> dict[s
     truth = {k: truth1.get(k, 0.0) - truth0.get(k, 0.0) for k in truth1}
     return {"loop": loop, "busy": busy, "truth": truth, "sent": sent,
             "loop_cpu": cpu1 - cpu0, "wall": t1 - t0}  # fmt: skip
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def report(results: list[dict[str, Any]]) -> str:

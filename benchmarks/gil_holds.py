@@ -98,9 +98,10 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import urllib.request  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+from benchmarks.serving import free_port, get  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = (0.15, 0.3, 0.6)
@@ -218,21 +219,6 @@ if os.environ.get("BENCH_GIL_APP") == "1":
     app = build_app()
 
 
-def _get(url: str, method: str = "GET", timeout: float = 60) -> bytes:
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-    with urllib.request.urlopen(request, timeout=timeout) as answer:
-        data: bytes = answer.read()
-        return data
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPWATCH_", "BENCH_"))}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
@@ -244,7 +230,7 @@ class Server:
 
     def __init__(self, loop: str, sizes: dict[str, dict[str, int]], server_cpu: str) -> None:
         self.loop = loop
-        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.url = f"http://127.0.0.1:{free_port()}"
         pin = ["taskset", "-c", server_cpu] if server_cpu else []
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
@@ -259,7 +245,7 @@ class Server:
         deadline = time.monotonic() + 120  # it builds the texts and times their GC first
         while True:
             try:
-                where: str = json.loads(_get(self.url + "/up"))["loopwatch"]
+                where: str = json.loads(get(self.url + "/up"))["loopwatch"]
                 return where
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -297,13 +283,13 @@ def run_uvicorn(
                 for size in sizes[name]:
                     for server in servers:
                         method = "POST" if name == "pydantic" else "GET"
-                        _get(f"{server.url}/{name}?size={size}", method)
+                        get(f"{server.url}/{name}?size={size}", method)
                         time.sleep(GAP)
             _progress(f"uvicorn round {round_no + 1}/{n}")
         time.sleep(1.0)  # the last stall's report
         path = str(ROOT / "benchmarks" / "gil_holds.py")
         for server in servers:
-            result = json.loads(_get(server.url + "/truth"))
+            result = json.loads(get(server.url + "/truth"))
             setting = f"uvicorn {server.loop}"
             calls += [
                 {**c, "setting": setting, "file": path, "test": None} for c in result["calls"]

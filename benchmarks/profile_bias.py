@@ -26,10 +26,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from benchmarks.serving import free_port, get, wait_up
 
 ROOT = Path(__file__).resolve().parent.parent
 SLICES = (1, 5, 12, 50)
@@ -94,20 +95,6 @@ if os.environ.get("BENCH_PROFILE_BIAS_APP") == "1":
     app = build_app()
 
 
-def _get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=30) as answer:
-        data: bytes = answer.read()
-        return data
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def shares(profile: str, route: str) -> dict[str, float]:
     """Within ``GET route``'s samples: the share whose stack holds burn_a, burn_b, and the
     share whose leaf is a socket write (ms of samples too)."""
@@ -134,7 +121,7 @@ def measure(loop: str, slices: Sequence[int], seconds: float, connections: int,
             server_cpu: str, load_cpu: str) -> list[dict[str, Any]]:  # fmt: skip
     from benchmarks.load import run
 
-    port = _free_port()
+    port = free_port()
     pin = ["taskset", "-c", server_cpu] if server_cpu else []
     log = tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH_")}
@@ -147,16 +134,7 @@ def measure(loop: str, slices: Sequence[int], seconds: float, connections: int,
     url = f"http://127.0.0.1:{port}"
     rows = []
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                _get(url + "/truth")
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(log.read().decode(errors="replace")) from None
-                time.sleep(0.1)
+        wait_up(url + "/truth", proc, log)
         if load_cpu:
             os.sched_setaffinity(0, {int(c) for c in load_cpu.split(",")})
         for ms in slices:
@@ -165,8 +143,8 @@ def measure(loop: str, slices: Sequence[int], seconds: float, connections: int,
             done = asyncio.run(run("127.0.0.1", port, route, 0, connections, seconds, 0))
             window = int(time.monotonic() - started) + 2
             time.sleep(0.3)  # the last checks
-            truth = json.loads(_get(url + "/truth"))[route]
-            profile = _get(url + f"/metrics/profile?seconds={window}").decode()
+            truth = json.loads(get(url + "/truth"))[route]
+            profile = get(url + f"/metrics/profile?seconds={window}").decode()
             measured = shares(profile, route)
             rows.append({"loop": loop, "ms": ms, "requests": done["requests"],
                          "true_a": truth["a"] / truth["request"],
