@@ -109,6 +109,18 @@ def profile_response(query: bytes) -> tuple[int, bytes]:
 
 
 _TEXT = b"text/plain; charset=utf-8"
+
+
+async def _answer(
+    send: Any, scope: MutableMapping[str, Any], status: int, content_type: bytes, body: bytes
+) -> None:
+    """One whole response (no body to a HEAD, its length all the same)."""
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", content_type), (b"content-length", str(len(body)).encode()),
+    ]})  # fmt: skip
+    await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+
+
 _NOT_FOUND = b"not found\n"
 
 
@@ -169,12 +181,7 @@ class MetricsApp:
             return
         path = scope.get("path", "")
         if self._refuses(path):
-            await send({"type": "http.response.start", "status": 404, "headers": [
-                (b"content-type", _TEXT),
-                (b"content-length", str(len(_NOT_FOUND)).encode()),
-            ]})  # fmt: skip
-            await send({"type": "http.response.body",
-                        "body": b"" if scope["method"] == "HEAD" else _NOT_FOUND})  # fmt: skip
+            await _answer(send, scope, 404, _TEXT, _NOT_FOUND)
             return
         code = self.app_endpoints == "all"  # "summary": no culprit, stack, path or line
         if live.serves(path, side_port=False):  # the live page and its data
@@ -188,21 +195,12 @@ class MetricsApp:
             return
         if _wants_stalls(path):
             status, body = await _in_thread(stalls_response, scope.get("query_string", b""), code)
-            await send({"type": "http.response.start", "status": status, "headers": [
-                (b"content-type", b"application/json" if status == 200 else _TEXT),
-                (b"content-length", str(len(body)).encode()),
-            ]})  # fmt: skip
-            await send({"type": "http.response.body",
-                        "body": b"" if scope["method"] == "HEAD" else body})  # fmt: skip
+            kind = b"application/json" if status == 200 else _TEXT
+            await _answer(send, scope, status, kind, body)
             return
         if _wants_profile(path):
             status, body = await _in_thread(profile_response, scope.get("query_string", b""))
-            await send({"type": "http.response.start", "status": status, "headers": [
-                (b"content-type", _TEXT),
-                (b"content-length", str(len(body)).encode()),
-            ]})  # fmt: skip
-            await send({"type": "http.response.body",
-                        "body": b"" if scope["method"] == "HEAD" else body})  # fmt: skip
+            await _answer(send, scope, status, _TEXT, body)
             return
         status, headers, body = await _in_thread(
             render,

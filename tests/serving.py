@@ -58,64 +58,73 @@ def serve(app: Any, *, loop: str = "asyncio", lifespan: str = "on", **config: An
 
 
 @contextlib.contextmanager
+def _server(
+    command: list[str], port: int, env: dict[str, str] | None, *, group: bool = False
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run ``command`` (a server on ``port``); yields (base URL, process). Its output goes to
+    a file (a pipe nobody reads would fill up and freeze the server): ``proc.output_path``.
+    ``group``: in a process group of its own, killed whole at the end (workers too)."""
+    with tempfile.NamedTemporaryFile(prefix="server-", suffix=".log", delete=False) as log:
+        proc = subprocess.Popen(
+            command, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=group,
+        )  # fmt: skip
+    proc.output_path = log.name  # type: ignore[attr-defined]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, proc)
+        yield url, proc
+    finally:
+        stop_process(proc)
+        if group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # a worker the master left behind
+        os.unlink(log.name)
+
+
 def serve_process(
     target: str,
     *,
     args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     console_script: bool = False,
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+) -> contextlib.AbstractContextManager[tuple[str, subprocess.Popen[bytes]]]:
     """Run ``uvicorn target`` as a subprocess (``python -m uvicorn``, or the ``uvicorn``
-    console script pip wrote in this interpreter's ``bin``); yields (base URL, process). Its
-    output goes to a file (a pipe nobody reads would fill up and freeze the server);
-    ``proc.output_path``."""
+    console script pip wrote in this interpreter's ``bin``); yields (base URL, process)."""
     port = free_port()
     if console_script:
         command = [os.path.join(sysconfig.get_path("scripts"), "uvicorn")]
     else:
         command = [sys.executable, "-m", "uvicorn"]
-    with tempfile.NamedTemporaryFile(prefix="uvicorn-", suffix=".log", delete=False) as log:
-        proc = subprocess.Popen(
-            [*command, target, "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "warning", *args],
-            env={**os.environ, **(env or {})},
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    proc.output_path = log.name  # type: ignore[attr-defined]
-    url = f"http://127.0.0.1:{port}"
+    return _server(
+        [*command, target, "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "warning", *args],
+        port, env,
+    )  # fmt: skip
+
+
+def _worker_class() -> str:
+    """uvicorn's gunicorn worker: the ``uvicorn-worker`` package's, or, where it does not
+    run (uvicorn before 0.30, in the oldest FastAPI matrix cell), uvicorn's own."""
     try:
-        wait_until_up(url, proc)
-        yield url, proc
-    finally:
-        stop_process(proc)
-        os.unlink(log.name)
+        import uvicorn_worker  # noqa: F401
+    except ImportError:
+        return "uvicorn.workers.UvicornWorker"
+    return "uvicorn_worker.UvicornWorker"
 
 
-@contextlib.contextmanager
 def serve_gunicorn(
     target: str, *, workers: int = 2, env: dict[str, str] | None = None
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+) -> contextlib.AbstractContextManager[tuple[str, subprocess.Popen[bytes]]]:
     """Run ``gunicorn target`` with uvicorn's worker class as a subprocess, in a process group
     of its own (its workers too, killed whatever happens); yields (base URL, master)."""
     port = free_port()
-    with tempfile.NamedTemporaryFile(prefix="gunicorn-", suffix=".log", delete=False) as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", target, "--bind", f"127.0.0.1:{port}",
-             "--workers", str(workers), "--worker-class", "uvicorn_worker.UvicornWorker",
-             "--no-control-socket", "--graceful-timeout", "5"],
-            env={**os.environ, **(env or {})},
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    proc.output_path = log.name  # type: ignore[attr-defined]
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(url, proc)
-        yield url, proc
-    finally:
-        stop_process(proc)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # a worker the master left behind
-        os.unlink(log.name)
+    return _server(
+        [sys.executable, "-m", "gunicorn", target, "--bind", f"127.0.0.1:{port}",
+         "--workers", str(workers), "--worker-class", _worker_class(),
+         "--no-control-socket", "--graceful-timeout", "5"],
+        port, env, group=True,
+    )  # fmt: skip
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
