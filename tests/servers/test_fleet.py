@@ -17,6 +17,9 @@ import pytest
 from loopwatch.profile import parse_collapsed
 from tests.fleet import Fleet, gunicorn_fleet, wait_for
 
+# the workers run tests/workers_app.py, a FastAPI app (the plain-Starlette matrix cell has none)
+pytest.importorskip("fastapi")
+
 ROUTE = "/freeze/{pid}"
 
 
