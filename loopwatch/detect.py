@@ -366,10 +366,10 @@ class Detector:
                 )
                 self._close(hold, end=start, now=now)
             figures = self.probes.figures(now)
-            if gil and last is not None:
-                # the loop thread computed while nobody could look: its CPU since the last
-                # check belongs to this hold (schedstat's starvation test does not apply: it
-                # read nothing of the hold)
+            if kept_out >= self.interval and last is not None and last.cpu is not None:
+                # the watchdog woke late (the GIL kept, or a busy machine): the loop thread's
+                # CPU since the last check belongs to this hold, or its first stretch would be
+                # lost (schedstat's starvation test does not apply: it read nothing of it)
                 figures = (last.time, last.cpu, None)
             hold = Hold(owner, start, now, self.long_stall, figures, self._in_flight())
             episode.hold = hold
