@@ -300,6 +300,9 @@ class Detector:
         self._gc_within = gc_within
         self._episode: _Episode | None = None
         self._last: Reading | None = None  # at the last check
+        # how late the last check woke, less the time the watchdog waited for a core: the
+        # time it waited for the GIL (the profile's sampler skips such a biased moment)
+        self.kept_by_gil = 0.0
 
     @property
     def stalling(self) -> bool:
@@ -399,6 +402,12 @@ class Detector:
         was neither, or if the watchdog waited for a CPU (a busy machine: it tells nothing)."""
         reading = self.probes.reading(now)
         self._last = reading
+        waited = (
+            reading.waited - last.waited
+            if last is not None and reading.waited is not None and last.waited is not None
+            else 0.0
+        )
+        self.kept_by_gil = max(0.0, kept_out - waited)
         if kept_out < self.interval or last is None:
             return 0.0, 0.0
         if (

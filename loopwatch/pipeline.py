@@ -95,6 +95,7 @@ class Pipeline:
             self._sampler = LoopSampler(
                 self.loop, self.detector, lambda: self.accountant, self.attribute
             )
+            self._sampler.start_on_loop()
 
     def start_watching(self, native_id: int) -> None:
         """On the watchdog's thread: the CPU clock and schedstat probes read /proc, and the
@@ -123,7 +124,7 @@ class Pipeline:
                 self._next_drain = self._clock() + 0.25
                 accountant.drain(self.in_flight_requests())
         if self._sampler is not None:
-            self._sampler.sample()  # the loop profile: where the loop time goes
+            self._sampler.sample(kept_out)  # the loop profile: where the loop time goes
 
     def reset(self) -> None:
         """After a failed check: the next one starts afresh."""
@@ -140,6 +141,8 @@ class Pipeline:
         if self._gc_timed:
             self._gc_timed = False
             gc_pauses.stop()
+        if self._sampler is not None:
+            self._sampler.stop()
         accountant = self.accountant
         if accountant is not None:
             accountant.stop()

@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterable
 from types import CodeType, FrameType
 from typing import Any
 
+from loopwatch import cputimer
 from loopwatch.accounting import Accountant
 from loopwatch.attribute import Owner
 from loopwatch.detect import Detector
@@ -72,6 +73,8 @@ MAX_TOTAL = 2000
 MAX_OVERFLOW = 32
 MAX_DEPTH = 64
 MAX_NAME = 200
+# a watchdog that woke later than this waited for the GIL: its moment is not a fair sample
+LATE_CHECK = 0.002
 # one sample never stands for more than this (a watchdog that was itself held up, a suspend)
 MAX_SAMPLE_MS = 1000
 
@@ -240,8 +243,12 @@ _ACCOUNTING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "acc
 
 
 class LoopSampler:
-    """Samples one loop, called by its watchdog thread at every check. The owner of a sample
-    is the one ``attribute`` gives a hold (or the exact hook's running callback's)."""
+    """Samples one loop. Where ``cputimer`` can arm a timer on the loop thread's CPU clock
+    (Linux, the loop on the main thread), the loop thread samples itself at each tick it
+    computes, unbiased, and the watchdog samples only the rest of the loop time (the loop
+    thread blocked or asleep inside a callback, where the watchdog sees it as it is). Elsewhere
+    the watchdog samples all of it, at every check. The owner of a sample is the one
+    ``attribute`` gives a hold (or the exact hook's running callback's)."""
 
     def __init__(
         self,
@@ -259,62 +266,153 @@ class LoopSampler:
         self._last = time.perf_counter()
         self._frame_names: dict[tuple[CodeType, int], str] = {}
         self._loop_codes: dict[CodeType, bool] = {}
+        self._timer: cputimer.CpuTimer | None = None
+        # the loop thread's own samples, for the watchdog to name and store: (label, the
+        # frames' (code, line) leaf first, CPU seconds); bounded if the watchdog falls behind
+        self._ticks: collections.deque[
+            tuple[tuple[str, str], list[tuple[CodeType, int]], float]
+        ] = collections.deque(maxlen=10_000)
+        self._carry = 0.0  # the fraction of a millisecond not yet stored
 
-    def sample(self) -> None:
-        now = time.perf_counter()
-        elapsed, self._last = now - self._last, now
+    # -- the loop thread samples itself ---------------------------------------------------
+
+    def start_on_loop(self) -> None:
+        """On the loop's thread: arm the CPU-time timer where it can be."""
+        self._timer = cputimer.arm(self._on_tick)
+
+    def stop(self) -> None:
+        """From any thread; on the main thread (the loop's) the signal's handler is put
+        back, even when another thread disarmed the timer first."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.disarm()
+        cputimer.restore_handler()
+
+    @property
+    def self_sampling(self) -> bool:
+        timer = self._timer
+        return timer is not None and timer.armed
+
+    def _on_tick(self, frame: FrameType, cpu: float) -> None:
+        """On the loop thread, between two bytecodes of what it runs: who runs and where,
+        kept as plain references (naming is the watchdog's work, off the loop)."""
+        label = self._label(on_loop=True)
+        if label is None:
+            return
+        codes: list[tuple[CodeType, int]] = []
+        is_loop = self._is_loop
+        current: FrameType | None = frame
+        while current is not None and len(codes) < 4 * MAX_DEPTH:
+            code = current.f_code
+            if is_loop(code):
+                break
+            codes.append((code, current.f_lineno or code.co_firstlineno))
+            current = current.f_back
+        if codes:
+            self._ticks.append((label, codes, cpu))
+
+    # -- the watchdog's check ---------------------------------------------------------------
+
+    def sample(self, kept_out: float = 0.0) -> None:
+        """At a check, due ``kept_out`` seconds ago (the watchdog woke that late)."""
+        due = time.perf_counter() - kept_out
+        # a sample stands for the time between two due times (the grid the watchdog keeps),
+        # not between wake-ups: a wake-up the loop delayed would weigh more
+        elapsed, self._last = due - self._last, due
+        off_cpu: Callable[[], bool] | None = None
+        if self._timer is not None:
+            self._store_ticks()
+            if not self.self_sampling:
+                self._timer = None  # disarmed (it failed, or the process forked): all ours
+            elif self.detector.kept_by_gil > LATE_CHECK:
+                # the watchdog got the GIL where the loop thread let it go, not when it was
+                # due: a biased moment. The loop thread's CPU is the timer's to sample.
+                return
+            else:
+                off_cpu = self._off_cpu_probe()
         detector = self.detector
         accountant = self._accountant()
-        start: float | None = None
-        label: tuple[str, str] | None = None
-        if accountant is not None and accountant.exact:
-            start = accountant.start
-            if start is not None:
-                owner = accountant.owner or accountant.bound
-                if owner is not None:
-                    if owner.route == OWN:
-                        return  # loopwatch's own work is not the app's profile
-                    label = (owner.method, owner.owner_route())
-                else:
-                    label = ("-", SERVER if accountant.server_running else BACKGROUND)
-            elif not detector.stalling:
-                return  # the loop waits for I/O
-        if start is None:
-            try:
-                task = asyncio.current_task(self.loop)
-            except RuntimeError:  # the loop closed
-                return
-            if task is None and not detector.stalling:
-                return
-            found = self._attribute()
-            if not found.booked:
-                return
-            label = found.label
+        start = accountant.start if accountant is not None and accountant.exact else None
+        label = self._label(on_loop=False)
+        if label is None:
+            return
         frame = detector.loop_frame()
-        if frame is None or detector.is_idle(frame) or label is None:
+        if frame is None or detector.is_idle(frame):
             return
         if start is not None and accountant is not None and accountant.start != start:
             return  # that callback ended meanwhile: the stack is someone else's
         frames = self._stack(frame)
-        if not frames:
+        if not frames or (off_cpu is not None and not off_cpu()):
             return
         weight = min(MAX_SAMPLE_MS, max(1, round(elapsed * 1000)))
         self.store.add((route_label(*label), *frames), weight)
 
+    def _off_cpu_probe(self) -> Callable[[], bool]:
+        """A test, to call a moment later: was the loop thread off its CPU meanwhile (asleep
+        or blocked in a call that let the GIL go)? On it (a C call that let the GIL go and
+        computes), the timer's samples hold that time."""
+        clock = self.detector.probes.cpu
+        if clock is None:
+            return lambda: True
+        wall, cpu = time.perf_counter(), clock()
+
+        def off() -> bool:
+            return clock() - cpu < 0.5 * (time.perf_counter() - wall)
+
+        return off
+
+    def _label(self, on_loop: bool) -> tuple[str, str] | None:
+        """(method, route) of what the loop runs now; None when it runs none of the app's
+        code (it waits for I/O, or runs loopwatch's own)."""
+        accountant = self._accountant()
+        if accountant is not None and accountant.exact:
+            if accountant.start is not None:
+                owner = accountant.owner or accountant.bound
+                if owner is None:
+                    return ("-", SERVER if accountant.server_running else BACKGROUND)
+                if owner.route == OWN:
+                    return None  # loopwatch's own work is not the app's profile
+                return (owner.method, owner.owner_route())
+            if on_loop or not self.detector.stalling:
+                return None  # the loop waits for I/O (or runs between callbacks)
+        try:
+            task = asyncio.current_task(self.loop)
+        except RuntimeError:  # the loop closed
+            return None
+        if task is None and (on_loop or not self.detector.stalling):
+            return None
+        found = self._attribute()
+        return found.label if found.booked else None
+
+    def _store_ticks(self) -> None:
+        ticks = self._ticks
+        while ticks:
+            label, codes, cpu = ticks.popleft()
+            weight = cpu * 1000 + self._carry  # CPU the loop thread used: no cap needed
+            whole = int(weight)
+            self._carry = weight - whole
+            if whole:
+                self.store.add((route_label(*label), *self._names(codes)), whole)
+
     def _stack(self, frame: FrameType | None) -> list[str]:
         """The frames above the event loop's own, root to leaf, at most ``MAX_DEPTH``."""
-        chain: list[FrameType] = []  # leaf first
+        chain: list[tuple[CodeType, int]] = []  # leaf first
         while frame is not None and not self._is_loop(frame.f_code):
-            chain.append(frame)
+            code = frame.f_code
+            chain.append((code, frame.f_lineno or code.co_firstlineno))  # None between lines
             frame = frame.f_back
+        return self._names(chain)
+
+    def _names(self, chain: list[tuple[CodeType, int]]) -> list[str]:
+        """(code, line) pairs, leaf first, as frame names root to leaf, at most
+        ``MAX_DEPTH``."""
         more = len(chain) > MAX_DEPTH
         if more:
-            del chain[MAX_DEPTH - 1 :]
+            chain = chain[: MAX_DEPTH - 1]
         names = self._frame_names
         frames: list[str] = [MORE_FRAMES] if more else []
-        for frame in reversed(chain):
-            code = frame.f_code
-            key = (code, frame.f_lineno or code.co_firstlineno)  # None between lines
+        for key in reversed(chain):
+            code = key[0]
             name = names.get(key)
             if name is None:
                 if len(names) >= 5_000:  # a bound, for code generated at run time

@@ -1,0 +1,196 @@
+"""The CPU-time timer the loop profile samples with (``loopwatch.cputimer``), run for real: a
+POSIX timer on this (the main) thread's CPU clock, its SIGURG handler, and what it leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from types import FrameType
+
+import pytest
+
+from loopwatch import Settings, cputimer
+from loopwatch.monitor import Monitor
+from loopwatch.profile import PROFILE, parse_collapsed
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="timer_create: Linux")
+
+
+def burn_first(seconds: float) -> None:
+    started = time.thread_time()
+    while time.thread_time() - started < seconds:
+        pass
+
+
+def burn_second(seconds: float) -> None:
+    started = time.thread_time()
+    while time.thread_time() - started < seconds:
+        pass
+
+
+@pytest.fixture(autouse=True)
+def _no_timer_left() -> Iterator[None]:
+    yield
+    assert cputimer._armed is None
+    assert signal.getsignal(signal.SIGURG) == signal.SIG_DFL
+
+
+def test_the_timer_samples_the_thread_where_it_computes_in_proportion() -> None:
+    # two equal functions in 1 ms slices, with sleeps between (bursts shorter than a tick):
+    # each gets about half of the samples and of the CPU seconds they stand for
+    seen: Counter[str] = Counter()
+    cpu: Counter[str] = Counter()
+
+    def handler(frame: FrameType, spent: float) -> None:
+        seen[frame.f_code.co_name] += 1
+        cpu[frame.f_code.co_name] += spent
+
+    timer = cputimer.arm(handler)
+    assert timer is not None and timer.armed
+    assert signal.getsignal(signal.SIGURG) is not signal.SIG_DFL
+    started = time.thread_time()
+    try:
+        for _ in range(600):
+            burn_first(0.001)
+            burn_second(0.001)
+            time.sleep(0.0005)
+    finally:
+        timer.disarm()
+    used = time.thread_time() - started
+    first, second = seen["burn_first"], seen["burn_second"]
+    assert first + second >= 60, seen  # one per tick of 1-10 ms, over 1.2 s of CPU
+    assert 0.35 <= first / (first + second) <= 0.65, seen
+    # the samples stand for the CPU the thread used, all of it
+    assert sum(cpu.values()) == pytest.approx(used, rel=0.2)
+    assert not timer.armed
+
+
+def test_a_call_that_keeps_the_gil_is_sampled_at_its_line_for_all_its_cpu() -> None:
+    # one C call: the handler runs where the call checks for signals (CPython's long
+    # arithmetic does), or right after it, on the line that made it; its samples stand for
+    # all of the call's CPU
+    import math
+
+    here = sys._getframe().f_code
+    got: list[tuple[int, float]] = []
+
+    def handler(frame: FrameType, spent: float) -> None:
+        if frame.f_code is here:
+            got.append((frame.f_lineno, spent))
+
+    timer = cputimer.arm(handler)
+    assert timer is not None
+    try:
+        began = time.thread_time()
+        line = sys._getframe().f_lineno + 1
+        math.factorial(120_000).bit_length()
+        used = time.thread_time() - began
+        time.sleep(0)
+    finally:
+        timer.disarm()
+    assert got, "no sample of the call"
+    assert {ln for ln, _ in got} <= {line, line + 1}, (line, got)
+    assert sum(spent for _, spent in got) >= 0.8 * used, (used, got)
+
+
+def test_a_sigurg_handler_of_the_apps_is_left_alone() -> None:
+    calls: list[int] = []
+
+    def apps(signum: int, frame: FrameType | None) -> None:
+        calls.append(signum)
+
+    signal.signal(signal.SIGURG, apps)
+    try:
+        assert cputimer.arm(lambda frame, spent: None) is None
+        assert signal.getsignal(signal.SIGURG) is apps
+    finally:
+        signal.signal(signal.SIGURG, signal.SIG_DFL)
+
+
+def test_off_the_main_thread_and_twice_it_is_not_armed() -> None:
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(cputimer.arm(lambda f, s: None)))
+    thread.start()
+    thread.join()
+    assert result == [None]
+    timer = cputimer.arm(lambda frame, spent: None)
+    try:
+        assert timer is not None
+        assert cputimer.arm(lambda frame, spent: None) is None  # one per process
+    finally:
+        assert timer is not None
+        timer.disarm()
+
+
+def test_a_failing_handler_is_logged_once_stops_and_never_reaches_the_app(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def handler(frame: FrameType, spent: float) -> None:
+        raise RuntimeError("boom")
+
+    timer = cputimer.arm(handler)
+    assert timer is not None
+    with caplog.at_level(logging.ERROR, logger="loopwatch"):
+        burn_first(0.2)  # no exception here: the app's code runs on
+        burn_first(0.1)
+    assert not timer.armed
+    assert [r.getMessage() for r in caplog.records].count(
+        "loopwatch: the profile's CPU-time sample failed; sampling stops"
+    ) == 1
+
+
+def _child_report(queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    queue.put((cputimer._armed is None, signal.getsignal(signal.SIGURG) == signal.SIG_DFL))
+
+
+def test_a_forked_child_has_no_timer_and_no_handler() -> None:
+    timer = cputimer.arm(lambda frame, spent: None)
+    assert timer is not None
+    try:
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_child_report, args=(queue,))
+        child.start()
+        assert queue.get(timeout=20) == (True, True)
+        child.join(20)
+    finally:
+        timer.disarm()
+
+
+def test_a_monitor_on_the_main_thread_profiles_by_timer_and_leaves_nothing() -> None:
+    # asyncio.run on the main thread, as a worker or a script runs its loop: the profile's
+    # samples come from the timer, and stopping restores SIGURG's default
+    PROFILE.clear()
+    settings = Settings.resolve(env={})
+
+    async def main() -> bool:
+        monitor = Monitor(asyncio.get_running_loop(), settings)
+        monitor.acquire("test")
+        try:
+            sampler = monitor.pipeline._sampler
+            armed = sampler is not None and sampler.self_sampling
+            for _ in range(100):
+                burn_first(0.002)
+                burn_second(0.002)
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.3)  # the watchdog stores the samples
+            return armed
+        finally:
+            monitor.release("test")
+
+    try:
+        assert asyncio.run(main())
+        stacks = parse_collapsed(PROFILE.collapsed())
+        first = sum(c for s, c in stacks if "burn_first" in s[-1])
+        second = sum(c for s, c in stacks if "burn_second" in s[-1])
+        assert first + second >= 200, stacks  # ms: about 400 ms of CPU was burned
+        assert 0.3 <= first / (first + second) <= 0.7, (first, second)
+    finally:
+        PROFILE.clear()
