@@ -92,6 +92,35 @@ def _own_waiting() -> Callable[[], float] | None:
     return read
 
 
+# futex(2), by machine: the call a thread waiting for the GIL (or a lock) sleeps in
+_FUTEX = {"x86_64": 202, "aarch64": 98}
+
+
+def _thread_blocked(native_id: int) -> Callable[[], bool] | None:
+    """Linux: is a thread asleep in a system call other than futex (a sleep, a read, a poll),
+    and not waiting for the GIL? One ``pread`` of its ``syscall`` file, kept open."""
+    futex = _FUTEX.get(os.uname().machine)
+    if futex is None:
+        return None
+    try:
+        fd = os.open(f"/proc/self/task/{native_id}/syscall", os.O_RDONLY)
+    except OSError:
+        return None
+
+    def read() -> bool:
+        # "running", "-1 ..." (asleep outside a call), or the call's number and arguments
+        number = os.pread(fd, 32, 0).split(b" ", 1)[0]
+        return number.isdigit() and int(number) != futex
+
+    try:
+        read()
+    except (OSError, ValueError):
+        os.close(fd)
+        return None
+    weakref.finalize(read, os.close, fd)
+    return read
+
+
 def _thread_cpu_clock(thread_id: int) -> Callable[[], float] | None:
     try:
         clock_id = time.pthread_getcpuclockid(thread_id)
@@ -123,17 +152,20 @@ class Probes:
         sched: Callable[[], tuple[float, float]] | None = None,
         own_waiting: Callable[[], float] | None = None,
         process: Callable[[], float] | None = None,
+        blocked: Callable[[], bool] | None = None,
     ) -> None:
         self.cpu = cpu
         self.sched = sched
         self.own_waiting = own_waiting
         self.process = process  # the whole process's CPU clock
+        # the loop thread asleep in a call that is not a wait for the GIL (read on demand)
+        self.blocked = blocked
 
     @classmethod
     def for_thread(cls, thread_id: int, native_id: int) -> Probes:
         return cls(
             _thread_cpu_clock(thread_id), _thread_schedstat(native_id), _own_waiting(),
-            time.process_time,
+            time.process_time, _thread_blocked(native_id),
         )  # fmt: skip
 
     def reading(self, now: float) -> Reading:

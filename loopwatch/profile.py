@@ -348,15 +348,18 @@ class LoopSampler:
         self.store.add((route_label(*label), *frames), weight)
 
     def _off_cpu_probe(self) -> Callable[[], bool]:
-        """A test, to call a moment later: was the loop thread off its CPU meanwhile (asleep
-        or blocked in a call that let the GIL go)? On it (a C call that let the GIL go and
-        computes), the timer's samples hold that time."""
-        clock = self.detector.probes.cpu
+        """A test, to call a moment later: is the loop thread asleep in a call (a sleep, a
+        read, a poll) and was it off its CPU meanwhile? Computing (a C call that let the GIL
+        go), or waiting for the GIL this thread holds, the timer's samples hold that time."""
+        probes = self.detector.probes
+        clock, blocked = probes.cpu, probes.blocked
         if clock is None:
             return lambda: True
         wall, cpu = time.perf_counter(), clock()
 
         def off() -> bool:
+            if blocked is not None and not blocked():
+                return False
             return clock() - cpu < 0.5 * (time.perf_counter() - wall)
 
         return off

@@ -77,13 +77,7 @@ class Watchdog:
                 checked.reset()
             self.checks += 1
             wait = self._interval if checked.stalling else self._relaxed
-            now = clock()
-            checked.after_check(now)
-            # the next due time on a grid, not counted from this wake-up: a wake-up the loop
-            # made late (the GIL) must not move the ones after it, or the moments the checks
-            # look at follow the loop's own pattern (the profile's samples would be biased)
-            due += wait
-            if due <= now:
-                due += wait * ((now - due) // wait + 1)  # the next point still ahead
+            checked.after_check(clock())
+            due = clock() + wait
         self._stop.set()
         checked.finish()

@@ -96,10 +96,14 @@ def test_time_off_the_cpu_inside_a_route_is_still_in_the_profile(loop: str) -> N
     # the timer counts CPU only: the watchdog samples the rest of the loop time
     target = "tests.servers.test_profile_shares:app"
     with serve_process(target, args=("--loop", loop)) as (url, proc):
-        _load(url, "/sleep-and-compute", 100)  # 2 s asleep, 2 s computing
+        _load(url, "/sleep-and-compute", 200)  # 4 s asleep, 4 s computing
         stacks = _route_stacks(url, "/sleep-and-compute")
         total = sum(stacks.values())
-        assert total > 2500, (stacks, server_output(proc))
+        assert total > 5000, (stacks, server_output(proc))
         asleep = sum(c for s, c in stacks.items() if "sleep_and_compute" in s[-1])
-        computing = _share(stacks, "first_function")
-        assert 0.3 <= asleep / total <= 0.7 and 0.3 <= computing <= 0.7, (asleep, total, stacks)
+        computing = sum(c for s, c in stacks.items() if "first_function" in s[-1])
+        assert 0.3 <= asleep / total <= 0.7 and 0.3 <= computing / total <= 0.7, stacks
+        # as much of each: checks due in the sleep are on time, those due in the work wait
+        # for the GIL; counted from the late wake-up, the next ones fell in the sleep's start
+        # and weighed less (0.73 of the work's)
+        assert 0.8 <= asleep / computing <= 1.25, (asleep, computing)

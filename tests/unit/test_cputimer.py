@@ -194,3 +194,42 @@ def test_a_monitor_on_the_main_thread_profiles_by_timer_and_leaves_nothing() -> 
         assert 0.3 <= first / (first + second) <= 0.7, (first, second)
     finally:
         PROFILE.clear()
+
+
+def test_the_blocked_probe_tells_a_sleep_from_a_gil_or_lock_wait_and_from_running() -> None:
+    # the watchdog samples the loop thread off its CPU only asleep in a call: not waiting for
+    # the GIL (a futex, as a lock's wait), where its frame is wherever it let the GIL go
+    from loopwatch.detect import _thread_blocked
+
+    lock = threading.Lock()
+    lock.acquire()
+    stop = threading.Event()
+    ids: dict[str, int] = {}
+
+    def sleeper() -> None:
+        ids["sleep"] = threading.get_native_id()
+        stop.wait(5)  # a futex too: a Python-level wait is no sleep in a call
+        time.sleep(0)
+
+    def napper() -> None:
+        ids["nap"] = threading.get_native_id()
+        time.sleep(2)
+
+    def locker() -> None:
+        ids["lock"] = threading.get_native_id()
+        lock.acquire(timeout=5)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (sleeper, napper, locker)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    try:
+        probes = {name: _thread_blocked(native) for name, native in ids.items()}
+        if any(p is None for p in probes.values()):
+            pytest.skip("no /proc/<pid>/task/<tid>/syscall here")
+        assert probes["nap"]() is True  # type: ignore[misc]
+        assert probes["lock"]() is False  # type: ignore[misc]
+        assert probes["sleep"]() is False  # type: ignore[misc]
+    finally:
+        stop.set()
+        lock.release()
