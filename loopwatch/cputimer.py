@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-__all__ = ["PERIOD", "SIGNAL", "CpuTimer", "arm", "restore_handler"]
+__all__ = ["HANDLER_CODE", "PERIOD", "SIGNAL", "CpuTimer", "arm", "restore_handler"]
 
 logger = logging.getLogger("loopwatch")
 
@@ -134,6 +134,7 @@ def _dispatch(signum: int, frame: FrameType | None) -> None:
         timer.disarm()
 
 
+HANDLER_CODE = _dispatch.__code__  # a frame of it on the loop thread: inside the handler
 _previous: object = None  # the handler ``_dispatch`` replaced
 
 

@@ -39,12 +39,15 @@ from traceback import FrameSummary
 from types import CodeType, FrameType
 from typing import NamedTuple, Protocol
 
+from loopwatch import cputimer
 from loopwatch.attribute import Owner
 from loopwatch.frames import CodeFilter, FrameSource, format_culprit, format_stack, snapshot
 
 __all__ = ["Detector", "Hold", "HoldEvents", "Probes", "Verdict"]
 
 logger = logging.getLogger("loopwatch")
+
+_HANDLER_CODE = cputimer.HANDLER_CODE  # the profile's signal handler, on the loop thread
 
 # (time, the loop thread's CPU clock, its schedstat (on CPU, runnable but waiting)), read
 # together; None where the platform has no such figure
@@ -357,7 +360,8 @@ class Detector:
         self._episode = None
 
     def loop_frame(self) -> FrameType | None:
-        return self._frames().get(self.loop_thread_id)
+        """The loop thread's current frame (below the profile's signal handler)."""
+        return self._loop_frame_outside_handler()[0]
 
     def is_idle(self, frame: FrameType) -> bool:
         """The loop is waiting for I/O (in its selector, or inside a C loop's run call), not
@@ -375,7 +379,13 @@ class Detector:
         # first, before anything lets the GIL go: who holds the loop and where the loop
         # thread stands (after a call that kept the GIL: the line that made it)
         owner = self._attribute() if overdue else None
-        sample = self._sample(now - beat, kept_out >= self.interval) if overdue else None
+        frame, in_handler = self._loop_frame_outside_handler() if overdue else (None, False)
+        if in_handler and self._last is not None:
+            # the watchdog got the GIL only because the profile's signal handler ran inside
+            # the loop thread's call (CPython's long arithmetic runs handlers): without it,
+            # the call would have kept the GIL, and the watchdog out, all along
+            kept_out = max(kept_out, now - self._last.time)
+        sample = self._sample(frame, now - beat, kept_out >= self.interval) if overdue else None
         last = self._last
         gil, frozen = self._kept_out(now, kept_out, last)
         episode = self._episode
@@ -496,14 +506,24 @@ class Detector:
         hold.booked_until = now
         self._events.booked(hold, stalls, seconds)
 
-    def _sample(self, age: float, after_call: bool) -> tuple[list[FrameSummary], bool] | None:
+    def _loop_frame_outside_handler(self) -> tuple[FrameType | None, bool]:
+        """The loop thread's current frame, below the profile's signal handler if it runs in
+        it (then True): the handler is loopwatch's, the frame it interrupted the app's."""
+        frame = self._frames().get(self.loop_thread_id)
+        current, depth = frame, 0
+        while current is not None and depth < 8:
+            if current.f_code is _HANDLER_CODE:
+                return current.f_back, True
+            current, depth = current.f_back, depth + 1
+        return frame, False
+
+    def _sample(
+        self, frame: FrameType | None, age: float, after_call: bool
+    ) -> tuple[list[FrameSummary], bool] | None:
         """The loop thread's stack now, read into plain values at once, and whether the loop
         is idle: a frame object is live, and the loop moves on as soon as this thread lets
         the GIL go. Past half the threshold only."""
-        if age < self.threshold / 2:
-            return None
-        frame = self.loop_frame()
-        if frame is None:
+        if age < self.threshold / 2 or frame is None:
             return None
         return snapshot(frame, after_call), self.is_idle(frame)
 
