@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from traceback import FrameSummary
 from types import CodeType, FrameType
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeVar
 
 from loopwatch import cputimer
 from loopwatch.attribute import Owner
@@ -47,6 +47,8 @@ __all__ = ["Detector", "Hold", "HoldEvents", "Probes", "Verdict"]
 
 logger = logging.getLogger("loopwatch")
 
+T = TypeVar("T")
+
 _HANDLER_CODE = cputimer.HANDLER_CODE  # the profile's signal handler, on the loop thread
 
 # (time, the loop thread's CPU clock, its schedstat (on CPU, runnable but waiting)), read
@@ -54,37 +56,16 @@ _HANDLER_CODE = cputimer.HANDLER_CODE  # the profile's signal handler, on the lo
 Figures = tuple[float, float | None, tuple[float, float] | None]
 
 
-def _thread_schedstat(native_id: int) -> Callable[[], tuple[float, float]] | None:
-    """Linux: (seconds on a CPU, seconds runnable but waiting for one) of a thread. The second
-    tells a loop held by its code from a loop starved by a busy machine."""
-    try:  # one descriptor kept open, read with ``pread``: read at every check
-        fd = os.open(f"/proc/self/task/{native_id}/schedstat", os.O_RDONLY)
+def _proc_reader(path: str, parse: Callable[[bytes], T]) -> Callable[[], T] | None:
+    """Linux: ``parse`` of a /proc file, read with one ``pread`` of a descriptor kept open (it
+    is read at every check); None where the file cannot be read or parsed."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
 
-    def read() -> tuple[float, float]:
-        on_cpu, waiting, _ = os.pread(fd, 128, 0).split()
-        return int(on_cpu) / 1e9, int(waiting) / 1e9
-
-    try:
-        read()
-    except (OSError, ValueError):
-        os.close(fd)
-        return None
-    weakref.finalize(read, os.close, fd)
-    return read
-
-
-def _own_waiting() -> Callable[[], float] | None:
-    """Linux: seconds the calling thread (the watchdog) spent runnable but waiting for a CPU,
-    read with one ``pread`` of a descriptor kept open (read at every check)."""
-    try:
-        fd = os.open(f"/proc/self/task/{threading.get_native_id()}/schedstat", os.O_RDONLY)
-    except OSError:
-        return None
-
-    def read() -> float:
-        return int(os.pread(fd, 128, 0).split()[1]) / 1e9
+    def read() -> T:
+        return parse(os.pread(fd, 128, 0))
 
     try:
         read()
@@ -95,33 +76,40 @@ def _own_waiting() -> Callable[[], float] | None:
     return read
 
 
+def _schedstat(text: bytes) -> tuple[float, float]:
+    on_cpu, waiting, _ = text.split()
+    return int(on_cpu) / 1e9, int(waiting) / 1e9
+
+
+def _thread_schedstat(native_id: int) -> Callable[[], tuple[float, float]] | None:
+    """(seconds on a CPU, seconds runnable but waiting for one) of a thread. The second tells
+    a loop held by its code from a loop starved by a busy machine."""
+    return _proc_reader(f"/proc/self/task/{native_id}/schedstat", _schedstat)
+
+
+def _own_waiting() -> Callable[[], float] | None:
+    """Seconds the calling thread (the watchdog) spent runnable but waiting for a CPU."""
+    own = threading.get_native_id()
+    return _proc_reader(f"/proc/self/task/{own}/schedstat", lambda text: _schedstat(text)[1])
+
+
 # futex(2), by machine: the call a thread waiting for the GIL (or a lock) sleeps in
 _FUTEX = {"x86_64": 202, "aarch64": 98}
 
 
 def _thread_blocked(native_id: int) -> Callable[[], bool] | None:
-    """Linux: is a thread asleep in a system call other than futex (a sleep, a read, a poll),
-    and not waiting for the GIL? One ``pread`` of its ``syscall`` file, kept open."""
+    """Is a thread asleep in a system call other than futex (a sleep, a read, a poll), and so
+    not waiting for the GIL? Read from its ``syscall`` file: "running", "-1 ..." (asleep
+    outside a call), or the call's number and arguments."""
     futex = _FUTEX.get(os.uname().machine)
     if futex is None:
         return None
-    try:
-        fd = os.open(f"/proc/self/task/{native_id}/syscall", os.O_RDONLY)
-    except OSError:
-        return None
 
-    def read() -> bool:
-        # "running", "-1 ..." (asleep outside a call), or the call's number and arguments
-        number = os.pread(fd, 32, 0).split(b" ", 1)[0]
+    def blocked(text: bytes) -> bool:
+        number = text.split(b" ", 1)[0]
         return number.isdigit() and int(number) != futex
 
-    try:
-        read()
-    except (OSError, ValueError):
-        os.close(fd)
-        return None
-    weakref.finalize(read, os.close, fd)
-    return read
+    return _proc_reader(f"/proc/self/task/{native_id}/syscall", blocked)
 
 
 def _thread_cpu_clock(thread_id: int) -> Callable[[], float] | None:
