@@ -85,6 +85,7 @@ def _libc() -> ctypes.CDLL | None:
 
 _LIBC: ctypes.CDLL | bool | None = False  # False: not looked up yet
 _armed: CpuTimer | None = None  # at most one: the main thread's
+_busy = False  # the handler runs (on the main thread): a nested signal is dropped
 
 
 class CpuTimer:
@@ -124,14 +125,18 @@ class CpuTimer:
 def _dispatch(signum: int, frame: FrameType | None) -> None:
     """The signal's Python handler, on the main thread between two bytecodes of whatever it
     runs: nothing may escape into the app's code."""
+    global _busy
     timer = _armed
-    if timer is None or frame is None:
-        return
+    if timer is None or frame is None or _busy:
+        return  # a signal that came while the handler ran (logging, say) runs nothing
+    _busy = True
     try:
         timer._tick(frame)
     except Exception:
+        timer.disarm()  # first: the log line takes long enough for more signals
         logger.exception("loopwatch: the profile's CPU-time sample failed; sampling stops")
-        timer.disarm()
+    finally:
+        _busy = False
 
 
 HANDLER_CODE = _dispatch.__code__  # a frame of it on the loop thread: inside the handler
