@@ -122,15 +122,24 @@ def _thread_cpu_clock(thread_id: int) -> Callable[[], float] | None:
 
 
 class Reading(NamedTuple):
-    """At one check: its time, the loop thread's busy seconds (on a CPU or runnable) and CPU
-    clock, the watchdog's seconds waiting for a CPU, the process's CPU clock (None: not
-    known)."""
+    """At one check: its time, the loop thread's CPU clock and schedstat, the watchdog's
+    seconds waiting for a CPU, the process's CPU clock (None: not known)."""
 
     time: float
-    busy: float | None
     cpu: float | None
+    sched: tuple[float, float] | None
     waited: float | None
     process: float | None
+
+    @property
+    def busy(self) -> float | None:
+        """The loop thread's seconds computing, or wanting to (runnable): both keep it from
+        sleeping."""
+        return sum(self.sched) if self.sched is not None else self.cpu
+
+    @property
+    def figures(self) -> Figures:
+        return (self.time, self.cpu, self.sched)
 
 
 class Probes:
@@ -160,17 +169,14 @@ class Probes:
         )  # fmt: skip
 
     def reading(self, now: float) -> Reading:
-        """What the check after a late wake-up compares with (cheap: read at every check)."""
-        sched = self.sched() if self.sched is not None else None
-        cpu = self.cpu() if self.cpu is not None else None
+        """Every figure, read once a check (cheap): what the hold in progress is judged by,
+        and what the check after a late wake-up compares with."""
+        _, cpu, sched = self.figures(now)
         return Reading(
-            now,
-            # the loop thread computing, or wanting to (runnable): both keep it from sleeping
-            sum(sched) if sched is not None else cpu,
-            cpu,
+            now, cpu, sched,
             self.own_waiting() if self.own_waiting is not None else None,
             self.process() if self.process is not None else None,
-        )
+        )  # fmt: skip
 
     def figures(self, now: float) -> Figures:
         """The loop thread's CPU clock and schedstat, read now (``now`` is their time)."""
@@ -374,8 +380,9 @@ class Detector:
             # the call would have kept the GIL, and the watchdog out, all along
             kept_out = max(kept_out, now - self._last.time)
         sample = self._sample(frame, now - beat, kept_out >= self.interval) if overdue else None
-        last = self._last
-        gil, frozen = self._kept_out(now, kept_out, last)
+        last, reading = self._last, self.probes.reading(now)
+        self._last = reading
+        gil, frozen = self._kept_out(kept_out, last, reading)
         episode = self._episode
         if episode is not None and beat != episode.beat:
             # The heartbeat ran again: the hold ended no later than that.
@@ -398,7 +405,7 @@ class Detector:
                     max(episode.last_sample, now - gil) if gil else (episode.last_sample + now) / 2
                 )
                 self._close(hold, end=start, now=now)
-            figures = self.probes.figures(now)
+            figures = reading.figures
             if kept_out >= self.interval and last is not None and last.cpu is not None:
                 # the watchdog woke late (the GIL kept, or a busy machine): the loop thread's
                 # CPU since the last check belongs to this hold, or its first stretch would be
@@ -416,22 +423,22 @@ class Detector:
         if sample is not None:
             # the sample stands for the time since the last check (after a call that kept
             # the GIL: all of it), within the hold
-            since = max(hold.sampled_at, last[0]) if last is not None else hold.sampled_at
+            since = max(hold.sampled_at, last.time) if last is not None else hold.sampled_at
             self._add_sample(hold, age, now - since, sample)
             hold.sampled_at = now
         # at every check while it lasts: a close that comes late (a loaded machine) judges the
         # hold by these, never by figures read after it ended
-        hold.within = self.probes.figures(now)
+        hold.within = reading.figures
         if age >= self.threshold:
             self._book_live(hold, age, now)
 
-    def _kept_out(self, now: float, kept_out: float, last: Reading | None) -> tuple[float, float]:
+    def _kept_out(
+        self, kept_out: float, last: Reading | None, reading: Reading
+    ) -> tuple[float, float]:
         """Seconds since the last check that the watchdog could not run (it woke ``kept_out``
         late, not waiting for a CPU): (while the loop thread computed: a call that kept the
         GIL; while no thread of the process ran: the process was paused). (0.0, 0.0) if it
         was neither, or if the watchdog waited for a CPU (a busy machine: it tells nothing)."""
-        reading = self.probes.reading(now)
-        self._last = reading
         waited = (
             reading.waited - last.waited
             if last is not None and reading.waited is not None and last.waited is not None
@@ -440,13 +447,9 @@ class Detector:
         self.kept_by_gil = max(0.0, kept_out - waited)
         if kept_out < self.interval or last is None:
             return 0.0, 0.0
-        if (
-            reading.waited is not None
-            and last.waited is not None
-            and reading.waited - last.waited >= 0.5 * kept_out
-        ):
+        if waited >= 0.5 * kept_out:
             return 0.0, 0.0  # the watchdog was runnable but not scheduled: a busy machine
-        window = min(kept_out, now - last.time)
+        window = min(kept_out, reading.time - last.time)
         if (
             kept_out >= self.threshold / 2  # not a thread holding the GIL, preempted a moment
             and reading.process is not None
@@ -480,11 +483,11 @@ class Detector:
                 # no stack sample showed code yet: a paused or starved process idle in its
                 # selector (or not sampled at all) is no evidence of a blocking call
                 return
-            sched, sched0 = self.probes.sched, hold.sched0
+            sched, sched0 = hold.within[2] if hold.within is not None else None, hold.sched0
             if (
                 sched is not None
                 and sched0 is not None
-                and age - (sched()[1] - sched0[1]) < (self.threshold)
+                and age - (sched[1] - sched0[1]) < (self.threshold)
             ):
                 return  # so far mostly CPU starvation
             hold.confirmed = True
