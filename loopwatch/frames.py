@@ -154,8 +154,10 @@ def snapshot(
     return stack
 
 
+@functools.lru_cache(maxsize=256)
 def _calls(code: CodeType) -> tuple[tuple[int, int], ...]:
-    """(offset, line) of each call instruction of ``code``."""
+    """(offset, line) of each call instruction of ``code``: disassembled once per code (a
+    check after a call that kept the GIL reads it, and the same calls recur)."""
     calls = []
     line = 0
     for ins in dis.get_instructions(code):
