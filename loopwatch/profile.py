@@ -299,15 +299,7 @@ class LoopSampler:
         label = self._label(on_loop=True)
         if label is None:
             return
-        codes: list[tuple[CodeType, int]] = []
-        is_loop = self._is_loop
-        current: FrameType | None = frame
-        while current is not None and len(codes) < 4 * MAX_DEPTH:
-            code = current.f_code
-            if is_loop(code):
-                break
-            codes.append((code, current.f_lineno or code.co_firstlineno))
-            current = current.f_back
+        codes = self._chain(frame)
         if codes:
             self._ticks.append((label, codes, cpu))
 
@@ -341,8 +333,10 @@ class LoopSampler:
             return
         if start is not None and accountant is not None and accountant.start != start:
             return  # that callback ended meanwhile: the stack is someone else's
-        frames = self._stack(frame)
-        if not frames or (off_cpu is not None and not off_cpu()):
+        if off_cpu is not None and not off_cpu():
+            return  # the loop thread computes (or waits for the GIL): the timer's time
+        frames = self._names(self._chain(frame))
+        if not frames:
             return
         weight = min(MAX_SAMPLE_MS, max(1, round(elapsed * 1000)))
         self.store.add((route_label(*label), *frames), weight)
@@ -397,14 +391,17 @@ class LoopSampler:
             if whole:
                 self.store.add((route_label(*label), *self._names(codes)), whole)
 
-    def _stack(self, frame: FrameType | None) -> list[str]:
-        """The frames above the event loop's own, root to leaf, at most ``MAX_DEPTH``."""
-        chain: list[tuple[CodeType, int]] = []  # leaf first
-        while frame is not None and not self._is_loop(frame.f_code):
+    def _chain(self, frame: FrameType | None) -> list[tuple[CodeType, int]]:
+        """(code, line) of the frames above the event loop's own, leaf first; no more than
+        ``_names`` uses (it keeps the leaf-most ``MAX_DEPTH``)."""
+        chain: list[tuple[CodeType, int]] = []
+        while frame is not None and len(chain) <= MAX_DEPTH:
             code = frame.f_code
+            if self._is_loop(code):
+                break
             chain.append((code, frame.f_lineno or code.co_firstlineno))  # None between lines
             frame = frame.f_back
-        return self._names(chain)
+        return chain
 
     def _names(self, chain: list[tuple[CodeType, int]]) -> list[str]:
         """(code, line) pairs, leaf first, as frame names root to leaf, at most
