@@ -57,3 +57,18 @@ def series(registry: CollectorRegistry, name: str) -> list[dict[str, str]]:
     return [
         dict(s.labels) for family in registry.collect() for s in family.samples if s.name == name
     ]
+
+
+def burn_first(seconds: float) -> None:
+    """Pure-Python work for ``seconds`` of this thread's CPU time (two such functions, one
+    name each, so a profile tells them apart)."""
+    started = time.thread_time()
+    while time.thread_time() - started < seconds:
+        pass
+
+
+def burn_second(seconds: float) -> None:
+    """``burn_first``'s twin under another name."""
+    started = time.thread_time()
+    while time.thread_time() - started < seconds:
+        pass

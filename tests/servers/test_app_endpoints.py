@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from loopwatch import ConfigError, LoopWatchMiddleware, metrics_app
+from tests.asgi.test_config import QUICKSTART
 from tests.serving import free_port, serve
 
 HOLD = 0.6  # six times the default threshold (0.1 s)
@@ -201,27 +202,11 @@ def test_a_bad_value_is_a_config_error_naming_the_option() -> None:
     assert metrics_app().app_endpoints == "all"
 
 
-APP = """
-import time
-from fastapi import FastAPI
-from loopwatch import LoopWatchMiddleware, metrics_app
-
-app = FastAPI()
-app.add_middleware(LoopWatchMiddleware)
-app.mount("/metrics", metrics_app())
-
-
-@app.get("/")
-async def root() -> dict[str, bool]:
-    return {"ok": True}
-"""
-
-
 @pytest.mark.parametrize("lifespan", ["on", "off"])
 def test_a_bad_environment_value_stops_uvicorn_at_start_up(
     tmp_path: Path, loop_impl: str, lifespan: str
 ) -> None:
-    (tmp_path / "public_app.py").write_text(APP)
+    (tmp_path / "public_app.py").write_text(QUICKSTART)
     done = subprocess.run(
         [sys.executable, "-m", "uvicorn", "public_app:app", "--app-dir", str(tmp_path),
          "--host", "127.0.0.1", "--port", str(free_port()), "--loop", loop_impl,

@@ -19,6 +19,7 @@ from fastapi import FastAPI, Response
 
 from loopwatch import LoopWatchMiddleware, metrics_app
 from loopwatch.profile import parse_collapsed
+from tests.helpers import burn_first, burn_second
 from tests.serving import LOOPS, serve_process, server_output
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,29 +27,17 @@ ROOT = Path(__file__).resolve().parents[2]
 app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 
 
-def first_function(seconds: float) -> None:
-    started = time.thread_time()
-    while time.thread_time() - started < seconds:
-        pass
-
-
-def second_function(seconds: float) -> None:
-    started = time.thread_time()
-    while time.thread_time() - started < seconds:
-        pass
-
-
 @app.get("/then-write")
 async def then_write() -> Response:
-    first_function(0.002)
-    second_function(0.002)
+    burn_first(0.002)
+    burn_second(0.002)
     return Response(b"x" * 65536, media_type="application/octet-stream")
 
 
 @app.get("/sleep-and-compute")
 async def sleep_and_compute() -> dict[str, str]:
     time.sleep(0.02)  # the loop thread off its CPU: the watchdog's samples hold this
-    first_function(0.02)
+    burn_first(0.02)
     return {}
 
 
@@ -84,7 +73,7 @@ def test_short_slices_before_a_socket_write_are_sampled_where_they_run(loop: str
         _load(url, "/then-write", 1500)  # 6 s of the two functions' CPU
         stacks = _route_stacks(url, "/then-write")
         assert sum(stacks.values()) > 3000, (stacks, server_output(proc))
-        first, second = _share(stacks, "first_function"), _share(stacks, "second_function")
+        first, second = _share(stacks, "burn_first"), _share(stacks, "burn_second")
         # each is about 45 % of the route's loop time (the rest: routing, the response)
         assert 0.3 <= first <= 0.6 and 0.3 <= second <= 0.6, (first, second, stacks)
         assert abs(first - second) <= 0.15, (first, second)
@@ -101,7 +90,7 @@ def test_time_off_the_cpu_inside_a_route_is_still_in_the_profile(loop: str) -> N
         total = sum(stacks.values())
         assert total > 5000, (stacks, server_output(proc))
         asleep = sum(c for s, c in stacks.items() if "sleep_and_compute" in s[-1])
-        computing = sum(c for s, c in stacks.items() if "first_function" in s[-1])
+        computing = sum(c for s, c in stacks.items() if "burn_first" in s[-1])
         assert 0.3 <= asleep / total <= 0.7 and 0.3 <= computing / total <= 0.7, stacks
         # about as much of each (0.79-1.03 measured, with other jobs on the machine)
         assert 0.65 <= asleep / computing <= 1.5, (asleep, computing)

@@ -19,20 +19,9 @@ import pytest
 from loopwatch import Settings, cputimer
 from loopwatch.monitor import Monitor
 from loopwatch.profile import PROFILE, parse_collapsed
+from tests.helpers import burn_first, burn_second
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="timer_create: Linux")
-
-
-def burn_first(seconds: float) -> None:
-    started = time.thread_time()
-    while time.thread_time() - started < seconds:
-        pass
-
-
-def burn_second(seconds: float) -> None:
-    started = time.thread_time()
-    while time.thread_time() - started < seconds:
-        pass
 
 
 @pytest.fixture(autouse=True)
