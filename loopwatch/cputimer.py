@@ -140,7 +140,6 @@ def _dispatch(signum: int, frame: FrameType | None) -> None:
 
 
 HANDLER_CODE = _dispatch.__code__  # a frame of it on the loop thread: inside the handler
-_previous: object = None  # the handler ``_dispatch`` replaced
 
 
 def _restore() -> None:
@@ -148,7 +147,9 @@ def _restore() -> None:
         return  # only the main thread may set a handler: the inert one stays
     try:
         if signal.getsignal(SIGNAL) is _dispatch:
-            signal.signal(SIGNAL, _previous if _previous is not None else signal.SIG_DFL)  # type: ignore[arg-type]
+            # what ``arm`` found: the default (a handler set outside Python, which reads as
+            # None, cannot be put back from Python either)
+            signal.signal(SIGNAL, signal.SIG_DFL)
     except (ValueError, OSError):  # not the main interpreter
         pass
 
@@ -157,7 +158,7 @@ def arm(handler: Callable[[FrameType, float], None], period: float = PERIOD) -> 
     """On the loop's thread: call ``handler(frame, cpu_seconds)`` on it at each tick of its
     CPU clock (``frame`` is where it was, ``cpu_seconds`` its CPU since the last call). None
     where that cannot be done here (see the module's docstring)."""
-    global _LIBC, _armed, _previous
+    global _LIBC, _armed
     if _armed is not None or threading.current_thread() is not threading.main_thread():
         return None
     if _LIBC is False:
@@ -171,7 +172,6 @@ def arm(handler: Callable[[FrameType, float], None], period: float = PERIOD) -> 
             if current not in (signal.SIG_DFL, None):
                 logger.debug("loopwatch: SIGURG has a handler: the profile samples by thread")
                 return None
-            _previous = current
             signal.signal(SIGNAL, _dispatch)
         signal.siginterrupt(SIGNAL, False)  # SA_RESTART: a read or write is resumed
         clock = time.pthread_getcpuclockid(threading.get_ident())
