@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import random
 import signal
 import sys
 import threading
@@ -46,9 +47,11 @@ def test_the_timer_samples_the_thread_where_it_computes_in_proportion() -> None:
     assert signal.getsignal(signal.SIGURG) is not signal.SIG_DFL
     started = time.thread_time()
     try:
+        lengths = random.Random(18)  # varying: see the monitor's test below
         for _ in range(600):
-            burn_first(0.001)
-            burn_second(0.001)
+            seconds = lengths.uniform(0.0005, 0.0015)
+            burn_first(seconds)
+            burn_second(seconds)
             time.sleep(0.0005)
     finally:
         timer.disarm()
@@ -165,9 +168,13 @@ def test_a_monitor_on_the_main_thread_profiles_by_timer_and_leaves_nothing() -> 
         try:
             sampler = monitor.pipeline._sampler
             armed = sampler is not None and sampler.self_sampling
+            # slices of varying length: a step that repeats at exactly the scheduler tick
+            # (2 + 2 ms against 4 ms) is sampled at one phase of it (seen: 75/25)
+            lengths = random.Random(18)
             for _ in range(100):
-                burn_first(0.002)
-                burn_second(0.002)
+                seconds = lengths.uniform(0.001, 0.003)
+                burn_first(seconds)
+                burn_second(seconds)
                 await asyncio.sleep(0)
             await asyncio.sleep(0.3)  # the watchdog stores the samples
             return armed
