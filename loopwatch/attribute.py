@@ -167,18 +167,33 @@ class Attributor:
     def owner(self) -> Owner:
         task = asyncio.current_task(self._loop)
         if task is not None:
-            record = owner_of(task)
-            if record is None:
-                return _SERVER if self.server_code.task_is_server(task) else _BACKGROUND
-        else:
-            found = running_callback_owner(self._frame(), self.server_code, self._entry_codes())
-            if found is None:
-                found = self._timed_callback()
-            if found is None:
-                return _BACKGROUND
-            if isinstance(found, str):
-                return _SERVER
-            record = found
+            return self.task_owner(task)
+        found = running_callback_owner(self._frame(), self.server_code, self._entry_codes())
+        if found is None:
+            found = self._timed_callback()
+        if found is None:
+            return _BACKGROUND
+        if isinstance(found, str):
+            return _SERVER
+        return self._request_owner(found, None)
+
+    def task_owner(self, task: asyncio.Task[Any]) -> Owner:
+        """The owner of a step of ``task`` (the rule ``owner`` applies to the current task)."""
+        found = self.task_request(task)
+        return found if isinstance(found, Owner) else self._request_owner(found, task)
+
+    def task_request(self, task: asyncio.Task[Any]) -> RequestRecord | Owner:
+        """``task_owner`` without its label: the request, else the placeholder owner. Takes
+        no lock (reading a route's template does), so the loop thread's signal handler may
+        call it inside any code."""
+        record = owner_of(task)
+        if record is None:
+            return _SERVER if self.server_code.task_is_server(task) else _BACKGROUND
+        if record is self._own or is_own(record):
+            return _OWN
+        return record
+
+    def _request_owner(self, record: RequestRecord, task: asyncio.Task[Any] | None) -> Owner:
         if record is self._own or is_own(record):
             return _OWN
         return Owner(record, record, (record.method, record.owner_route()), task=task)

@@ -93,8 +93,9 @@ class Pipeline:
             self.accountant = start_accounting(self.loop, self.ledger.book_busy)
         if self.settings.profile:
             self._sampler = LoopSampler(
-                self.loop, self.detector, lambda: self.accountant, self.attribute
-            )
+                self.loop, self.detector, lambda: self.accountant, self.attribute,
+                self.attributor.task_request,
+            )  # fmt: skip
             self._sampler.start_on_loop()
 
     def start_watching(self, native_id: int) -> None:

@@ -54,6 +54,7 @@ from loopwatch import cputimer
 from loopwatch.accounting import Accountant
 from loopwatch.attribute import Owner
 from loopwatch.detect import Detector
+from loopwatch.requests import RequestRecord
 from loopwatch.stall import BACKGROUND, OWN, SERVER
 
 __all__ = [
@@ -75,6 +76,7 @@ MAX_DEPTH = 64
 MAX_NAME = 200
 # a watchdog that woke later than this waited for the GIL: its moment is not a fair sample
 LATE_CHECK = 0.002
+_CALLBACK = object()  # ``LoopSampler._who``: a plain callback holds the loop
 # one sample never stands for more than this (a watchdog that was itself held up, a suspend)
 MAX_SAMPLE_MS = 1000
 
@@ -256,6 +258,7 @@ class LoopSampler:
         detector: Detector,
         accountant: Callable[[], Accountant | None],
         attribute: Callable[[], Owner],
+        task_request: Callable[[asyncio.Task[Any]], RequestRecord | Owner],
         store: ProfileStore = PROFILE,
     ) -> None:
         self.loop = loop
@@ -263,15 +266,16 @@ class LoopSampler:
         self.store = store
         self._accountant = accountant
         self._attribute = attribute
+        self._task_request = task_request
         self._last = time.perf_counter()
         self._frame_names: dict[tuple[CodeType, int], str] = {}
         self._loop_codes: dict[CodeType, bool] = {}
         self._timer: cputimer.CpuTimer | None = None
-        # the loop thread's own samples, for the watchdog to name and store: (label, the
+        # the loop thread's own samples, for the watchdog to name and store: (who, the
         # frames' (code, line) leaf first, CPU seconds); bounded if the watchdog falls behind
-        self._ticks: collections.deque[
-            tuple[tuple[str, str], list[tuple[CodeType, int]], float]
-        ] = collections.deque(maxlen=10_000)
+        self._ticks: collections.deque[tuple[object, list[tuple[CodeType, int]], float]] = (
+            collections.deque(maxlen=10_000)
+        )
         self._carry = 0.0  # the fraction of a millisecond not yet stored
 
     # -- the loop thread samples itself ---------------------------------------------------
@@ -294,14 +298,15 @@ class LoopSampler:
         return timer is not None and timer.armed
 
     def _on_tick(self, frame: FrameType, cpu: float) -> None:
-        """On the loop thread, between two bytecodes of what it runs: who runs and where,
-        kept as plain references (naming is the watchdog's work, off the loop)."""
-        label = self._label(on_loop=True)
-        if label is None:
+        """On the loop thread, between two bytecodes of what it runs (maybe inside code that
+        holds a lock): who runs and where, as plain references, taking no lock. Naming them
+        (a route's template is read under a lock) is the watchdog's work."""
+        who = self._who(on_loop=True)
+        if who is None:
             return
         codes = self._chain(frame)
         if codes:
-            self._ticks.append((label, codes, cpu))
+            self._ticks.append((who, codes, cpu))
 
     # -- the watchdog's check ---------------------------------------------------------------
 
@@ -325,7 +330,7 @@ class LoopSampler:
         detector = self.detector
         accountant = self._accountant()
         start = accountant.start if accountant is not None and accountant.exact else None
-        label = self._label(on_loop=False)
+        label = self._label(self._who(on_loop=False))
         if label is None:
             return
         frame = detector.loop_frame()
@@ -358,33 +363,48 @@ class LoopSampler:
 
         return off
 
-    def _label(self, on_loop: bool) -> tuple[str, str] | None:
-        """(method, route) of what the loop runs now; None when it runs none of the app's
-        code (it waits for I/O, or runs loopwatch's own)."""
+    def _who(self, on_loop: bool) -> object:
+        """Who runs the loop's code now, read without taking a lock: a placeholder label, the
+        request (the exact hook's, or the current task's), a placeholder owner, ``_CALLBACK``
+        (a plain callback in a stall: the watchdog attributes it) or None (the loop waits for
+        I/O). Read at once: a task's request is gone from it once it is done (3.10/3.11)."""
         accountant = self._accountant()
         if accountant is not None and accountant.exact:
             if accountant.start is not None:
                 owner = accountant.owner or accountant.bound
                 if owner is None:
                     return ("-", SERVER if accountant.server_running else BACKGROUND)
-                if owner.route == OWN:
-                    return None  # loopwatch's own work is not the app's profile
-                return (owner.method, owner.owner_route())
+                return owner
             if on_loop or not self.detector.stalling:
                 return None  # the loop waits for I/O (or runs between callbacks)
         try:
             task = asyncio.current_task(self.loop)
         except RuntimeError:  # the loop closed
             return None
-        if task is None and (on_loop or not self.detector.stalling):
-            return None
-        found = self._attribute()
-        return found.label if found.booked else None
+        if task is None:
+            return None if on_loop or not self.detector.stalling else _CALLBACK
+        return self._task_request(task)
+
+    def _label(self, who: object) -> tuple[str, str] | None:
+        """(method, route) of ``who``; None when it is none of the app's code. Off the loop
+        thread: a route's template is read under a lock."""
+        if who is _CALLBACK:
+            who = self._attribute()
+        if isinstance(who, Owner):  # (a NamedTuple: before the plain labels)
+            return who.label if who.booked else None
+        if isinstance(who, RequestRecord):
+            if who.route == OWN:
+                return None  # loopwatch's own work is not the app's profile
+            return (who.method, who.owner_route())
+        return who if isinstance(who, tuple) else None
 
     def _store_ticks(self) -> None:
         ticks = self._ticks
         while ticks:
-            label, codes, cpu = ticks.popleft()
+            who, codes, cpu = ticks.popleft()
+            label = self._label(who)
+            if label is None:
+                continue  # loopwatch's own work, or a task that is none of the app's
             weight = cpu * 1000 + self._carry  # CPU the loop thread used: no cap needed
             whole = int(weight)
             self._carry = weight - whole

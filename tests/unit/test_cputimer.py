@@ -229,3 +229,52 @@ def test_the_blocked_probe_tells_a_sleep_from_a_gil_or_lock_wait_and_from_runnin
     finally:
         stop.set()
         lock.release()
+
+
+def test_the_handler_takes_no_lock_the_code_it_interrupts_may_hold() -> None:
+    # The handler runs on the loop thread inside whatever it runs: here, code that holds the
+    # route tables' lock (old Starlette's route lookup; a collection ran inside it). Reading
+    # the request's route in the handler took that lock again: a uvicorn soak server froze
+    # for good (py-spy: the main thread in _legacy_template under the handler, under a gc
+    # callback, under _legacy_template). The handler keeps references; the watchdog names.
+    from types import SimpleNamespace
+
+    from loopwatch import routes
+    from loopwatch.detect import Detector
+    from loopwatch.frames import CodeFilter
+    from loopwatch.profile import LoopSampler, ProfileStore, route_label
+    from loopwatch.requests import RequestRecord
+
+    class Router:  # a router not seen yet: its table is built, and stored under the lock
+        def __init__(self) -> None:
+            self.routes: list[object] = []
+
+    def endpoint() -> None: ...
+
+    record = RequestRecord("GET", {"endpoint": endpoint, "router": Router()}, "")
+    accountant = SimpleNamespace(exact=True, start=1.0, owner=record, bound=None)
+    loop = asyncio.new_event_loop()
+    detector = Detector(
+        threshold=0.1, interval=0.01, long_stall=10.0, clock=time.monotonic,
+        frames=dict, code_filter=CodeFilter(), attribute=lambda: None,  # type: ignore[arg-type,return-value]
+        in_flight=lambda: 0, events=None,  # type: ignore[arg-type]
+    )  # fmt: skip
+    store = ProfileStore()
+    sampler = LoopSampler(
+        loop, detector, lambda: accountant, lambda: None, lambda task: None,  # type: ignore[arg-type,return-value]
+        store=store,
+    )  # fmt: skip
+    here = sys._getframe()
+    done = threading.Event()
+    try:
+        with routes._tables_lock:
+            thread = threading.Thread(target=lambda: (sampler._on_tick(here, 0.004), done.set()))
+            thread.start()
+            assert done.wait(5), "the handler waited for a lock the interrupted code holds"
+        thread.join(5)
+        sampler._store_ticks()  # the watchdog names it, the lock free again
+        [(stack, weight)] = parse_collapsed(store.collapsed())
+        assert stack[0] == route_label("GET", record.owner_route()) and weight == 4
+        assert "test_the_handler_takes_no_lock" in stack[-1]
+    finally:
+        loop.close()
