@@ -82,7 +82,10 @@ def test_two_workers_one_scrape_counts_every_stall_once(tmp_path: Path) -> None:
     # loop time sums the workers: 6 holds of 0.5 s, 3 in each (one worker alone has ~1.5 s)
     busy = samples(text, "loopwatch_event_loop_busy_seconds_total")
     assert 6 * 0.45 <= busy[route] <= 6 * 0.6 + 0.5, busy
-    assert busy[route] >= seconds - 0.05, (busy[route], seconds)
+    # sampled loop time (uvloop before 3.12) charges a check period to whoever runs at each
+    # check: a hold's ends are off by up to one period (10 ms) each way; exact is within 50 ms
+    slack = 0.05 + (6 * 0.01 if _AUTO_MODE == "sampled" else 0.0)
+    assert busy[route] >= seconds - slack, (busy[route], seconds, _AUTO_MODE)
     # a declared route that got no request is there from start-up, at 0, in the sum too
     assert busy[(("method", "GET"), ("route", "/pid"))] == 0.0, busy
     assert samples(side, "loopwatch_event_loop_busy_seconds_total")[route] == pytest.approx(
