@@ -1,7 +1,8 @@
-"""Small shared helpers for the tests: waiting for stalls, reading samples."""
+"""Small shared helpers for the tests: waiting for stalls, reading samples, reading tables."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -72,3 +73,17 @@ def burn_second(seconds: float) -> None:
     started = time.thread_time()
     while time.thread_time() - started < seconds:
         pass
+
+
+def table_rows(output: str, first_header: str) -> dict[str, list[str]]:
+    """Rows of the table whose header starts with ``first_header``, keyed by the first cell
+    ("GET /sync"), cells split on runs of two or more spaces."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(first_header))
+    rows: dict[str, list[str]] = {}
+    for line in lines[start + 2 :]:
+        if not re.match(r"^\s*(GET|POST|PUT|DELETE|PATCH|-|<)", line):
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        rows[cells[0]] = cells
+    return rows

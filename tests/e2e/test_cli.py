@@ -30,6 +30,7 @@ from loopwatch.cli.diagnosis import diagnose, fix_hint, loop_time, print_diagnos
 from loopwatch.cli.output import Output, render_plain_table
 from loopwatch.cli.scrape import Snapshot, parse_exposition
 from loopwatch.frames import CodeFilter
+from tests.helpers import table_rows
 from tests.serving import free_port, serve
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -45,20 +46,6 @@ def line_of(path: Path | str, needle: str) -> int:
         if needle in text:
             return number
     raise AssertionError(f"{needle!r} not in {path}")
-
-
-def table_rows(output: str, first_header: str) -> dict[str, list[str]]:
-    """Rows of the table whose header starts with ``first_header``, keyed by the first cell
-    ("GET /sync"), cells split on runs of two or more spaces."""
-    lines = output.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.strip().startswith(first_header))
-    rows: dict[str, list[str]] = {}
-    for line in lines[start + 2 :]:
-        if not re.match(r"^\s*(GET|POST|PUT|DELETE|PATCH|-|<)", line):
-            break
-        cells = re.split(r"\s{2,}", line.strip())
-        rows[cells[0]] = cells
-    return rows
 
 
 def assert_innocent(cells: list[str]) -> None:
