@@ -549,16 +549,19 @@ class Detector:
             # (SIGSTOP, a frozen container); no code held the loop
             logger.debug("loopwatch: %.3fs hold while the process was paused", duration)
             return None
-        if hold.owner.background and hold.idle and not confirmed:
+        gc_seconds, gc_generation = (
+            self._gc_within(hold.start, end) if self._gc_within is not None else (0.0, -1)
+        )
+        collected = gc_seconds >= 0.5 * duration
+        if hold.owner.background and hold.idle and not (confirmed or collected):
             # every stack sample showed the loop idle, or none was taken (the whole process
-            # was starved or paused, the watchdog too): a late heartbeat, not code
+            # was starved or paused, the watchdog too): a late heartbeat, not code. Unless the
+            # collector ran: it keeps the GIL, so the watchdog looks only once the loop is
+            # back in its selector, and sees it idle after a collection that held it
             logger.debug("loopwatch: %.3fs late heartbeat with no code seen: not a stall", duration)
             return None
         kind = "wait"
         cpu_seconds = 0.0
-        gc_seconds, gc_generation = (
-            self._gc_within(hold.start, end) if self._gc_within is not None else (0.0, -1)
-        )
         within = hold.within
         if within is None or within[0] > end:  # a hold too short to have been read inside
             within = self.probes.figures(now)
@@ -577,7 +580,7 @@ class Detector:
             cpu_seconds = cpu_now - hold.cpu0
             if wall > 0 and cpu_seconds >= 0.5 * wall:
                 kind = "cpu"
-        if gc_seconds >= 0.5 * duration:
+        if collected:
             kind = "gc"  # the collector, holding the GIL, whatever line allocated last
         elif hold.gil >= 0.5 * duration:
             kind = "gil"  # the loop thread computed and nobody else could run: one C call

@@ -337,6 +337,29 @@ def test_a_hold_the_collector_made_is_gc_with_its_seconds_and_generation() -> No
     assert verdict.gc_seconds == pytest.approx(0.21) and verdict.gc_generation == 2
 
 
+def test_a_collection_the_watchdog_never_saw_inside_is_still_a_gc_stall() -> None:
+    # The collector keeps the GIL: the watchdog looks only once the loop is back in its
+    # selector, and has no frame showing code (here: none at all). Without the collector's
+    # own account that is a late heartbeat, dropped; with it, the collector held the loop
+    # (the README demo's def-route stall, dropped whenever the server's own code allocated)
+    def within(start: float, end: float) -> tuple[float, int]:
+        return max(0.0, min(0.28, end) - max(0.02, start)), 2
+
+    rig = Rig()
+    rig.detector = Detector(
+        threshold=0.1, interval=0.01, long_stall=10.0, clock=lambda: rig.now, frames=dict,
+        code_filter=CodeFilter(), attribute=lambda: rig.owner, in_flight=lambda: 0,
+        events=rig.events, gc_within=within,
+    )  # fmt: skip
+    rig.run(beat=0.0, until=0.3)
+    rig.now = 0.31
+    rig.detector.check(0.3)
+    [(label, verdict)] = rig.events.stalls()
+    assert label == ("-", "<background>")
+    assert verdict.kind == "gc" and verdict.gc_generation == 2
+    assert verdict.gc_seconds == pytest.approx(0.26)
+
+
 @pytest.mark.parametrize("process_ran", [False, True])
 def test_a_paused_process_is_no_stall_but_another_threads_gil_is(process_ran: bool) -> None:
     # The watchdog woke 0.5 s late without waiting for a core, and the loop thread did not
