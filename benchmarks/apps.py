@@ -13,13 +13,25 @@ The environment picks the variant, so every server is started the same way:
 Every endpoint is the FastAPI tutorial's trivial one: ``async def`` returning a small dict,
 no response model. No variant mounts a metrics endpoint on the app: only the per-request path
 is measured.
+
+The peer stall detectors run as their READMEs set them up on a FastAPI app, defaults otherwise:
+``asynclens`` (0.1.2), an ``AsyncWatchdog`` entered in the lifespan (a 10 ms heartbeat task on
+the loop and a native thread that checks it every 50 ms); ``aiocop`` (1.2.1),
+``patch_audit_functions``, ``start_blocking_io_detection`` and ``detect_slow_tasks`` at import
+(stdlib socket and os calls wrapped to emit audit events, an audit hook, a CPU-sampler thread),
+then ``activate()`` in the lifespan, which patches the running loop's ``call_soon``,
+``call_later``, ``call_at`` and ``call_soon_threadsafe`` so each callback scheduled through them
+is wrapped and timed (under uvloop: task steps and future callbacks, two per request here).
+Their alerts go to uvicorn's error logger.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI
@@ -42,6 +54,8 @@ VARIANTS: tuple[str, ...] = (
     "otel",
     "otel+loopwatch",  # loopwatch inside a traced app, its OpenTelemetry on
     "otel+loopwatch-otel-off",  # the same with otel=False: the difference is its OTel cost
+    "asynclens",  # a heartbeat task and a native watchdog thread; names no route
+    "aiocop",  # every loop callback wrapped and timed, an audit hook, a sampler thread
 )
 
 
@@ -107,6 +121,40 @@ def _instrument_otel(app: FastAPI, providers: tuple[Any, Any] | None = None) -> 
     )
 
 
+@contextlib.asynccontextmanager
+async def _asynclens_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """asynclens's FastAPI example: the watchdog entered on the running loop for the app's life."""
+    from asynclens import AsyncWatchdog
+
+    async with AsyncWatchdog(threshold_ms=50, logger=logging.getLogger("uvicorn.error")):
+        yield
+
+
+def _aiocop_setup() -> None:
+    """aiocop's "Usage with ASGI": set up once at import, before the app serves anything."""
+    import aiocop
+
+    def on_slow_task(event: aiocop.SlowTaskEvent) -> None:  # stands in for the README's metrics
+        if event.exceeded_threshold:
+            logging.getLogger("uvicorn.error").warning(
+                "aiocop: %s task %.1f ms", event.reason, event.elapsed_ms
+            )
+
+    aiocop.patch_audit_functions()
+    aiocop.start_blocking_io_detection(trace_depth=20)
+    aiocop.detect_slow_tasks(threshold_ms=30, on_slow_task=on_slow_task)
+
+
+@contextlib.asynccontextmanager
+async def _aiocop_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """aiocop's ASGI lifespan: ``activate()`` patches the running loop, after start-up."""
+    import aiocop
+
+    aiocop.activate()
+    yield
+    aiocop.deactivate()
+
+
 def build(
     variant: str, routes: int = 1, *, metrics_port: int | None = None, block_route: bool = False
 ) -> FastAPI:
@@ -115,7 +163,13 @@ def build(
         raise ValueError(f"BENCH_VARIANT={variant!r}: expected one of {', '.join(VARIANTS)}")
     if routes < 1:
         raise ValueError(f"BENCH_ROUTES={routes!r}: expected a whole number of at least 1")
-    app = FastAPI()
+    lifespan: Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]] | None = None
+    if variant == "asynclens":
+        lifespan = _asynclens_lifespan
+    elif variant == "aiocop":
+        _aiocop_setup()
+        lifespan = _aiocop_lifespan
+    app = FastAPI(lifespan=lifespan)
     for i in range(routes):
         app.add_api_route(f"/r{i}/{{item_id}}", _endpoint(str(i)), methods=["GET"],
                           response_model=None)  # fmt: skip

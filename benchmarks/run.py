@@ -8,7 +8,8 @@ asserts nothing. Every server is a real uvicorn process (one worker) serving
 - overhead: requests per second of a trivial endpoint for each variant (bare, a no-op ASGI
   middleware, loopwatch stalls only, loopwatch with request metrics but no loop time, loopwatch
   with its defaults (request metrics and loop time), prometheus-fastapi-instrumentator,
-  starlette-exporter, OpenTelemetry), with 1 route and with 200 routes (the last one hit).
+  starlette-exporter, OpenTelemetry, the stall detectors asynclens and aiocop), with 1 route
+  and with 200 routes (the last one hit).
   The servers of one route count run side by side; rounds visit every variant in turn (the
   order rotates each round) and the table shows medians and each variant's ratio to bare.
 - idle: CPU seconds per minute of an idle app with and without loopwatch (utime + stime
@@ -67,6 +68,8 @@ _NEEDS = {
     "instrumentator": "prometheus_fastapi_instrumentator",
     "starlette-exporter": "starlette_exporter",
     "otel": "opentelemetry.instrumentation.fastapi",
+    "asynclens": "asynclens",
+    "aiocop": "aiocop",
 }
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -441,7 +444,7 @@ def machine() -> dict[str, Any]:
         wrk = (wrk_out.stdout or wrk_out.stderr).splitlines()[0].split(" Copyright")[0]
     dists = ["loopwatch", "fastapi", "starlette", "uvicorn", "uvloop", "httptools",
              "prometheus-client", "prometheus-fastapi-instrumentator", "starlette-exporter",
-             "opentelemetry-instrumentation-fastapi"]  # fmt: skip
+             "opentelemetry-instrumentation-fastapi", "asynclens", "aiocop"]  # fmt: skip
     return {
         "cpu": model,
         "cores": os.cpu_count(),
