@@ -24,6 +24,7 @@ import gc
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -123,6 +124,7 @@ def one_round(root: Path, loop: str, burners: int) -> tuple[list[dict[str, Any]]
         finally:
             proc.terminate()
             proc.wait(30)
+            shutil.rmtree(path)  # the links only
     return (stalls if isinstance(stalls, list) else stalls["stalls"]), truth
 
 
@@ -141,6 +143,15 @@ def main() -> None:
     parser.add_argument("--ref", help="git ref of loopwatch to run instead of this checkout")
     args = parser.parse_args()
     root = _worktree(args.ref) if args.ref else ROOT
+    try:
+        _run(args, root)
+    finally:
+        if root != ROOT:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(root)],
+                           check=False, capture_output=True)  # fmt: skip
+
+
+def _run(args: argparse.Namespace, root: Path) -> None:
     print(f"loopwatch at {args.ref or 'this checkout'}, uvicorn --loop {args.loop}, "
           f"{args.burners} burners, {args.rounds} rounds")  # fmt: skip
     seen = covered = gc_kind = 0
