@@ -95,14 +95,14 @@ def one_round(root: Path, loop: str, burners: int) -> tuple[list[dict[str, Any]]
 
     port = free_port()
     # root's loopwatch and demo app, this checkout's harness
-    path = Path(tempfile.mkdtemp(prefix="demo-gc-"))
+    links = Path(tempfile.mkdtemp(prefix="demo-gc-"))
     for name, where in (("loopwatch", root), ("demo_app", root), ("benchmarks", ROOT)):
-        (path / name).symlink_to(where / name)
-    env = {**os.environ, "DEMO_GC_APP": "1", "DEMO_WORK_SECONDS": "0.5", "PYTHONPATH": str(path)}
+        (links / name).symlink_to(where / name)
+    env = {**os.environ, "DEMO_GC_APP": "1", "DEMO_WORK_SECONDS": "0.5", "PYTHONPATH": str(links)}
     command = [sys.executable, "-m", "uvicorn", "benchmarks.demo_gc:app", "--port", str(port),
                "--loop", loop, "--log-level", "warning", "--no-access-log"]  # fmt: skip
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(command, cwd=path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, cwd=links, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             base = f"http://127.0.0.1:{port}"
             wait_up(base + "/gc-truth", proc, log)
@@ -124,7 +124,7 @@ def one_round(root: Path, loop: str, burners: int) -> tuple[list[dict[str, Any]]
         finally:
             proc.terminate()
             proc.wait(30)
-            shutil.rmtree(path)  # the links only
+            shutil.rmtree(links)  # the links only
     return (stalls if isinstance(stalls, list) else stalls["stalls"]), truth
 
 
