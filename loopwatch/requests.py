@@ -43,10 +43,16 @@ HAS_TASK_CONTEXT = sys.version_info >= (3, 12)
 CURRENT_REQUEST: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
     "loopwatch_request", default=None
 )
-# Python < 3.12 only: task -> the request it was created under.
+# Python < 3.12 only: task -> the request it was created under (the task factory's: nothing
+# unbinds those, so the task is held weakly).
 _task_owners: weakref.WeakKeyDictionary[asyncio.Task[Any], RequestRecord] = (
     weakref.WeakKeyDictionary()
 )
+# Python < 3.12 only: id(task) -> (the request bound in it, a plain weak reference to the task),
+# for the task a request runs in, bound and unbound around the request. A plain dict: a
+# WeakKeyDictionary entry made and dropped per request cost ~2 µs of its ~10 (benchmarks.inprocess);
+# the reference tells a reused id from its task, and holds nothing alive.
+_bound: dict[int, tuple[RequestRecord, weakref.ReferenceType[Any]]] = {}
 
 
 class RequestRecord:
@@ -147,7 +153,11 @@ def own_context(owner: RequestRecord) -> contextvars.Context:
     return context
 
 
-Binding = tuple[contextvars.Token["RequestRecord | None"], "asyncio.Task[Any] | None", Any]
+Binding = tuple[
+    contextvars.Token["RequestRecord | None"],
+    "asyncio.Task[Any] | None",
+    "tuple[RequestRecord, weakref.ReferenceType[Any]] | None",
+]
 
 
 def bind_request(record: RequestRecord) -> Binding:
@@ -156,8 +166,9 @@ def bind_request(record: RequestRecord) -> Binding:
     if not HAS_TASK_CONTEXT:
         task = asyncio.current_task()
         if task is not None:
-            previous = _task_owners.get(task)
-            _task_owners[task] = record
+            key = id(task)
+            previous = _bound.get(key)
+            _bound[key] = (record, weakref.ref(task))
     return CURRENT_REQUEST.set(record), task, previous
 
 
@@ -169,9 +180,9 @@ def unbind_request(binding: Binding) -> None:
         pass
     if task is not None:  # Python < 3.12: the task no longer runs for this request
         if previous is None:
-            _task_owners.pop(task, None)
+            _bound.pop(id(task), None)
         else:
-            _task_owners[task] = previous
+            _bound[id(task)] = previous
 
 
 def current_request() -> RequestRecord | None:
@@ -187,6 +198,9 @@ def owner_of(task: asyncio.Task[Any] | None) -> RequestRecord | None:
             return task.get_context().get(CURRENT_REQUEST)  # type: ignore[attr-defined,no-any-return]
         except Exception:
             return None
+    bound = _bound.get(id(task))
+    if bound is not None and bound[1]() is task:
+        return bound[0]
     return _task_owners.get(task)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+import pytest
 import uvicorn.server
 
 from loopwatch.attribute import Attributor, Owner, ServerCode, running_callback_owner
@@ -125,3 +126,53 @@ def test_binding_and_unbinding_leave_the_context_as_it_was() -> None:
         return contextvars.copy_context()
 
     assert in_handle(owner_now, asyncio.run(bound_then_unbound())) is None
+
+
+def test_a_tasks_request_is_bound_and_unbound_and_nested_bindings_restore() -> None:
+    from loopwatch.requests import owner_of
+
+    outer, inner = RequestRecord("GET", {}, ""), RequestRecord("POST", {}, "")
+
+    async def main() -> list[RequestRecord | None]:
+        task = asyncio.current_task()
+        seen = [owner_of(task)]
+        first = bind_request(outer)
+        seen.append(owner_of(task))
+        second = bind_request(inner)  # a mounted app's own middleware, inside the first
+        seen.append(owner_of(task))
+        unbind_request(second)
+        seen.append(owner_of(task))
+        unbind_request(first)
+        seen.append(owner_of(task))
+        return seen
+
+    assert asyncio.run(main()) == [None, outer, inner, outer, None]
+
+
+def test_a_binding_left_by_a_dead_task_is_not_a_new_tasks_with_its_id() -> None:
+    # Python < 3.12 keeps the binding by id(task) with a weak reference (no weak-keyed entry
+    # per request): a task gone without unbinding must not lend its request to the next
+    # task that gets its id
+    import weakref
+
+    from loopwatch import requests
+
+    if requests.HAS_TASK_CONTEXT:
+        pytest.skip("3.12+ reads the task's own context")
+    record = RequestRecord("GET", {}, "")
+
+    class Gone:
+        pass
+
+    async def main() -> RequestRecord | None:
+        task = asyncio.current_task()
+        assert task is not None
+        gone = Gone()
+        requests._bound[id(task)] = (record, weakref.ref(gone))  # as if its id were reused
+        del gone
+        try:
+            return requests.owner_of(task)
+        finally:
+            requests._bound.pop(id(task), None)
+
+    assert asyncio.run(main()) is None
