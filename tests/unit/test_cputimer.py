@@ -278,3 +278,34 @@ def test_the_handler_takes_no_lock_the_code_it_interrupts_may_hold() -> None:
         assert "test_the_handler_takes_no_lock" in stack[-1]
     finally:
         loop.close()
+
+
+def test_the_samples_line_read_from_the_bytecode_offset_is_the_frames_line() -> None:
+    # The handler keeps each frame's f_lasti (f_lineno scans the line table, at every tick);
+    # the watchdog turns it into the line: the same line, in every frame of a deep stack of
+    # plain calls, a comprehension and a coroutine
+    from loopwatch.profile import _line_at
+
+    seen: list[tuple[str, int, int]] = []
+
+    def look() -> None:
+        frame: FrameType | None = sys._getframe()
+        while frame is not None:
+            lineno, lasti = frame.f_lineno, frame.f_lasti  # one instant, for this frame too
+            code = frame.f_code
+            seen.append((code.co_name, lineno or code.co_firstlineno, _line_at(code, lasti)))
+            frame = frame.f_back
+
+    def deep(k: int) -> None:
+        if k:
+            [deep(k - 1) for _ in range(1)]
+        else:
+            look()
+
+    async def main() -> None:
+        await asyncio.sleep(0)
+        deep(4)
+
+    asyncio.run(main())
+    assert len(seen) > 10
+    assert [(name, line) for name, line, _ in seen] == [(name, got) for name, _, got in seen]
