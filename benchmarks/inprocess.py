@@ -29,6 +29,8 @@ def _ablate(parts: list[str]) -> None:
     import loopwatch.middleware as middleware
     from loopwatch.requests import RequestRecord
 
+    if "task-factory" in parts:  # the middleware puts it back on each request otherwise
+        setattr(middleware, "install_task_factory", lambda loop: None)  # noqa: B010
     if "bind" in parts:
         setattr(middleware, "bind_request", lambda record: None)  # noqa: B010 (module-private)
         setattr(middleware, "unbind_request", lambda token: None)  # noqa: B010
