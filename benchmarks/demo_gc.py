@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import multiprocessing
 import os
@@ -28,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,33 +35,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # -- the app: the demo app and the collector's own account -------------------------------
 
-_collections: list[tuple[float, float, int, str]] = []  # (wall start, seconds, gen, thread)
-_began: dict[int, float] = {}
-
-
-def _on_gc(phase: str, info: dict[str, Any]) -> None:
-    ident = threading.get_ident()
-    if phase == "start":
-        _began[ident] = time.perf_counter()
-        return
-    began = _began.pop(ident, None)
-    if began is not None:
-        seconds = time.perf_counter() - began
-        if seconds >= 0.01:
-            wall = time.time() - (time.perf_counter() - began)
-            _collections.append(
-                (wall, seconds, info["generation"], threading.current_thread().name)
-            )
-
 
 def _app() -> Any:
     from demo_app.main import app
+    from tests.gc_truth import GcTruth
 
-    gc.callbacks.append(_on_gc)
+    recorder = GcTruth(0.01).start()
 
     @app.get("/gc-truth")
-    def truth() -> list[tuple[float, float, int, str]]:
-        return list(_collections)
+    def truth() -> list[tuple[Any, ...]]:
+        return [tuple(c) for c in recorder.collections]
 
     return app
 
@@ -96,7 +77,12 @@ def one_round(root: Path, loop: str, burners: int) -> tuple[list[dict[str, Any]]
     port = free_port()
     # root's loopwatch and demo app, this checkout's harness
     links = Path(tempfile.mkdtemp(prefix="demo-gc-"))
-    for name, where in (("loopwatch", root), ("demo_app", root), ("benchmarks", ROOT)):
+    for name, where in (
+        ("loopwatch", root),
+        ("demo_app", root),
+        ("benchmarks", ROOT),
+        ("tests", ROOT),
+    ):
         (links / name).symlink_to(where / name)
     env = {**os.environ, "DEMO_GC_APP": "1", "DEMO_WORK_SECONDS": "0.5", "PYTHONPATH": str(links)}
     command = [sys.executable, "-m", "uvicorn", "benchmarks.demo_gc:app", "--port", str(port),

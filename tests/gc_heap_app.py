@@ -25,6 +25,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from loopwatch import LoopWatchMiddleware, metrics_app
+from tests.gc_truth import GcTruth
 
 NODES = int(os.environ.get("GC_HEAP_NODES", "400000"))
 ARM_AFTER = 10
@@ -50,31 +51,7 @@ def _build(n: int) -> list[_Node]:
 HEAP = _build(NODES)
 gc.freeze()
 
-_collections: list[dict[str, Any]] = []
-_began: dict[int, float] = {}
-
-
-def _on_gc(phase: str, info: dict[str, Any]) -> None:
-    ident = threading.get_ident()
-    if phase == "start":
-        _began[ident] = time.perf_counter()
-        return
-    began = _began.pop(ident, None)
-    if began is None:
-        return
-    seconds = time.perf_counter() - began
-    if seconds >= 0.05:
-        _collections.append(
-            {
-                "wall_start": time.time() - (time.perf_counter() - began),
-                "seconds": seconds,
-                "generation": info["generation"],
-                "thread": threading.current_thread().name,
-            }
-        )
-
-
-gc.callbacks.append(_on_gc)
+TRUTH = GcTruth(0.05).start()
 
 app = FastAPI()
 app.add_middleware(LoopWatchMiddleware)
@@ -100,4 +77,4 @@ def churn() -> dict[str, int]:
 
 @app.get("/truth")
 def truth() -> dict[str, Any]:
-    return {"collections": list(_collections), "main": threading.main_thread().name}
+    return {"collections": [c._asdict() for c in TRUTH.collections]}
