@@ -112,7 +112,8 @@ class Accountant:
 
     def finished_request(self, record: RequestRecord) -> None:
         """On the loop: ``record`` is over; its last loop time is booked at the next drain
-        (work it left running queues it again)."""
+        (work it left running queues it again). Kept till then without its scope."""
+        record.settle()
         self.finished.append(record)
 
     # -- booking (watchdog or scrape thread) ---------------------------------------------

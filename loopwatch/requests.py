@@ -116,6 +116,15 @@ class RequestRecord:
         self.route = route if route is not None else UNMATCHED
         return self.route
 
+    def settle(self) -> None:
+        """Over, with its route read: the scope is let go. A finished record waits for the
+        next booking of loop time (a quarter of a second), and the scope it held would make
+        every request's objects outlive it: three times the garbage collections, ~8 µs a
+        request (benchmarks.inprocess)."""
+        if self.route is None:
+            self.finish()
+        self.scope = None
+
 
 def _fixed_owner(route: str) -> RequestRecord:
     """An owner that is no request: its route is fixed, and as it is ``done`` the loop time
