@@ -312,7 +312,7 @@ class Detector:
         attribute: Callable[[], Owner],
         in_flight: Callable[[], int],
         events: HoldEvents,
-        gc_within: Callable[[float, float], tuple[float, int]] | None = None,
+        gc_within: Callable[[float, float], tuple[float, int, float]] | None = None,
     ) -> None:
         self.threshold = threshold
         self.interval = interval
@@ -549,14 +549,20 @@ class Detector:
             # (SIGSTOP, a frozen container); no code held the loop
             logger.debug("loopwatch: %.3fs hold while the process was paused", duration)
             return None
-        gc_seconds, gc_generation = (
-            self._gc_within(hold.start, end) if self._gc_within is not None else (0.0, -1)
+        gc_seconds, gc_generation, gc_cpu = (
+            self._gc_within(hold.start, end) if self._gc_within is not None else (0.0, -1, 0.0)
         )
         collected = gc_seconds >= 0.5 * duration
-        if hold.owner.background and hold.idle and not (confirmed or collected):
+        if (
+            hold.owner.background
+            and hold.idle
+            and not confirmed
+            and not (collected and gc_cpu >= 0.5 * gc_seconds)
+        ):
             # every stack sample showed the loop idle, or none was taken (the whole process
             # was starved or paused, the watchdog too): a late heartbeat, not code. Unless the
-            # collector ran: it keeps the GIL, so the watchdog looks only once the loop is
+            # collector ran, on its CPU (a collection on a thread that waited for a core is
+            # starvation too): it keeps the GIL, so the watchdog looks only once the loop is
             # back in its selector, and sees it idle after a collection that held it
             logger.debug("loopwatch: %.3fs late heartbeat with no code seen: not a stall", duration)
             return None

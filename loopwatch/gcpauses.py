@@ -24,24 +24,31 @@ _KEPT = 0.001  # shorter collections cannot make a hold of the threshold's size:
 
 
 class GcPauses:
-    """The recent collections of 1 ms or more: ``(start, end, generation)`` on the monitors'
-    clock (``time.monotonic``)."""
+    """The recent collections of 1 ms or more: ``(start, end, generation, cpu)`` on the
+    monitors' clock (``time.monotonic``); ``cpu``, the CPU seconds the collecting thread used
+    meanwhile (on a busy machine a collection also waits for a core)."""
 
     def __init__(self) -> None:
-        self.recent: collections.deque[tuple[float, float, int]] = collections.deque(maxlen=512)
+        self.recent: collections.deque[tuple[float, float, int, float]] = collections.deque(
+            maxlen=512
+        )
         self._users = 0
         self._lock = threading.Lock()
         self._began = 0.0
+        self._cpu = 0.0
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         # runs inside the collector, on any thread: nothing may escape, nothing slow
         try:
             if phase == "start":
                 self._began = time.monotonic()
+                self._cpu = time.thread_time()
             elif self._began:
                 end = time.monotonic()
                 if end - self._began >= _KEPT:
-                    self.recent.append((self._began, end, int(info.get("generation", -1))))
+                    cpu = time.thread_time() - self._cpu
+                    generation = int(info.get("generation", -1))
+                    self.recent.append((self._began, end, generation, cpu))
                 self._began = 0.0
         except Exception:  # pragma: no cover - a clock read cannot fail in practice
             pass
@@ -64,17 +71,19 @@ class GcPauses:
     def running(self) -> bool:
         return self._callback in gc.callbacks
 
-    def within(self, start: float, end: float) -> tuple[float, int]:
-        """Seconds the collector ran between ``start`` and ``end``, and the oldest generation
-        it collected then (-1 if none). Safe from any thread."""
-        seconds = 0.0
+    def within(self, start: float, end: float) -> tuple[float, int, float]:
+        """Seconds the collector ran between ``start`` and ``end``, the oldest generation it
+        collected then (-1 if none), and its CPU seconds in that time (each collection's in
+        proportion to its overlap). Safe from any thread."""
+        seconds = cpu = 0.0
         generation = -1
-        for began, ended, gen in tuple(self.recent):  # one C-level copy
+        for began, ended, gen, used in tuple(self.recent):  # one C-level copy
             overlap = min(ended, end) - max(began, start)
             if overlap > 0:
                 seconds += overlap
+                cpu += used * overlap / (ended - began)
                 generation = max(generation, gen)
-        return seconds, generation
+        return seconds, generation, cpu
 
 
 gc_pauses = GcPauses()
