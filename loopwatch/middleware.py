@@ -215,11 +215,13 @@ class LoopWatchMiddleware:
             try:
                 await self.app(scope, receive, send)
             finally:
-                record.end()
-                monitor.requests.discard(record)
-                if accountant is not None:
-                    accountant.finished_request(record)
-                unbind_request(binding)
+                try:
+                    record.end()
+                    monitor.requests.discard(record)
+                    if accountant is not None:
+                        accountant.finished_request(record)
+                finally:
+                    unbind_request(binding)
             return
 
         shard.request_started()
@@ -263,9 +265,11 @@ class LoopWatchMiddleware:
         try:
             await self.app(scope, receive, send_and_watch)
         finally:
-            if not answered:
-                count()
-            unbind_request(binding)
+            try:
+                if not answered:
+                    count()
+            finally:  # whatever count() met: a binding left behind outlives its request
+                unbind_request(binding)
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         monitor = Monitor.for_loop(loop, self.settings)

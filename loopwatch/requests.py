@@ -94,10 +94,14 @@ class RequestRecord:
 
     def current_route(self) -> str | None:
         """The final route if finished, else what the scope says so far (None: not routed)."""
-        if self.route is not None:
+        route = self.route
+        if route is not None:
+            return route
+        scope = self.scope
+        if scope is None:  # settled meanwhile (on the loop thread): it set the route first
             return self.route
         try:
-            return route_template(self.scope, self.root_path)
+            return route_template(scope, self.root_path)
         except Exception:  # a framework's object misbehaving must not break the watchdog
             return None
 
@@ -177,6 +181,8 @@ def bind_request(record: RequestRecord) -> Binding:
         if task is not None:
             key = id(task)
             previous = _bound.get(key)
+            if previous is not None and previous[1]() is not task:
+                previous = None  # left by a task gone without unbinding, whose id this reuses
             _bound[key] = (record, weakref.ref(task))
     return CURRENT_REQUEST.set(record), task, previous
 

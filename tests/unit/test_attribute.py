@@ -176,3 +176,30 @@ def test_a_binding_left_by_a_dead_task_is_not_a_new_tasks_with_its_id() -> None:
             requests._bound.pop(id(task), None)
 
     assert asyncio.run(main()) is None
+
+
+def test_a_binding_a_gone_task_left_is_not_restored_for_a_new_task_with_its_id() -> None:
+    # a request whose unbinding never ran left its record under its task's id; a new task
+    # given that id binds and unbinds a request of its own: the stale record is dropped, not
+    # restored (it would stay for good, and keep its request alive)
+    import weakref
+
+    from loopwatch import requests
+
+    if requests.HAS_TASK_CONTEXT:
+        pytest.skip("3.12+ reads the task's own context")
+    stale = RequestRecord("GET", {}, "")
+
+    class Gone:
+        pass
+
+    async def main() -> object:
+        task = asyncio.current_task()
+        assert task is not None
+        gone = Gone()
+        requests._bound[id(task)] = (stale, weakref.ref(gone))
+        del gone
+        unbind_request(bind_request(RequestRecord("POST", {}, "")))
+        return requests._bound.get(id(task))
+
+    assert asyncio.run(main()) is None
