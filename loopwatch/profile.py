@@ -269,12 +269,16 @@ class LoopSampler:
         self._task_request = task_request
         self._last = time.perf_counter()
         # keyed by id(code), the code kept beside to tell a reused id apart: hashing a code
-        # object hashes its bytecode and constants, ~0.15 µs, once per frame per sample
+        # object hashes its bytecode and constants, ~0.15 µs, once per frame per sample.
+        # A frame's name per (code, bytecode offset), the offsets of one line sharing the
+        # line's one string (``_line_names``)
         self._frame_names: dict[tuple[int, int], tuple[CodeType, str]] = {}
+        self._line_names: dict[tuple[int, int], str] = {}
         self._loop_codes: dict[int, tuple[CodeType, bool]] = {}
         self._timer: cputimer.CpuTimer | None = None
         # the loop thread's own samples, for the watchdog to name and store: (who, the
-        # frames' (code, line) leaf first, CPU seconds); bounded if the watchdog falls behind
+        # frames' (code, bytecode offset) leaf first, CPU seconds); bounded if the watchdog
+        # falls behind
         self._ticks: collections.deque[tuple[object, list[tuple[CodeType, int]], float]] = (
             collections.deque(maxlen=10_000)
         )
@@ -433,7 +437,7 @@ class LoopSampler:
         return chain
 
     def _names(self, chain: list[tuple[CodeType, int]]) -> list[str]:
-        """(code, line) pairs, leaf first, as frame names root to leaf, at most
+        """(code, bytecode offset) pairs, leaf first, as frame names root to leaf, at most
         ``MAX_DEPTH``."""
         more = len(chain) > MAX_DEPTH
         if more:
@@ -448,8 +452,14 @@ class LoopSampler:
                 continue
             if len(names) >= 5_000:  # a bound, for code generated at run time
                 names.clear()
-            qualname = getattr(code, "co_qualname", code.co_name)
-            name = clean(f"{qualname} ({code.co_filename}:{_line_at(code, offset)})")
+                self._line_names.clear()
+            line = _line_at(code, offset)
+            name = self._line_names.get((id(code), line))  # the code is in ``names`` then
+            if name is None:
+                qualname = getattr(code, "co_qualname", code.co_name)
+                name = self._line_names[(id(code), line)] = clean(
+                    f"{qualname} ({code.co_filename}:{line})"
+                )
             names[key] = (code, name)
             frames.append(name)
         return frames
