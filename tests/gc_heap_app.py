@@ -27,7 +27,7 @@ from fastapi import FastAPI
 from loopwatch import LoopWatchMiddleware, metrics_app
 from tests.gc_truth import GcTruth
 
-NODES = int(os.environ.get("GC_HEAP_NODES", "400000"))
+NODES = int(os.environ.get("GC_HEAP_NODES", "700000"))
 ARM_AFTER = 10
 
 

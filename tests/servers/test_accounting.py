@@ -116,6 +116,9 @@ def _drive_apart(url: str, paths: list[str]) -> None:
     proc = multiprocessing.get_context("spawn").Process(target=_drive_sync, args=(url, paths))
     proc.start()
     proc.join(120)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
     assert proc.exitcode == 0, proc.exitcode
 
 
