@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import sys
+import weakref
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -149,27 +150,31 @@ def test_a_tasks_request_is_bound_and_unbound_and_nested_bindings_restore() -> N
     assert asyncio.run(main()) == [None, outer, inner, outer, None]
 
 
-def test_a_binding_left_by_a_dead_task_is_not_a_new_tasks_with_its_id() -> None:
-    # Python < 3.12 keeps the binding by id(task) with a weak reference (no weak-keyed entry
-    # per request): a task gone without unbinding must not lend its request to the next
-    # task that gets its id
-    import weakref
+class _Gone:
+    """A task gone without unbinding, as its binding's weak reference sees it."""
 
+
+def _bound_by_a_gone_task(record: RequestRecord) -> asyncio.Task[object]:
+    """The current task, with ``record`` bound under its id as a task gone without unbinding
+    leaves it (Python < 3.12: a plain dict keyed by id, and a dead weak reference), as if this
+    task had reused the gone one's id."""
     from loopwatch import requests
 
     if requests.HAS_TASK_CONTEXT:
         pytest.skip("3.12+ reads the task's own context")
-    record = RequestRecord("GET", {}, "")
+    task = asyncio.current_task()
+    assert task is not None
+    requests._bound[id(task)] = (record, weakref.ref(_Gone()))  # dead at once
+    return task
 
-    class Gone:
-        pass
+
+def test_a_binding_left_by_a_dead_task_is_not_a_new_tasks_with_its_id() -> None:
+    # no weak-keyed entry per request on Python < 3.12: a task gone without unbinding must
+    # not lend its request to the next task that gets its id
+    from loopwatch import requests
 
     async def main() -> RequestRecord | None:
-        task = asyncio.current_task()
-        assert task is not None
-        gone = Gone()
-        requests._bound[id(task)] = (record, weakref.ref(gone))  # as if its id were reused
-        del gone
+        task = _bound_by_a_gone_task(RequestRecord("GET", {}, ""))
         try:
             return requests.owner_of(task)
         finally:
@@ -182,23 +187,10 @@ def test_a_binding_a_gone_task_left_is_not_restored_for_a_new_task_with_its_id()
     # a request whose unbinding never ran left its record under its task's id; a new task
     # given that id binds and unbinds a request of its own: the stale record is dropped, not
     # restored (it would stay for good, and keep its request alive)
-    import weakref
-
     from loopwatch import requests
 
-    if requests.HAS_TASK_CONTEXT:
-        pytest.skip("3.12+ reads the task's own context")
-    stale = RequestRecord("GET", {}, "")
-
-    class Gone:
-        pass
-
     async def main() -> object:
-        task = asyncio.current_task()
-        assert task is not None
-        gone = Gone()
-        requests._bound[id(task)] = (stale, weakref.ref(gone))
-        del gone
+        task = _bound_by_a_gone_task(RequestRecord("GET", {}, ""))
         unbind_request(bind_request(RequestRecord("POST", {}, "")))
         return requests._bound.get(id(task))
 
