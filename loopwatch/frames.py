@@ -20,6 +20,7 @@ __all__ = [
     "format_culprit",
     "format_stack",
     "last_call_line",
+    "line_at",
     "snapshot",
 ]
 
@@ -169,6 +170,16 @@ def _calls(code: CodeType) -> tuple[tuple[int, int], ...]:
         if ins.opname.startswith(("CALL", "PRECALL")):
             calls.append((ins.offset, line))
     return tuple(calls)
+
+
+def line_at(code: CodeType, offset: int) -> int:
+    """The source line of the instruction at byte ``offset`` (a frame's ``f_lasti``), else
+    the function's first line (not started yet, or an instruction with no line)."""
+    if offset >= 0:
+        for start, end, line in code.co_lines():
+            if start <= offset < end:
+                return line if line is not None else code.co_firstlineno
+    return code.co_firstlineno
 
 
 def last_call_line(frame: FrameType) -> int:

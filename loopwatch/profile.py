@@ -54,6 +54,7 @@ from loopwatch import cputimer
 from loopwatch.accounting import Accountant
 from loopwatch.attribute import Owner
 from loopwatch.detect import Detector
+from loopwatch.frames import line_at
 from loopwatch.requests import RequestRecord
 from loopwatch.stall import BACKGROUND, OWN, SERVER
 
@@ -453,7 +454,7 @@ class LoopSampler:
             if len(names) >= 5_000:  # a bound, for code generated at run time
                 names.clear()
                 self._line_names.clear()
-            line = _line_at(code, offset)
+            line = line_at(code, offset)
             name = self._line_names.get((id(code), line))  # the code is in ``names`` then
             if name is None:
                 qualname = getattr(code, "co_qualname", code.co_name)
@@ -479,16 +480,6 @@ class LoopSampler:
         if len(self._loop_codes) < 10_000:
             self._loop_codes[id(code)] = (code, known)
         return known
-
-
-def _line_at(code: CodeType, offset: int) -> int:
-    """The source line of the instruction at byte ``offset`` (a frame's ``f_lasti``), else
-    the function's first line (not started yet, or an instruction with no line)."""
-    if offset >= 0:
-        for start, end, line in code.co_lines():
-            if start <= offset < end:
-                return line if line is not None else code.co_firstlineno
-    return code.co_firstlineno
 
 
 def render(seconds: int, store: ProfileStore = PROFILE) -> bytes:

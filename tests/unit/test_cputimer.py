@@ -284,7 +284,7 @@ def test_the_samples_line_read_from_the_bytecode_offset_is_the_frames_line() -> 
     # The handler keeps each frame's f_lasti (f_lineno scans the line table, at every tick);
     # the watchdog turns it into the line: the same line, in every frame of a deep stack of
     # plain calls, a comprehension and a coroutine
-    from loopwatch.profile import _line_at
+    from loopwatch.frames import line_at
 
     seen: list[tuple[str, int, int]] = []
 
@@ -293,7 +293,7 @@ def test_the_samples_line_read_from_the_bytecode_offset_is_the_frames_line() -> 
         while frame is not None:
             lineno, lasti = frame.f_lineno, frame.f_lasti  # one instant, for this frame too
             code = frame.f_code
-            seen.append((code.co_name, lineno or code.co_firstlineno, _line_at(code, lasti)))
+            seen.append((code.co_name, lineno or code.co_firstlineno, line_at(code, lasti)))
             frame = frame.f_back
 
     def deep(k: int) -> None:
