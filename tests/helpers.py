@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from loopwatch import Stall
 
@@ -51,6 +52,16 @@ def eventually(check: Callable[[], bool], timeout: float = 5.0, what: str = "con
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout}s")
         time.sleep(0.02)
+
+
+def text_samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The samples called ``name`` in a scraped exposition, by their sorted labels."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name:
+                out[tuple(sorted(s.labels.items()))] = s.value
+    return out
 
 
 def series(registry: CollectorRegistry, name: str) -> list[dict[str, str]]:

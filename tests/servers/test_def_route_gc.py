@@ -16,10 +16,9 @@ import json
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from loopwatch.cli import main
-from tests.helpers import table_rows
+from tests.helpers import table_rows, text_samples
 from tests.serving import LOOPS, serve_process
 
 
@@ -72,10 +71,9 @@ def test_a_full_collection_under_a_def_route_is_a_gc_stall_in_every_view(
     assert owner in {"POST /churn", "POST <routing>", "- <server>", "- <background>"}, stall
     # the metrics say the same: one stall, of kind gc, for that owner
     counts = {
-        tuple(sorted(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "loopwatch_stall_duration_seconds_count" and s.value
+        labels: value
+        for labels, value in text_samples(text, "loopwatch_stall_duration_seconds_count").items()
+        if value
     }
     assert counts == {
         (("kind", "gc"), ("method", stall["method"]), ("route", stall["route"])): 1.0

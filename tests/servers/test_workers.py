@@ -13,22 +13,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers import text_samples as samples
 from tests.serving import free_port, serve_process
 
 # uvloop has no exact hook before 3.12: its loop time is sampled (and reads short holds low)
 _UVLOOP_MODE = "exact" if sys.version_info >= (3, 12) else "sampled"
 _AUTO_MODE = _UVLOOP_MODE if importlib.util.find_spec("uvloop") else "exact"
-
-
-def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name:
-                out[tuple(sorted(s.labels.items()))] = s.value
-    return out
 
 
 def test_two_workers_one_scrape_counts_every_stall_once(tmp_path: Path) -> None:
