@@ -57,6 +57,8 @@ def overload(pid: int) -> Iterator[None]:
         for tid in _threads(pid):
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(tid, everywhere)
+            with contextlib.suppress(OSError):  # back to a normal priority (root may lower it)
+                os.setpriority(os.PRIO_PROCESS, tid, 0)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="affinity and /proc: Linux")
