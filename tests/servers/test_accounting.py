@@ -104,16 +104,18 @@ async def _drive(url: str, paths: list[str], concurrency: int = 4) -> None:
         await asyncio.gather(*(one(p) for p in paths))
 
 
-def _drive_sync(url: str, paths: list[str]) -> None:
-    asyncio.run(_drive(url, paths))
+def _drive_sync(url: str, paths: list[str], concurrency: int = 4) -> None:
+    asyncio.run(_drive(url, paths, concurrency))
 
 
-def _drive_apart(url: str, paths: list[str]) -> None:
+def _drive_apart(url: str, paths: list[str], concurrency: int = 4) -> None:
     """The client in a process of its own. In this one, with the server in a thread, its
     Python work takes the GIL from the loop thread in the middle of callbacks, and the loop
     time of the framework's part of a request (what a test subtracts) swings with the
     machine's load: 7.5 ms a request for ``/await`` once, against ~1 ms."""
-    proc = multiprocessing.get_context("spawn").Process(target=_drive_sync, args=(url, paths))
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_drive_sync, args=(url, paths, concurrency)
+    )
     proc.start()
     proc.join(120)
     if proc.is_alive():
@@ -700,10 +702,13 @@ def test_a_callback_that_raises_is_timed_and_its_exception_reaches_the_loop(
         return {}
 
     with serve(app, loop=loop_impl) as url:
-        for _ in range(5):
-            assert httpx.get(f"{url}/raises", timeout=5).status_code == 200
+        # one at a time: each request sets the loop's exception handler
+        _drive_apart(url, ["/raises", "/await"] * 5, concurrency=1)
         time.sleep(0.4)
     assert len(raised) == 5 and all(a is b for a, b in zip(handled, raised, strict=True))
     if loop_impl == "asyncio" or EXACT:
         known, measured = truth.seconds["/raises"], busy(registry, "/raises")
-        assert 0.9 * known <= measured <= 1.1 * known + 5 * 0.004, (measured, known)
+        framework = busy(registry, "/await")  # the same five requests' routing and response
+        # 2 ms a request: /raises's extra steps (future, handler) beyond /await's framework
+        slack = 0.1 * known + 5 * 0.002
+        assert abs(measured - framework - known) <= slack, (measured, framework, known)
