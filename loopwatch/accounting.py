@@ -72,8 +72,17 @@ class Accountant:
     background: float  # seconds of ownerless callbacks
     server: float
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sink: BusySink, kind: str) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sink: BusySink,
+        kind: str,
+        loop_frame: Callable[[], FrameType | None] = lambda: None,
+    ) -> None:
         self.loop = loop
+        # the loop thread's current frame, read by the sampling hook (its stack names the
+        # running task's request before Python 3.12)
+        self.loop_frame = loop_frame
         self.kind = kind  # "handle", "monitoring" or "sampling": what the hook can see
         self.exact = kind != "sampling"
         self.sees_server = kind == "handle"
@@ -533,7 +542,7 @@ class SamplingHook(_Hook):
             return
         if task is None:
             return
-        owner = owner_of(task)
+        owner = owner_of(task, accountant.loop_frame)
         if owner is not None and owner.route is None and owner.current_route() is None:
             # a request not routed yet: its code now is a hold before routing, booked where
             # its stall is (``<routing>``), never moved to the route it gets later
@@ -570,7 +579,11 @@ def monitoring_hook() -> MonitoringHook | None:
 
 
 def start_accounting(
-    loop: asyncio.AbstractEventLoop, sink: BusySink, *, force: str | None = None
+    loop: asyncio.AbstractEventLoop,
+    sink: BusySink,
+    *,
+    force: str | None = None,
+    loop_frame: Callable[[], FrameType | None] = lambda: None,
 ) -> Accountant | None:
     """Start timing ``loop`` (call on its thread); None if no hook can run here."""
     hook: _Hook | None
@@ -580,7 +593,7 @@ def start_accounting(
         hook = monitoring_hook() or _sampling_hook
     else:
         hook = _handle_hook
-    accountant = Accountant(loop, sink, hook.kind)
+    accountant = Accountant(loop, sink, hook.kind, loop_frame)
     if not hook.add(accountant):
         return None
     accountant._hook = hook

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any, NamedTuple
 
-from loopwatch.requests import CURRENT_REQUEST, RequestRecord, is_own, owner_of
+from loopwatch.requests import CURRENT_REQUEST, HAS_TASK_CONTEXT, RequestRecord, is_own, owner_of
 from loopwatch.stall import BACKGROUND, OWN, SERVER
 
 __all__ = ["Attributor", "Owner", "ServerCode", "callback_is_server", "running_callback_owner"]
@@ -182,11 +182,14 @@ class Attributor:
         found = self.task_request(task)
         return found if isinstance(found, Owner) else self._request_owner(found, task)
 
-    def task_request(self, task: asyncio.Task[Any]) -> RequestRecord | Owner:
+    def task_request(self, task: asyncio.Task[Any], on_loop: bool = False) -> RequestRecord | Owner:
         """``task_owner`` without its label: the request, else the placeholder owner. Takes
         no lock (reading a route's template does), so the loop thread's signal handler may
-        call it inside any code."""
-        record = owner_of(task)
+        call it inside any code (``on_loop``: the running step's context is the current one)."""
+        if on_loop and not HAS_TASK_CONTEXT:
+            record = CURRENT_REQUEST.get()
+        else:  # before 3.12, read from the loop thread's stack: ``task`` is the running one
+            record = owner_of(task, self._frame)
         if record is None:
             return _SERVER if self.server_code.task_is_server(task) else _BACKGROUND
         if record is self._own or is_own(record):

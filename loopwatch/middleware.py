@@ -24,6 +24,7 @@ from loopwatch.requests import (
     RequestRecord,
     background_owner,
     bind_request,
+    binds_in,
     install_task_factory,
     unbind_request,
 )
@@ -364,7 +365,8 @@ class LoopWatchMiddleware:
 
         # The app's start-up and shutdown code runs in a task of the server's: bound to the
         # background's owner, so that a hold in it is the app's, not ``<server>``
-        binding = bind_request(background_owner()) if _on_asyncio() else None
+        owner = background_owner() if _on_asyncio() else None
+        binding = bind_request(owner) if owner is not None else None
         try:
             await self.app(scope, receive_and_start, send_and_watch)
         except ConfigError as error:
@@ -429,6 +431,11 @@ class LoopWatchMiddleware:
             if path.startswith(mount + "/"):
                 return True
         return False
+
+
+# Python < 3.12: the watchdog finds the request of the running task by these frames
+binds_in(LoopWatchMiddleware.__call__, "record")
+binds_in(LoopWatchMiddleware._lifespan, "owner")
 
 
 def _on_asyncio() -> bool:

@@ -90,7 +90,9 @@ class Pipeline:
             self._gc_timed = True
             gc_pauses.start()
         if self.settings.loop_time:
-            self.accountant = start_accounting(self.loop, self.ledger.book_busy)
+            self.accountant = start_accounting(
+                self.loop, self.ledger.book_busy, loop_frame=self.detector.loop_frame
+            )
         if self.settings.profile:
             self._sampler = LoopSampler(
                 self.loop, self.detector, lambda: self.accountant, self.attribute,

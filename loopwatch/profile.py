@@ -259,7 +259,7 @@ class LoopSampler:
         detector: Detector,
         accountant: Callable[[], Accountant | None],
         attribute: Callable[[], Owner],
-        task_request: Callable[[asyncio.Task[Any]], RequestRecord | Owner],
+        task_request: Callable[[asyncio.Task[Any], bool], RequestRecord | Owner],
         store: ProfileStore = PROFILE,
     ) -> None:
         self.loop = loop
@@ -390,7 +390,7 @@ class LoopSampler:
             return None
         if task is None:
             return None if on_loop or not self.detector.stalling else _CALLBACK
-        return self._task_request(task)
+        return self._task_request(task, on_loop)
 
     def _label(self, who: object) -> tuple[str, str] | None:
         """(method, route) of ``who``; None when it is none of the app's code. Off the loop

@@ -1,12 +1,15 @@
 """Requests in flight, as the watchdog and the loop-time hooks see them.
 
-The middleware binds a ``RequestRecord`` to a context variable for the duration of a request.
-Tasks spawned inside the request (anyio task groups, ``BaseHTTPMiddleware``,
-``asyncio.create_task``) and callbacks it schedules copy the context, so the watchdog can ask
-which request a task belongs to. On Python 3.12+ it reads the task's context directly
-(``Task.get_context()``); on 3.10 and 3.11 a task's context is not readable, so a task factory
-records the owner when the task is created. Fixed owners that are no request (the lifespan,
-loopwatch's own work) are records too, so every hook treats them alike.
+The middleware binds a ``RequestRecord`` to a context variable for the duration of a request:
+one ``ContextVar.set`` and one ``reset``, all a request costs for attribution. Tasks spawned
+inside the request (anyio task groups, ``BaseHTTPMiddleware``, ``asyncio.create_task``) and
+callbacks it schedules copy the context, so the watchdog can ask, when the loop is held, which
+request the running code belongs to. On Python 3.12+ it reads the task's context
+(``Task.get_context()``). On 3.10 and 3.11 a task's context is not readable, so it reads the
+loop thread's stack instead (``stack_owner``): the frame that bound the request, or the
+running ``Handle``'s context on a pure-Python loop; on a C loop (uvloop), a task factory
+records the request of the tasks a request spawns. Fixed owners that are no request (the
+lifespan, loopwatch's own work) are records too, so every hook treats them alike.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import contextvars
 import sys
 import weakref
 from collections.abc import Callable
+from types import CodeType, FrameType
 from typing import Any
 
 from loopwatch.routes import route_template
@@ -27,11 +31,13 @@ __all__ = [
     "RequestRecord",
     "background_owner",
     "bind_request",
+    "binds_in",
     "install_task_factory",
     "is_own",
     "own_context",
     "own_owner",
     "owner_of",
+    "stack_owner",
     "unbind_request",
     "uninstall_task_factory",
     "watch_tasks",
@@ -43,16 +49,14 @@ HAS_TASK_CONTEXT = sys.version_info >= (3, 12)
 CURRENT_REQUEST: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
     "loopwatch_request", default=None
 )
-# Python < 3.12 only: task -> the request it was created under (the task factory's: nothing
-# unbinds those, so the task is held weakly).
+# Python < 3.12 on a C loop only: task -> the request it was created under (the task
+# factory's: nothing unbinds those, so the task is held weakly).
 _task_owners: weakref.WeakKeyDictionary[asyncio.Task[Any], RequestRecord] = (
     weakref.WeakKeyDictionary()
 )
-# Python < 3.12 only: id(task) -> (the request bound in it, a plain weak reference to the task),
-# for the task a request runs in, bound and unbound around the request. A plain dict: a
-# WeakKeyDictionary entry made and dropped per request cost ~2 µs of its ~10 (benchmarks.inprocess);
-# the reference tells a reused id from its task, and holds nothing alive.
-_bound: dict[int, tuple[RequestRecord, weakref.ReferenceType[Any]]] = {}
+# Python < 3.12: the code of the frames that bind a request -> the local holding its record
+_binding_frames: dict[CodeType, str] = {}
+_HANDLE_RUN = asyncio.Handle._run.__code__  # a pure-Python loop runs every callback in it
 
 
 class RequestRecord:
@@ -166,46 +170,37 @@ def own_context(owner: RequestRecord) -> contextvars.Context:
     return context
 
 
-Binding = tuple[
-    contextvars.Token["RequestRecord | None"],
-    "asyncio.Task[Any] | None",
-    "tuple[RequestRecord, weakref.ReferenceType[Any]] | None",
-]
+Binding = contextvars.Token["RequestRecord | None"]
 
 
 def bind_request(record: RequestRecord) -> Binding:
     """Make ``record`` the current request of this task and of the tasks it spawns."""
-    task = previous = None
-    if not HAS_TASK_CONTEXT:
-        task = asyncio.current_task()
-        if task is not None:
-            key = id(task)
-            previous = _bound.get(key)
-            if previous is not None and previous[1]() is not task:
-                previous = None  # left by a task gone without unbinding, whose id this reuses
-            _bound[key] = (record, weakref.ref(task))
-    return CURRENT_REQUEST.set(record), task, previous
+    return CURRENT_REQUEST.set(record)
 
 
 def unbind_request(binding: Binding) -> None:
-    token, task, previous = binding
     try:  # noqa: SIM105 - not contextlib.suppress: this runs once per request
-        CURRENT_REQUEST.reset(token)
+        CURRENT_REQUEST.reset(binding)
     except ValueError:  # a reset from another context (a server that moved the request)
         pass
-    if task is not None:  # Python < 3.12: the task no longer runs for this request
-        if previous is None:
-            _bound.pop(id(task), None)
-        else:
-            _bound[id(task)] = previous
+
+
+def binds_in(function: Callable[..., Any], local: str) -> None:
+    """``function`` binds a request held in its local variable ``local``: on Python < 3.12
+    the watchdog finds the request of the loop's running task by that frame on its stack."""
+    _binding_frames[function.__code__] = local
 
 
 def current_request() -> RequestRecord | None:
     return CURRENT_REQUEST.get()
 
 
-def owner_of(task: asyncio.Task[Any] | None) -> RequestRecord | None:
-    """The request a task runs for, read from any thread; None for background code."""
+def owner_of(
+    task: asyncio.Task[Any] | None, frame: Callable[[], FrameType | None] | None = None
+) -> RequestRecord | None:
+    """The request a task runs for, read from any thread; None for background code. On
+    Python < 3.12, ``task`` must be the loop's running task and ``frame`` return the loop
+    thread's current frame: its stack names the request (``stack_owner``)."""
     if task is None:
         return None
     if HAS_TASK_CONTEXT:
@@ -213,10 +208,36 @@ def owner_of(task: asyncio.Task[Any] | None) -> RequestRecord | None:
             return task.get_context().get(CURRENT_REQUEST)  # type: ignore[attr-defined,no-any-return]
         except Exception:
             return None
-    bound = _bound.get(id(task))
-    if bound is not None and bound[1]() is task:
-        return bound[0]
+    if frame is not None:
+        owner = stack_owner(frame())
+        if owner is not None:
+            return owner
     return _task_owners.get(task)
+
+
+def stack_owner(frame: FrameType | None) -> RequestRecord | None:
+    """Python < 3.12, from any thread: the request whose code the loop thread runs, read from
+    its stack, innermost first: the frame that bound it (the middleware's, for the request's
+    own task), or the context of the running ``Handle`` on a pure-Python loop (a task's step
+    runs in the task's context, a callback in the one it was scheduled in). None if neither
+    names one: a C loop's spawned task (the task factory's), or no request's code."""
+    try:  # read across threads: a torn read names nobody
+        while frame is not None:
+            code = frame.f_code
+            local = _binding_frames.get(code)
+            if local is not None:
+                owner = frame.f_locals.get(local)
+                if isinstance(owner, RequestRecord):
+                    return owner
+            elif code is _HANDLE_RUN:
+                context = getattr(frame.f_locals.get("self"), "_context", None)
+                owner = context.get(CURRENT_REQUEST) if context is not None else None
+                if owner is not None:
+                    return owner  # type: ignore[no-any-return]
+            frame = frame.f_back
+    except Exception:
+        return None
+    return None
 
 
 # loop -> called with each task created on it (loop-time accounting on uvloop, 3.12+)
@@ -240,7 +261,7 @@ def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
 
     Called again on every request: an app that sets its own factory at start-up, without
     chaining to the one it replaces, gets it wrapped (and still called) from then on."""
-    if HAS_TASK_CONTEXT and loop not in _task_watchers:
+    if not needs_task_factory(loop):
         return
     previous = loop.get_task_factory()
     if getattr(previous, "_loopwatch", False):
@@ -251,7 +272,7 @@ def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
             task = previous(loop, coro, **kwargs)
         else:
             task = asyncio.Task(coro, loop=loop, **kwargs)
-        if not HAS_TASK_CONTEXT:
+        if not HAS_TASK_CONTEXT and not isinstance(loop, asyncio.BaseEventLoop):
             context = kwargs.get("context")
             record = context.get(CURRENT_REQUEST) if context is not None else CURRENT_REQUEST.get()
             if record is not None:
@@ -267,6 +288,14 @@ def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
     factory._loopwatch = True  # type: ignore[attr-defined]
     factory._previous = previous  # type: ignore[attr-defined]
     loop.set_task_factory(factory)
+
+
+def needs_task_factory(loop: asyncio.AbstractEventLoop) -> bool:
+    """A factory for ``watch_tasks``, or to name the request of the tasks a request spawns
+    on a C loop before Python 3.12 (a pure-Python loop's ``Handle`` carries the context)."""
+    return loop in _task_watchers or not (
+        HAS_TASK_CONTEXT or isinstance(loop, asyncio.BaseEventLoop)
+    )
 
 
 def uninstall_task_factory(loop: asyncio.AbstractEventLoop) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvloop
 from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, Request, WebSocket
 from fastapi.responses import StreamingResponse
 from prometheus_client import CollectorRegistry
@@ -529,10 +530,11 @@ def test_an_app_factory_returning_an_unweakable_object_is_left_alone(
         coros.append(coro)
         return handle
 
-    loop = asyncio.new_event_loop()
+    loop = uvloop.new_event_loop()  # a C loop: a pure-Python one needs no factory
     try:
         loop.set_task_factory(odd_factory)
         attribution.install_task_factory(loop)
+        assert loop.get_task_factory() is not odd_factory  # wrapped: it is what is tested
         token = attribution.CURRENT_REQUEST.set(attribution.RequestRecord("GET", {}, ""))
         try:  # created under a request: loopwatch would record its owner, and cannot
             assert loop.create_task(asyncio.sleep(0)) is handle

@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import sys
-import weakref
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-import pytest
 import uvicorn.server
 
 from loopwatch.attribute import Attributor, Owner, ServerCode, running_callback_owner
@@ -136,62 +134,47 @@ def test_a_tasks_request_is_bound_and_unbound_and_nested_bindings_restore() -> N
 
     async def main() -> list[RequestRecord | None]:
         task = asyncio.current_task()
-        seen = [owner_of(task)]
+
+        def owner() -> RequestRecord | None:  # before 3.12, read from this thread's stack
+            return owner_of(task, sys._getframe)
+
+        seen = [owner()]
         first = bind_request(outer)
-        seen.append(owner_of(task))
+        seen.append(owner())
         second = bind_request(inner)  # a mounted app's own middleware, inside the first
-        seen.append(owner_of(task))
+        seen.append(owner())
         unbind_request(second)
-        seen.append(owner_of(task))
+        seen.append(owner())
         unbind_request(first)
-        seen.append(owner_of(task))
+        seen.append(owner())
         return seen
 
     assert asyncio.run(main()) == [None, outer, inner, outer, None]
 
 
-class _Gone:
-    """A task gone without unbinding, as its binding's weak reference sees it."""
+def test_the_stack_names_the_request_by_the_innermost_frame_that_bound_one() -> None:
+    # Python < 3.12 on a C loop: no Handle frame, and the request's own task was created by
+    # the server before any request: the frame that bound it is read off the stack
+    from loopwatch.requests import binds_in, stack_owner
 
+    outer, inner = RequestRecord("GET", {}, ""), RequestRecord("POST", {}, "")
+    seen: list[RequestRecord | None] = []
 
-def _bound_by_a_gone_task(record: RequestRecord) -> asyncio.Task[object]:
-    """The current task, with ``record`` bound under its id as a task gone without unbinding
-    leaves it (Python < 3.12: a plain dict keyed by id, and a dead weak reference), as if this
-    task had reused the gone one's id."""
-    from loopwatch import requests
+    def handler() -> None:
+        seen.append(stack_owner(sys._getframe()))
 
-    if requests.HAS_TASK_CONTEXT:
-        pytest.skip("3.12+ reads the task's own context")
-    task = asyncio.current_task()
-    assert task is not None
-    requests._bound[id(task)] = (record, weakref.ref(_Gone()))  # dead at once
-    return task
+    def binding(record: RequestRecord, then: Callable[[], None]) -> None:
+        held = record  # the local the frame is registered with
+        then()
+        del held
 
+    def passing_through(then: Callable[[], None]) -> None:  # bound nothing (yet): read on
+        then()
 
-def test_a_binding_left_by_a_dead_task_is_not_a_new_tasks_with_its_id() -> None:
-    # no weak-keyed entry per request on Python < 3.12: a task gone without unbinding must
-    # not lend its request to the next task that gets its id
-    from loopwatch import requests
-
-    async def main() -> RequestRecord | None:
-        task = _bound_by_a_gone_task(RequestRecord("GET", {}, ""))
-        try:
-            return requests.owner_of(task)
-        finally:
-            requests._bound.pop(id(task), None)
-
-    assert asyncio.run(main()) is None
-
-
-def test_a_binding_a_gone_task_left_is_not_restored_for_a_new_task_with_its_id() -> None:
-    # a request whose unbinding never ran left its record under its task's id; a new task
-    # given that id binds and unbinds a request of its own: the stale record is dropped, not
-    # restored (it would stay for good, and keep its request alive)
-    from loopwatch import requests
-
-    async def main() -> object:
-        task = _bound_by_a_gone_task(RequestRecord("GET", {}, ""))
-        unbind_request(bind_request(RequestRecord("POST", {}, "")))
-        return requests._bound.get(id(task))
-
-    assert asyncio.run(main()) is None
+    binds_in(binding, "held")
+    binds_in(passing_through, "held")
+    binding(outer, handler)
+    binding(outer, lambda: binding(inner, handler))
+    binding(outer, lambda: passing_through(handler))
+    handler()
+    assert seen == [outer, inner, outer, None]
