@@ -5,7 +5,8 @@ variant of ``benchmarks.apps`` in its own process (pinned with ``--cpu``), runs 
 then awaits the app directly, one task per request as uvicorn does, and prints the process
 CPU time per request. Without sockets and HTTP parsing the middleware's share is larger than
 under uvicorn, and a busy machine barely moves the figures: it is the tool for finding where
-the microseconds go (``--ablate`` switches parts of loopwatch off).
+the microseconds go (``--ablate`` switches parts of loopwatch off; ``--ladder`` builds loopwatch
+up one part at a time and prints what each adds to a request).
 """
 
 from __future__ import annotations
@@ -21,13 +22,40 @@ from typing import Any
 
 from benchmarks.apps import VARIANTS, build
 
-ABLATIONS = ("bind", "finish", "task-factory", "callbacks")
+ABLATIONS = ("bind", "finish", "task-factory", "callbacks", "requests", "profile")
+
+# ``--ladder``: loopwatch built up one part at a time; each row's difference to the one above
+# is what that part costs a request (the issue-19 ablation table in BENCHMARKS.md)
+LADDER = (
+    ("bare", "", "bare FastAPI"),
+    ("noop", "", "+ a no-op ASGI middleware"),
+    ("loopwatch-stalls", "requests,profile", "+ the monitor (heartbeat, watchdog, gc hook)"),
+    ("loopwatch-stalls", "requests", "+ the loop profile's CPU-time signal"),
+    ("loopwatch-stalls", "", "+ the request path, stalls only"),
+    ("loopwatch-no-loop-time", "", "+ request metrics"),
+    ("loopwatch", "", "+ loop time (the defaults)"),
+)
 
 
 def _ablate(parts: list[str]) -> None:
     """Replace parts of loopwatch's request path with no-ops, to price each one."""
+    import os
+
     import loopwatch.middleware as middleware
     from loopwatch.requests import RequestRecord
+
+    if "profile" in parts:
+        os.environ["LOOPWATCH_PROFILE"] = "0"
+    if "requests" in parts:  # the monitor runs (the lifespan starts it), requests pass by
+        watched = middleware.LoopWatchMiddleware.__call__
+
+        async def passing(self: Any, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "lifespan":
+                await watched(self, scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+
+        middleware.LoopWatchMiddleware.__call__ = passing  # type: ignore[method-assign]
 
     if "task-factory" in parts:  # the middleware puts it back on each request otherwise
         setattr(middleware, "install_task_factory", lambda loop: None)  # noqa: B010
@@ -92,12 +120,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default="bare,noop,loopwatch-stalls,loopwatch")
     parser.add_argument("--ablate", default="", help=f"comma-separated: {', '.join(ABLATIONS)}")
     parser.add_argument("--cpu", default="0", help="pin each run to this CPU (taskset)")
+    parser.add_argument(
+        "--ladder", action="store_true",
+        help="loopwatch built up one part at a time (--variants and --ablate are ignored)",
+    )  # fmt: skip
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     ablate = [a for a in args.ablate.split(",") if a]
     for name in ablate:
         if name not in ABLATIONS:
             parser.error(f"--ablate={name!r}: expected some of {', '.join(ABLATIONS)}")
+    if args.ladder and not args.one:
+        _ladder(args.requests, args.rounds, args.routes, args.cpu)
+        return
     if args.one:  # one measurement, in this process
         _ablate(ablate)
         try:
@@ -111,17 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     for variant in variants:
         if variant not in VARIANTS:
             parser.error(f"--variants={variant!r}: expected some of {', '.join(VARIANTS)}")
-    pin = ["taskset", "-c", args.cpu] if args.cpu else []
     figures: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):  # interleaved: A B C A B C
         for variant in variants:
-            out = subprocess.run(
-                [*pin, sys.executable, "-m", "benchmarks.inprocess", "--one", variant,
-                 "--requests", str(args.requests), "--routes", str(args.routes),
-                 "--ablate", args.ablate],
-                capture_output=True, text=True, check=True,
-            ).stdout  # fmt: skip
-            figures[variant].append(float(out.strip().splitlines()[-1]))
+            figures[variant].append(
+                _measure(variant, args.ablate, args.requests, args.routes, args.cpu)
+            )
     bare = statistics.median(figures["bare"]) if "bare" in figures else None
     suffix = f" (ablated: {args.ablate})" if ablate else ""
     print(f"| variant{suffix} | CPU µs/request (median) | runs | bare/variant |")
@@ -130,6 +160,33 @@ def main(argv: list[str] | None = None) -> None:
         med = statistics.median(values)
         ratio = f"{bare / med:.2f}" if bare else "-"
         print(f"| {variant} | {med:.1f} | {', '.join(f'{v:.1f}' for v in values)} | {ratio} |")
+
+
+def _measure(variant: str, ablate: str, requests: int, routes: int, cpu: str) -> float:
+    pin = ["taskset", "-c", cpu] if cpu else []
+    out = subprocess.run(
+        [*pin, sys.executable, "-m", "benchmarks.inprocess", "--one", variant,
+         "--requests", str(requests), "--routes", str(routes), "--ablate", ablate],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return float(out.strip().splitlines()[-1])
+
+
+def _ladder(requests: int, rounds: int, routes: int, cpu: str) -> None:
+    figures: list[list[float]] = [[] for _ in LADDER]
+    for _ in range(rounds):  # interleaved: every row once per round
+        for i, (variant, ablate, _label) in enumerate(LADDER):
+            figures[i].append(_measure(variant, ablate, requests, routes, cpu))
+    medians = [statistics.median(values) for values in figures]
+    print(
+        f"| step ({sys.version.split()[0]}) | CPU µs/request (median) | runs | added | bare/row |"
+    )
+    print("|---|---:|---|---:|---:|")
+    for i, (_variant, _ablate, label) in enumerate(LADDER):
+        added = f"{medians[i] - medians[i - 1]:+.1f}" if i else "-"
+        runs = ", ".join(f"{v:.1f}" for v in figures[i])
+        ratio = medians[0] / medians[i]
+        print(f"| {label} | {medians[i]:.1f} | {runs} | {added} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":

@@ -735,13 +735,14 @@ def test_the_side_port_binds_loopback_only_unless_told_otherwise() -> None:
     assert default.metrics_server is None
 
 
-# -- Python < 3.12 has no Task.get_context(): the task-factory fallback, on every Python -----
+# -- Python < 3.12 has no Task.get_context(): the stack and task-factory path, on every Python
 
 
-def test_the_task_factory_fallback_attributes_spawned_tasks(
+def test_the_path_before_312_attributes_spawned_tasks(
     loop_impl: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Forced here so 3.12+ exercises it too; on 3.10/3.11 it is the only path anyway.
+    # Forced here so 3.12+ exercises it too; on 3.10/3.11 it is the only path anyway: the
+    # running Handle's context on asyncio, the task factory's record on uvloop.
     monkeypatch.setattr(requests_module, "HAS_TASK_CONTEXT", False)
     registry = CollectorRegistry()
     log = StallLog()
