@@ -2,7 +2,7 @@
 
 The environment picks the variant, so every server is started the same way:
 
-- ``BENCH_VARIANT``: one of ``VARIANTS`` (default ``bare``).
+- ``BENCH_VARIANT``: one of ``VARIANTS`` or ``PARTS`` (default ``bare``).
 - ``BENCH_ROUTES``: how many routes to register, ``GET /r{i}/{item_id}`` for i in 0..N-1
   (default 1). The benchmark hits the last one, the worst case for a router walk.
 - ``BENCH_METRICS_PORT``: loopwatch's side port (``metrics_port``), for the detection run.
@@ -36,7 +36,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-__all__ = ["VARIANTS", "NoopMiddleware", "app", "build"]
+__all__ = ["PARTS", "VARIANTS", "NoopMiddleware", "app", "build"]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -56,6 +56,12 @@ VARIANTS: tuple[str, ...] = (
     "otel+loopwatch-otel-off",  # the same with otel=False: the difference is its OTel cost
     "asynclens",  # a heartbeat task and a native watchdog thread; names no route
     "aiocop",  # every loop callback wrapped and timed, an audit hook, a sampler thread
+)
+# parts of loopwatch alone, to price them under a real server (named with --variants only)
+PARTS: tuple[str, ...] = (
+    "loopwatch-monitor",  # the monitor runs (heartbeat, watchdog), requests pass by
+    "loopwatch-monitor-profile",  # the same with the loop profile's CPU-time signal
+    "loopwatch-stalls-no-profile",  # stalls only, the loop profile off
 )
 
 
@@ -159,8 +165,10 @@ def build(
     variant: str, routes: int = 1, *, metrics_port: int | None = None, block_route: bool = False
 ) -> FastAPI:
     """A FastAPI app with ``routes`` trivial routes and the instrumentation ``variant`` names."""
-    if variant not in VARIANTS:
-        raise ValueError(f"BENCH_VARIANT={variant!r}: expected one of {', '.join(VARIANTS)}")
+    if variant not in VARIANTS + PARTS:
+        raise ValueError(
+            f"BENCH_VARIANT={variant!r}: expected one of {', '.join(VARIANTS + PARTS)}"
+        )
     if routes < 1:
         raise ValueError(f"BENCH_ROUTES={routes!r}: expected a whole number of at least 1")
     lifespan: Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]] | None = None
@@ -178,15 +186,22 @@ def build(
 
     if variant == "noop":
         app.add_middleware(NoopMiddleware)
+    elif variant.startswith("loopwatch-monitor"):
+        app.add_middleware(
+            _passing_middleware(), request_metrics=False, loop_time=False,
+            profile=variant == "loopwatch-monitor-profile",
+        )  # fmt: skip
     elif variant.startswith("loopwatch"):
         from loopwatch import LoopWatchMiddleware
 
         # stalls only: no request metrics, no loop time; defaults: both
+        stalls = variant.startswith("loopwatch-stalls")
         app.add_middleware(
             LoopWatchMiddleware,
-            request_metrics=variant != "loopwatch-stalls",
+            request_metrics=not stalls,
             loop_time=variant == "loopwatch",
             metrics_port=metrics_port,
+            profile=variant != "loopwatch-stalls-no-profile",
         )
     elif variant == "instrumentator":
         from prometheus_fastapi_instrumentator import Instrumentator
@@ -207,6 +222,20 @@ def build(
         app.add_middleware(LoopWatchMiddleware, otel=on, metrics_port=metrics_port, **given)
         _instrument_otel(app, providers)  # outside loopwatch, as usual
     return app
+
+
+def _passing_middleware() -> type:
+    """loopwatch whose monitor runs (the lifespan starts it) and whose requests pass by."""
+    from loopwatch import LoopWatchMiddleware
+
+    class Passing(LoopWatchMiddleware):
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "lifespan":
+                await super().__call__(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+
+    return Passing
 
 
 def _int_env(name: str, default: int | None) -> int | None:

@@ -20,7 +20,7 @@ import time
 from collections.abc import MutableMapping
 from typing import Any
 
-from benchmarks.apps import VARIANTS, build
+from benchmarks.apps import PARTS, VARIANTS, build
 
 ABLATIONS = ("bind", "finish", "task-factory", "callbacks", "requests", "profile")
 
@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     variants = [v for v in args.variants.split(",") if v]
     for variant in variants:
-        if variant not in VARIANTS:
-            parser.error(f"--variants={variant!r}: expected some of {', '.join(VARIANTS)}")
+        if variant not in VARIANTS + PARTS:
+            parser.error(f"--variants={variant!r}: expected some of {', '.join(VARIANTS + PARTS)}")
     figures: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):  # interleaved: A B C A B C
         for variant in variants:

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.apps import VARIANTS
+from benchmarks.apps import PARTS, VARIANTS
 
 ROOT = Path(__file__).resolve().parent.parent
 ROTATE_LUA = Path(__file__).resolve().parent / "rotate.lua"
@@ -637,8 +637,8 @@ def parse_options(argv: Sequence[str] | None) -> tuple[list[str], Options, argpa
     def available(names: list[str], option: str) -> list[str]:
         out = []
         for name in names:
-            if name not in VARIANTS:
-                parser.error(f"{option}={name!r}: expected some of {', '.join(VARIANTS)}")
+            if name not in VARIANTS + PARTS:
+                parser.error(f"{option}={name!r}: expected some of {', '.join(VARIANTS + PARTS)}")
             module = _NEEDS.get(name)
             if module and importlib.util.find_spec(module.split(".")[0]) is None:
                 notes.append(f"{name} skipped: {module} is not installed (pip install '.[bench]')")
