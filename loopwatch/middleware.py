@@ -26,6 +26,7 @@ from loopwatch.requests import (
     bind_request,
     binds_in,
     install_task_factory,
+    needs_task_factory,
     unbind_request,
 )
 from loopwatch.routes import declared_routes, has_router
@@ -86,6 +87,7 @@ class LoopWatchMiddleware:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._monitor: Monitor | None = None
         self._shard: Shard | None = None
+        self._factory = False  # the loop needs loopwatch's task factory (needs_task_factory)
         self.metrics_server: MetricsServer | None = None
         # A bad option found while a server already runs (Starlette builds its middleware
         # stack lazily, inside the lifespan call): raised there, the server would take it for
@@ -189,25 +191,28 @@ class LoopWatchMiddleware:
             _note_unmonitored()
             await self.app(scope, receive, send)
             return
-        if loop is not self._loop or self._monitor is None or not self._monitor.running:
+        monitor = self._monitor
+        if loop is not self._loop or monitor is None or not monitor.running:
             self._bind(loop)
             self._declare(scope.get("app") or self.app)  # lifespan off: at the first request
             self._start_otel()
-        install_task_factory(loop)  # Python < 3.12: again if the app replaced it at start-up
-        monitor = self._monitor
+            monitor = self._monitor
+        if self._factory:  # uvloop before 3.12: again if the app replaced it at start-up
+            install_task_factory(loop)
         shard = self._shard
         if monitor is None or shard is None:  # pragma: no cover - set by _bind
             raise RuntimeError("loopwatch: monitor not bound")
 
-        routed = (scope.get("app") or self.app) is not self._plain
         capture = self._capture_trace
         record = RequestRecord(
-            method, scope, scope.get("root_path", ""), routed=routed,
+            method, scope, scope.get("root_path", ""),
+            routed=(scope.get("app") or self.app) is not self._plain,
             trace=capture() if capture is not None else None,
         )  # fmt: skip
         scope["loopwatch"] = True  # a marker, not the record: no reference cycle per request
         binding = bind_request(record)
-        monitor.requests.add(record)
+        in_flight = monitor.requests
+        in_flight.add(record)
         accountant = monitor.accountant
         if accountant is not None:  # this callback runs it: from now on, the request's time
             accountant.bind(record)
@@ -218,7 +223,7 @@ class LoopWatchMiddleware:
             finally:
                 try:
                     record.end()
-                    monitor.requests.discard(record)
+                    in_flight.discard(record)
                     if accountant is not None:
                         accountant.finished_request(record)
                 finally:
@@ -237,7 +242,7 @@ class LoopWatchMiddleware:
             answered = True
             elapsed = time.perf_counter() - started
             route = record.finish()
-            monitor.requests.discard(record)
+            in_flight.discard(record)
             if accountant is not None:  # its last loop time; later work re-queues it
                 accountant.finished_request(record)
             shard.count_request(method, route, status, elapsed)
@@ -280,6 +285,8 @@ class LoopWatchMiddleware:
             monitor.add_callback(self.on_stall)
         self._monitor = monitor
         self._loop = loop
+        # a factory to keep in place on each request (its start-up set it up already)
+        self._factory = needs_task_factory(loop)
         self._otel_resolved = False  # a new monitor: hand it to OpenTelemetry too
 
     def _start_otel(self) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "binds_in",
     "install_task_factory",
     "is_own",
+    "needs_task_factory",
     "own_context",
     "own_owner",
     "owner_of",
