@@ -10,6 +10,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+import pytest
 import uvicorn.server
 
 from loopwatch.attribute import Attributor, Owner, ServerCode, running_callback_owner
@@ -178,3 +179,26 @@ def test_the_stack_names_the_request_by_the_innermost_frame_that_bound_one() -> 
     binding(outer, lambda: passing_through(handler))
     handler()
     assert seen == [outer, inner, outer, None]
+
+
+@pytest.mark.parametrize("task_context", [False, True])
+def test_only_a_c_loop_before_312_gets_a_task_factory(
+    task_context: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a pure-Python loop's Handle carries each step's context, and 3.12+ reads a task's own:
+    # the factory (a Python call per task) is for uvloop before 3.12 only
+    import uvloop
+
+    from loopwatch import requests
+
+    monkeypatch.setattr(requests, "HAS_TASK_CONTEXT", task_context)
+    installed = {}
+    for name, loop in (("asyncio", asyncio.new_event_loop()), ("uvloop", uvloop.new_event_loop())):
+        try:
+            requests.install_task_factory(loop)
+            installed[name] = loop.get_task_factory() is not None
+            requests.uninstall_task_factory(loop)
+            assert loop.get_task_factory() is None
+        finally:
+            loop.close()
+    assert installed == {"asyncio": False, "uvloop": not task_context}
