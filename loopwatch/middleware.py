@@ -385,6 +385,7 @@ class LoopWatchMiddleware:
             # first request start the monitor. After a real start-up, this is the shutdown.
             if binding is not None:
                 unbind_request(binding)
+                owner = None  # the stack no longer names it: the shutdown below is ours
             if started:
                 self.close()
 

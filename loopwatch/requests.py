@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
 import sys
 import weakref
 from collections.abc import Callable
@@ -57,7 +58,9 @@ _task_owners: weakref.WeakKeyDictionary[asyncio.Task[Any], RequestRecord] = (
 )
 # Python < 3.12: the code of the frames that bind a request -> the local holding its record
 _binding_frames: dict[CodeType, str] = {}
-_HANDLE_RUN = asyncio.Handle._run.__code__  # a pure-Python loop runs every callback in it
+# a pure-Python loop runs every callback in ``Handle._run`` (told by name and file, so that
+# a tool that wrapped the method before loopwatch was imported does not hide it)
+_EVENTS_PY = os.path.join("asyncio", "events.py")
 
 
 class RequestRecord:
@@ -220,8 +223,10 @@ def stack_owner(frame: FrameType | None) -> RequestRecord | None:
     """Python < 3.12, from any thread: the request whose code the loop thread runs, read from
     its stack, innermost first: the frame that bound it (the middleware's, for the request's
     own task), or the context of the running ``Handle`` on a pure-Python loop (a task's step
-    runs in the task's context, a callback in the one it was scheduled in). None if neither
-    names one: a C loop's spawned task (the task factory's), or no request's code."""
+    runs in the task's context, a callback in the one it was scheduled in). The innermost
+    ``Handle`` is the running step: the walk ends there, so a loop run inside a request's
+    code (nest_asyncio) does not lend that request to its own steps. None if nothing names
+    one: a C loop's spawned task (the task factory's), or no request's code."""
     try:  # read across threads: a torn read names nobody
         while frame is not None:
             code = frame.f_code
@@ -230,11 +235,9 @@ def stack_owner(frame: FrameType | None) -> RequestRecord | None:
                 owner = frame.f_locals.get(local)
                 if isinstance(owner, RequestRecord):
                     return owner
-            elif code is _HANDLE_RUN:
+            elif code.co_name == "_run" and code.co_filename.endswith(_EVENTS_PY):
                 context = getattr(frame.f_locals.get("self"), "_context", None)
-                owner = context.get(CURRENT_REQUEST) if context is not None else None
-                if owner is not None:
-                    return owner  # type: ignore[no-any-return]
+                return context.get(CURRENT_REQUEST) if context is not None else None
             frame = frame.f_back
     except Exception:
         return None

@@ -181,6 +181,25 @@ def test_the_stack_names_the_request_by_the_innermost_frame_that_bound_one() -> 
     assert seen == [outer, inner, outer, None]
 
 
+def test_the_running_handle_ends_the_walk_up_the_stack() -> None:
+    # a loop run inside a request's code (nest_asyncio): the step running in it is the inner
+    # Handle's, whatever request the frames below it serve
+    from loopwatch.requests import binds_in, stack_owner
+
+    outer, inner = RequestRecord("GET", {}, ""), RequestRecord("POST", {}, "")
+
+    def binding(record: RequestRecord, then: Callable[[], object]) -> object:
+        held = record  # the local the frame is registered with
+        found = then()
+        del held
+        return found
+
+    binds_in(binding, "held")
+    assert binding(outer, lambda: in_handle(stack_owner, contextvars.Context())) is None
+    inners = request_context(inner)
+    assert binding(outer, lambda: in_handle(stack_owner, inners)) is inner
+
+
 @pytest.mark.parametrize("task_context", [False, True])
 def test_only_a_c_loop_before_312_gets_a_task_factory(
     task_context: bool, monkeypatch: pytest.MonkeyPatch
