@@ -275,6 +275,8 @@ class LoopSampler:
         # line's one string (``_line_names``)
         self._frame_names: dict[tuple[int, int], tuple[CodeType, str]] = {}
         self._line_names: dict[tuple[int, int], str] = {}
+        # (method, route) -> its stack label (two regex passes each, at every sample else)
+        self._route_labels: dict[tuple[str, str], str] = {}
         self._loop_codes: dict[int, tuple[CodeType, bool]] = {}
         self._timer: cputimer.CpuTimer | None = None
         # the loop thread's own samples, for the watchdog to name and store: (who, the
@@ -351,7 +353,7 @@ class LoopSampler:
         if not frames:
             return
         weight = min(MAX_SAMPLE_MS, max(1, round(elapsed * 1000)))
-        self.store.add((route_label(*label), *frames), weight)
+        self.store.add((self._route_label(label), *frames), weight)
 
     def _off_cpu_probe(self) -> Callable[[], bool]:
         """A test, to call a moment later: is the loop thread asleep in a call (a sleep, a
@@ -416,7 +418,15 @@ class LoopSampler:
             whole = int(weight)
             self._carry = weight - whole
             if whole:
-                self.store.add((route_label(*label), *self._names(codes)), whole)
+                self.store.add((self._route_label(label), *self._names(codes)), whole)
+
+    def _route_label(self, label: tuple[str, str]) -> str:
+        known = self._route_labels.get(label)
+        if known is None:
+            if len(self._route_labels) >= 5_000:  # labels are bounded; a bound all the same
+                self._route_labels.clear()
+            known = self._route_labels[label] = route_label(*label)
+        return known
 
     def _chain(self, frame: FrameType | None) -> list[tuple[CodeType, int]]:
         """(code, bytecode offset) of the frames above the event loop's own, leaf first; no
