@@ -13,9 +13,10 @@ import asyncio
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import MutableMapping
 from typing import Any
+
+from benchmarks.inprocess import time_per_request
 
 MODES: dict[str, dict[str, bool] | None] = {
     "bare": None,
@@ -74,16 +75,11 @@ async def _drive(mode: str, requests: int) -> float:
                  "headers": [], "query_string": b""}  # fmt: skip
         await target(scope, _receive, _send)
 
-    for _ in range(2000):
-        await loop.create_task(one())
-    started = time.process_time()
-    for _ in range(requests):
-        await loop.create_task(one())
-    used = time.process_time() - started
+    used = await time_per_request(one, requests)
     if lifespan is not None:
         await inbox.put({"type": "lifespan.shutdown"})
         await lifespan
-    return used / requests * 1e6
+    return used
 
 
 def main(argv: list[str] | None = None) -> None:
