@@ -582,8 +582,8 @@ def start_accounting(
     loop: asyncio.AbstractEventLoop,
     sink: BusySink,
     *,
+    loop_frame: Callable[[], FrameType | None],
     force: str | None = None,
-    loop_frame: Callable[[], FrameType | None] = lambda: None,
 ) -> Accountant | None:
     """Start timing ``loop`` (call on its thread); None if no hook can run here."""
     hook: _Hook | None

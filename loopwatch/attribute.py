@@ -17,7 +17,15 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any, NamedTuple
 
-from loopwatch.requests import CURRENT_REQUEST, HAS_TASK_CONTEXT, RequestRecord, is_own, owner_of
+from loopwatch.requests import (
+    CURRENT_REQUEST,
+    HAS_TASK_CONTEXT,
+    RequestRecord,
+    handle_request,
+    is_handle_run,
+    is_own,
+    owner_of,
+)
 from loopwatch.stall import BACKGROUND, OWN, SERVER
 
 __all__ = ["Attributor", "Owner", "ServerCode", "callback_is_server", "running_callback_owner"]
@@ -92,13 +100,12 @@ def running_callback_owner(
     outermost = None
     while frame is not None and frame.f_code not in entry_codes:
         code = frame.f_code
-        if code.co_name == "_run" and code.co_filename.endswith(_EVENTS_PY):
+        if is_handle_run(code):
             try:
                 handle = frame.f_locals.get("self")
-                context = getattr(handle, "_context", None)
-                owner = context.get(CURRENT_REQUEST) if context is not None else None
+                owner = handle_request(handle)
                 if owner is not None:
-                    return owner  # type: ignore[no-any-return]
+                    return owner
                 callback = getattr(handle, "_callback", None)
             except Exception:  # read across threads: a torn read is background
                 return None
@@ -115,9 +122,6 @@ def running_callback_owner(
         if isinstance(target, SERVER_TYPES):
             return SERVER
     return None
-
-
-_EVENTS_PY = os.path.join("asyncio", "events.py")
 
 
 class Owner(NamedTuple):

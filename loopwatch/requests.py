@@ -33,7 +33,9 @@ __all__ = [
     "background_owner",
     "bind_request",
     "binds_in",
+    "handle_request",
     "install_task_factory",
+    "is_handle_run",
     "is_own",
     "needs_task_factory",
     "own_context",
@@ -235,13 +237,23 @@ def stack_owner(frame: FrameType | None) -> RequestRecord | None:
                 owner = frame.f_locals.get(local)
                 if isinstance(owner, RequestRecord):
                     return owner
-            elif code.co_name == "_run" and code.co_filename.endswith(_EVENTS_PY):
-                context = getattr(frame.f_locals.get("self"), "_context", None)
-                return context.get(CURRENT_REQUEST) if context is not None else None
+            elif is_handle_run(code):
+                return handle_request(frame.f_locals.get("self"))
             frame = frame.f_back
     except Exception:
         return None
     return None
+
+
+def is_handle_run(code: CodeType) -> bool:
+    """``Handle._run``'s code: where a pure-Python loop runs every callback."""
+    return code.co_name == "_run" and code.co_filename.endswith(_EVENTS_PY)
+
+
+def handle_request(handle: object) -> RequestRecord | None:
+    """The request bound in the context a ``Handle`` runs its callback in (None: none)."""
+    context = getattr(handle, "_context", None)
+    return context.get(CURRENT_REQUEST) if context is not None else None
 
 
 # loop -> called with each task created on it (loop-time accounting on uvloop, 3.12+)
@@ -276,7 +288,7 @@ def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
             task = previous(loop, coro, **kwargs)
         else:
             task = asyncio.Task(coro, loop=loop, **kwargs)
-        if not HAS_TASK_CONTEXT and not isinstance(loop, asyncio.BaseEventLoop):
+        if _names_spawned_tasks(loop):
             context = kwargs.get("context")
             record = context.get(CURRENT_REQUEST) if context is not None else CURRENT_REQUEST.get()
             if record is not None:
@@ -297,9 +309,12 @@ def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
 def needs_task_factory(loop: asyncio.AbstractEventLoop) -> bool:
     """A factory for ``watch_tasks``, or to name the request of the tasks a request spawns
     on a C loop before Python 3.12 (a pure-Python loop's ``Handle`` carries the context)."""
-    return loop in _task_watchers or not (
-        HAS_TASK_CONTEXT or isinstance(loop, asyncio.BaseEventLoop)
-    )
+    return loop in _task_watchers or _names_spawned_tasks(loop)
+
+
+def _names_spawned_tasks(loop: asyncio.AbstractEventLoop) -> bool:
+    """The factory records the request of each task created in one: a C loop before 3.12."""
+    return not (HAS_TASK_CONTEXT or isinstance(loop, asyncio.BaseEventLoop))
 
 
 def uninstall_task_factory(loop: asyncio.AbstractEventLoop) -> None:
