@@ -22,40 +22,25 @@ from typing import Any
 
 from benchmarks.apps import PARTS, VARIANTS, build
 
-ABLATIONS = ("bind", "finish", "task-factory", "callbacks", "requests", "profile")
+ABLATIONS = ("bind", "finish", "task-factory", "callbacks")
 
 # ``--ladder``: loopwatch built up one part at a time; each row's difference to the one above
 # is what that part costs a request (the issue-19 ablation table in BENCHMARKS.md)
 LADDER = (
-    ("bare", "", "bare FastAPI"),
-    ("noop", "", "+ a no-op ASGI middleware"),
-    ("loopwatch-stalls", "requests,profile", "+ the monitor (heartbeat, watchdog, gc hook)"),
-    ("loopwatch-stalls", "requests", "+ the loop profile's CPU-time signal"),
-    ("loopwatch-stalls", "", "+ the request path, stalls only"),
-    ("loopwatch-no-loop-time", "", "+ request metrics"),
-    ("loopwatch", "", "+ loop time (the defaults)"),
+    ("bare", "bare FastAPI"),
+    ("noop", "+ a no-op ASGI middleware"),
+    ("loopwatch-monitor", "+ the monitor (heartbeat, watchdog, gc hook)"),
+    ("loopwatch-monitor-profile", "+ the loop profile's CPU-time signal"),
+    ("loopwatch-stalls", "+ the request path, stalls only"),
+    ("loopwatch-no-loop-time", "+ request metrics"),
+    ("loopwatch", "+ loop time (the defaults)"),
 )
 
 
 def _ablate(parts: list[str]) -> None:
     """Replace parts of loopwatch's request path with no-ops, to price each one."""
-    import os
-
     import loopwatch.middleware as middleware
     from loopwatch.requests import RequestRecord
-
-    if "profile" in parts:
-        os.environ["LOOPWATCH_PROFILE"] = "0"
-    if "requests" in parts:  # the monitor runs (the lifespan starts it), requests pass by
-        watched = middleware.LoopWatchMiddleware.__call__
-
-        async def passing(self: Any, scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] == "lifespan":
-                await watched(self, scope, receive, send)
-            else:
-                await self.app(scope, receive, send)
-
-        middleware.LoopWatchMiddleware.__call__ = passing  # type: ignore[method-assign]
 
     if "task-factory" in parts:  # the middleware puts it back on each request otherwise
         setattr(middleware, "install_task_factory", lambda loop: None)  # noqa: B010
@@ -182,14 +167,14 @@ def _measure(variant: str, ablate: str, requests: int, routes: int, cpu: str) ->
 def _ladder(requests: int, rounds: int, routes: int, cpu: str) -> None:
     figures: list[list[float]] = [[] for _ in LADDER]
     for _ in range(rounds):  # interleaved: every row once per round
-        for i, (variant, ablate, _label) in enumerate(LADDER):
-            figures[i].append(_measure(variant, ablate, requests, routes, cpu))
+        for i, (variant, _label) in enumerate(LADDER):
+            figures[i].append(_measure(variant, "", requests, routes, cpu))
     medians = [statistics.median(values) for values in figures]
     print(
         f"| step ({sys.version.split()[0]}) | CPU µs/request (median) | runs | added | bare/row |"
     )
     print("|---|---:|---|---:|---:|")
-    for i, (_variant, _ablate, label) in enumerate(LADDER):
+    for i, (_variant, label) in enumerate(LADDER):
         added = f"{medians[i] - medians[i - 1]:+.1f}" if i else "-"
         runs = ", ".join(f"{v:.1f}" for v in figures[i])
         ratio = medians[0] / medians[i]
