@@ -28,7 +28,14 @@ from loopwatch.requests import (
 )
 from loopwatch.stall import BACKGROUND, OWN, SERVER
 
-__all__ = ["Attributor", "Owner", "ServerCode", "callback_is_server", "running_callback_owner"]
+__all__ = [
+    "BACKGROUND_OWNER",
+    "Attributor",
+    "Owner",
+    "ServerCode",
+    "callback_is_server",
+    "running_callback_owner",
+]
 
 # The servers whose own tasks and callbacks are ``<server>`` work (the app's code they call
 # runs bound to a request, or to the lifespan's owner, by the middleware).
@@ -135,7 +142,9 @@ class Owner(NamedTuple):
     task: Any = None  # the loop's current task, if it runs one
 
 
-_BACKGROUND = Owner(object(), None, ("-", BACKGROUND), background=True)
+# code outside any request; also the owner of a collection that ran inside loopwatch's own
+# code (the collector works on the app's heap: loopwatch's allocation only came last)
+BACKGROUND_OWNER = Owner(object(), None, ("-", BACKGROUND), background=True)
 _SERVER = Owner(object(), None, ("-", SERVER))
 _OWN = Owner(object(), None, ("-", OWN), booked=False)
 
@@ -176,7 +185,7 @@ class Attributor:
         if found is None:
             found = self._timed_callback()
         if found is None:
-            return _BACKGROUND
+            return BACKGROUND_OWNER
         if isinstance(found, str):
             return _SERVER
         return self._request_owner(found, None)
@@ -195,7 +204,7 @@ class Attributor:
         else:  # before 3.12, read from the loop thread's stack: ``task`` is the running one
             record = owner_of(task, self._frame)
         if record is None:
-            return _SERVER if self.server_code.task_is_server(task) else _BACKGROUND
+            return _SERVER if self.server_code.task_is_server(task) else BACKGROUND_OWNER
         if record is self._own or is_own(record):
             return _OWN
         return record

@@ -40,7 +40,7 @@ from types import CodeType, FrameType
 from typing import NamedTuple, Protocol, TypeVar
 
 from loopwatch import cputimer
-from loopwatch.attribute import Owner
+from loopwatch.attribute import BACKGROUND_OWNER, Owner
 from loopwatch.frames import CodeFilter, FrameSource, format_culprit, format_stack, snapshot
 
 __all__ = ["Detector", "Hold", "HoldEvents", "Probes", "Verdict"]
@@ -541,9 +541,6 @@ class Detector:
         confirmed = hold.confirmed  # booked live already: a stall whatever comes next
         if duration < self.threshold and not confirmed:
             return None
-        if not hold.owner.booked:
-            logger.debug("loopwatch: %.3fs hold in loopwatch's own code: not the app's", duration)
-            return None
         if hold.frozen >= 0.5 * duration and not confirmed:
             # the watchdog could not run, and neither did any thread of the process: paused
             # (SIGSTOP, a frozen container); no code held the loop
@@ -553,6 +550,15 @@ class Detector:
             self._gc_within(hold.start, end) if self._gc_within is not None else (0.0, -1, 0.0)
         )
         collected = gc_seconds >= 0.5 * duration
+        if not hold.owner.booked:
+            if not collected:
+                logger.debug(
+                    "loopwatch: %.3fs hold in loopwatch's own code: not the app's", duration
+                )
+                return None
+            # the collector held the loop, on the app's heap: loopwatch's code only made the
+            # allocation that came last. The loop served no request of the app: <background>
+            hold.owner, hold.label = BACKGROUND_OWNER, BACKGROUND_OWNER.label
         if (
             hold.owner.background
             and hold.idle

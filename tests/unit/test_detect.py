@@ -368,6 +368,39 @@ def test_a_collection_the_watchdog_never_saw_inside_is_still_a_gc_stall(on_cpu: 
     assert verdict.gc_seconds == pytest.approx(0.26)
 
 
+def test_a_collection_inside_loopwatchs_own_code_is_the_apps_gc_stall() -> None:
+    # The collector runs on whichever allocation crosses its threshold: in a `def`-route app
+    # the loop thread mostly runs loopwatch's heartbeat, so that is often loopwatch's. The
+    # collection still holds the loop, on the app's heap: a gc stall of <background>, not a
+    # hold of loopwatch's own dropped (the README demo's def-route stall, lost 1 run in 12
+    # under load). A hold of loopwatch's own that no collection made stays nobody's.
+    def within(start: float, end: float) -> tuple[float, int, float]:
+        seconds = max(0.0, min(0.25, end) - max(0.03, start))
+        return seconds, 2, seconds
+
+    rig = Rig()
+    rig.detector = Detector(
+        threshold=0.1, interval=0.01, long_stall=10.0, clock=lambda: rig.now,
+        frames=lambda: {0: sys._getframe()}, code_filter=CodeFilter(),
+        attribute=lambda: rig.owner, in_flight=lambda: 3, events=rig.events, gc_within=within,
+    )  # fmt: skip
+    rig.detector.probes = Probes(rig.figures.cpu, rig.figures.sched)
+    rig.owner = Owner(object(), None, ("-", "<loopwatch>"), booked=False)
+    rig.run(beat=0.0, until=0.26)
+    rig.figures.on_cpu += 0.22
+    rig.now = 0.27
+    rig.detector.check(0.26)
+    rig.run(beat=0.26, until=0.6)  # loopwatch's own again, and no collection: nobody's
+    rig.now = 0.61
+    rig.detector.check(0.6)
+    assert rig.events.live == {}
+    [(label, verdict)] = rig.events.stalls()
+    assert label == ("-", "<background>")
+    assert verdict.kind == "gc" and verdict.gc_generation == 2
+    assert verdict.gc_seconds == pytest.approx(0.22) and verdict.duration == pytest.approx(0.26)
+    assert [v is None for _, v in rig.events.closed_holds] == [False, True]
+
+
 @pytest.mark.parametrize("process_ran", [False, True])
 def test_a_paused_process_is_no_stall_but_another_threads_gil_is(process_ran: bool) -> None:
     # The watchdog woke 0.5 s late without waiting for a core, and the loop thread did not
