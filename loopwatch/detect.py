@@ -131,11 +131,15 @@ class Reading(NamedTuple):
     waited: float | None
     process: float | None
 
-    @property
-    def busy(self) -> float | None:
-        """The loop thread's seconds computing, or wanting to (runnable): both keep it from
-        sleeping."""
-        return sum(self.sched) if self.sched is not None else self.cpu
+    def busy_since(self, last: Reading) -> float | None:
+        """The loop thread's seconds computing, or wanting to (runnable), since ``last``: both
+        keep it from sleeping. By schedstat where both readings have it, else by its CPU
+        clock (the first check's base, read on the loop thread, has no schedstat)."""
+        if self.sched is not None and last.sched is not None:
+            return sum(self.sched) - sum(last.sched)
+        if self.cpu is not None and last.cpu is not None:
+            return self.cpu - last.cpu
+        return None
 
     @property
     def figures(self) -> Figures:
@@ -344,10 +348,11 @@ class Detector:
         episode = self._episode
         return episode.hold if episode is not None else None
 
-    def started(self, now: float, process_cpu: float) -> None:
+    def started(self, now: float, process_cpu: float, thread_cpu: float) -> None:
         """On the loop's thread as its watchdog starts: the base of the first check (a call
-        that keeps the GIL may hold it from the start); the process's CPU clock only."""
-        self._last = Reading(now, None, None, None, process_cpu)
+        that keeps the GIL may hold it from the start, before that check): the process's CPU
+        clock and the loop thread's own (``time.thread_time()``; its schedstat needs /proc)."""
+        self._last = Reading(now, thread_cpu, None, None, process_cpu)
 
     def reset(self) -> None:
         """Forget the hold in progress (after a failed check: the next one starts afresh)."""
@@ -457,7 +462,8 @@ class Detector:
             and reading.process - last.process < 0.25 * kept_out
         ):
             return 0.0, window  # stopped, not waiting for a CPU, and nothing ran: paused
-        if reading.busy is None or last.busy is None or reading.busy - last.busy < 0.5 * kept_out:
+        busy = reading.busy_since(last)
+        if busy is None or busy < 0.5 * kept_out:
             return 0.0, 0.0  # another thread ran, not the loop's: it kept the GIL from both
         return window, 0.0
 

@@ -218,7 +218,7 @@ class Monitor:
         self.pipeline.start_on_loop(self._loop_thread_id, _loop_entry_codes())
         self._start_heartbeat()
         started_at = self._clock()
-        self.pipeline.detector.started(started_at, time.process_time())
+        self.pipeline.detector.started(started_at, time.process_time(), time.thread_time())
         self._thread = threading.Thread(
             target=self._watch, args=(threading.get_native_id(), started_at),
             name="loopwatch-watchdog", daemon=True,

@@ -288,6 +288,26 @@ def test_a_call_that_keeps_the_gil_is_gil_and_named_at_its_line() -> None:
     assert "test_detect.py" in verdict.culprit  # this test's frame: the loop thread's
 
 
+def test_a_call_that_keeps_the_gil_from_before_the_first_check_is_gil() -> None:
+    # The call starts 3 ms after the loop (TestClient reaches the endpoint that fast), before
+    # the watchdog's first check: the only base is what the loop thread read as the watchdog
+    # started, its CPU clock among it. Without that, the first check (0.32 s late) had
+    # nothing to compare the loop thread's CPU with: kind 'wait', cpu_seconds 0.
+    rig = Rig()
+    rig.owner = request("/parse")
+    rig.detector.probes = Probes(rig.figures.cpu, rig.figures.sched, lambda: 0.0)
+    rig.figures.on_cpu = 1.0  # the loop thread's CPU clock before the call
+    rig.detector.started(0.0, process_cpu=2.0, thread_cpu=1.0)
+    rig.now = 0.33
+    rig.figures.on_cpu += 0.32
+    rig.detector.check(0.0, kept_out=0.32)
+    rig.now = 0.34
+    rig.detector.check(0.335)
+    [(label, verdict)] = rig.events.stalls()
+    assert label == ("GET", "/parse") and verdict.kind == "gil", verdict
+    assert verdict.cpu_seconds == pytest.approx(0.32)
+
+
 @pytest.mark.parametrize("cause", ["watchdog-starved", "loop-idle"])
 def test_a_late_watchdog_that_did_not_wait_for_the_gil_is_not_gil(cause: str) -> None:
     # The watchdog woke 0.4 s late because it waited for a core (its own schedstat says so),
