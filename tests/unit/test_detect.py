@@ -4,6 +4,7 @@ owners and CPU figures, and a recording of what it tells the pipeline. No loop r
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from types import FrameType
 
 import pytest
@@ -67,7 +68,12 @@ class Rig:
     """A detector with a settable clock, owner and CPU figures, and the loop thread's frame
     (this test's own: application code, never idle)."""
 
-    def __init__(self, threshold: float = 0.1, interval: float = 0.01) -> None:
+    def __init__(
+        self,
+        threshold: float = 0.1,
+        interval: float = 0.01,
+        gc_within: Callable[[float, float], tuple[float, int, float]] | None = None,
+    ) -> None:
         self.now = 0.0
         self.owner = BACKGROUND
         self.figures = Figures()
@@ -77,6 +83,7 @@ class Rig:
             threshold=threshold, interval=interval, long_stall=10.0,
             clock=lambda: self.now, frames=lambda: {0: frame}, code_filter=CodeFilter(),
             attribute=lambda: self.owner, in_flight=lambda: 1, events=self.events,
+            gc_within=gc_within,
         )  # fmt: skip
         self.detector.probes = Probes(self.figures.cpu, self.figures.sched)
 
@@ -342,13 +349,7 @@ def test_a_hold_the_collector_made_is_gc_with_its_seconds_and_generation() -> No
         generation = max((g for a, b, g in pauses if min(b, end) > max(a, start)), default=-1)
         return seconds, generation, seconds
 
-    rig = Rig()
-    rig.detector = Detector(
-        threshold=0.1, interval=0.01, long_stall=10.0, clock=lambda: rig.now,
-        frames=lambda: {0: sys._getframe()}, code_filter=CodeFilter(),
-        attribute=lambda: rig.owner, in_flight=lambda: 1, events=rig.events, gc_within=within,
-    )  # fmt: skip
-    rig.detector.probes = Probes(rig.figures.cpu, rig.figures.sched)
+    rig = Rig(gc_within=within)
     rig.owner = request("/objects")
     rig.run(beat=0.0, until=0.3)
     rig.now = 0.31
@@ -398,13 +399,7 @@ def test_a_collection_inside_loopwatchs_own_code_is_the_apps_gc_stall() -> None:
         seconds = max(0.0, min(0.25, end) - max(0.03, start))
         return seconds, 2, seconds
 
-    rig = Rig()
-    rig.detector = Detector(
-        threshold=0.1, interval=0.01, long_stall=10.0, clock=lambda: rig.now,
-        frames=lambda: {0: sys._getframe()}, code_filter=CodeFilter(),
-        attribute=lambda: rig.owner, in_flight=lambda: 3, events=rig.events, gc_within=within,
-    )  # fmt: skip
-    rig.detector.probes = Probes(rig.figures.cpu, rig.figures.sched)
+    rig = Rig(gc_within=within)
     rig.owner = Owner(object(), None, ("-", "<loopwatch>"), booked=False)
     rig.run(beat=0.0, until=0.26)
     rig.figures.on_cpu += 0.22
