@@ -25,6 +25,7 @@ from loopwatch.requests import (
     is_handle_run,
     is_own,
     owner_of,
+    task_bound,
 )
 from loopwatch.stall import BACKGROUND, OWN, SERVER
 
@@ -200,7 +201,7 @@ class Attributor:
         no lock (reading a route's template does), so the loop thread's signal handler may
         call it inside any code (``on_loop``: the running step's context is the current one)."""
         if on_loop and not HAS_TASK_CONTEXT:
-            record = CURRENT_REQUEST.get()
+            record = CURRENT_REQUEST.get() or task_bound(task)
         else:  # before 3.12, read from the loop thread's stack: ``task`` is the running one
             record = owner_of(task, self._frame)
         if record is None:

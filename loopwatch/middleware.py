@@ -24,9 +24,11 @@ from loopwatch.requests import (
     RequestRecord,
     background_owner,
     bind_request,
+    bind_to_task,
     binds_in,
     install_task_factory,
     needs_task_factory,
+    unbind_from_task,
     unbind_request,
 )
 from loopwatch.routes import declared_routes, has_router
@@ -88,6 +90,7 @@ class LoopWatchMiddleware:
         self._monitor: Monitor | None = None
         self._shard: Shard | None = None
         self._factory = False  # the loop needs loopwatch's task factory (needs_task_factory)
+        self._by_task = False  # requests are bound to their task, not its context (requests)
         self.metrics_server: MetricsServer | None = None
         # A bad option found while a server already runs (Starlette builds its middleware
         # stack lazily, inside the lifespan call): raised there, the server would take it for
@@ -210,7 +213,11 @@ class LoopWatchMiddleware:
             trace=capture() if capture is not None else None,
         )  # fmt: skip
         scope["loopwatch"] = True  # a marker, not the record: no reference cycle per request
-        binding = bind_request(record)
+        if self._by_task:  # loop time off: the task, not its context (requests)
+            task_binding = bind_to_task(record)
+            binding = None
+        else:
+            binding = bind_request(record)
         in_flight = monitor.requests
         in_flight.add(record)
         accountant = monitor.accountant
@@ -227,7 +234,10 @@ class LoopWatchMiddleware:
                     if accountant is not None:
                         accountant.finished_request(record)
                 finally:
-                    unbind_request(binding)
+                    if binding is None:
+                        unbind_from_task(task_binding)
+                    else:
+                        unbind_request(binding)
             return
 
         shard.request_started()
@@ -275,7 +285,10 @@ class LoopWatchMiddleware:
                 if not answered:
                     count()
             finally:  # whatever count() met: a binding left behind outlives its request
-                unbind_request(binding)
+                if binding is None:
+                    unbind_from_task(task_binding)
+                else:
+                    unbind_request(binding)
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         monitor = Monitor.for_loop(loop, self.settings)
@@ -287,6 +300,7 @@ class LoopWatchMiddleware:
         self._loop = loop
         # a factory to keep in place on each request (its start-up set it up already)
         self._factory = needs_task_factory(loop)
+        self._by_task = not monitor.settings.loop_time  # as the monitor binds (its _start)
         self._otel_resolved = False  # a new monitor: hand it to OpenTelemetry too
 
     def _start_otel(self) -> None:

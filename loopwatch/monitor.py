@@ -30,6 +30,7 @@ from loopwatch.frames import CodeFilter, FrameSource
 from loopwatch.pipeline import Pipeline
 from loopwatch.requests import (
     RequestRecord,
+    bind_by_task,
     install_task_factory,
     own_context,
     own_owner,
@@ -214,6 +215,8 @@ class Monitor:
     def _start(self) -> None:
         # Called on the loop's thread: that is the thread whose stack we will sample.
         self._loop_thread_id = threading.get_ident()
+        # without loop time, requests are bound to their task, not their context (requests)
+        bind_by_task(self.loop, not self.settings.loop_time)
         install_task_factory(self.loop)
         self.pipeline.start_on_loop(self._loop_thread_id, _loop_entry_codes())
         self._start_heartbeat()
@@ -323,6 +326,7 @@ class Monitor:
         try:
             self.pipeline.remove_hooks()
             uninstall_task_factory(self.loop)
+            bind_by_task(self.loop, False)
         except Exception:  # called from the app's shutdown too: logged, never raised
             logger.exception("loopwatch: removing the loop-time hooks failed")
 

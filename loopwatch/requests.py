@@ -1,14 +1,21 @@
 """Requests in flight, as the watchdog and the loop-time hooks see them.
 
-The middleware binds a ``RequestRecord`` to a context variable for the duration of a request:
-one ``ContextVar.set`` and one ``reset``, all a request costs for attribution. Tasks spawned
-inside the request (anyio task groups, ``BaseHTTPMiddleware``, ``asyncio.create_task``) and
-callbacks it schedules copy the context, so the watchdog can ask, when the loop is held, which
-request the running code belongs to. On Python 3.12+ it reads the task's context
-(``Task.get_context()``). On 3.10 and 3.11 a task's context is not readable, so it reads the
-loop thread's stack instead (``stack_owner``): the frame that bound the request, or the
-running ``Handle``'s context on a pure-Python loop; on a C loop (uvloop), a task factory
-records the request of the tasks a request spawns. Fixed owners that are no request (the
+With loop time on, the middleware binds a ``RequestRecord`` to a context variable for the
+duration of a request: one ``ContextVar.set`` and one ``reset``. Tasks spawned inside the
+request (anyio task groups, ``BaseHTTPMiddleware``, ``asyncio.create_task``) and callbacks it
+schedules copy the context, so the watchdog can ask, when the loop is held, which request the
+running code belongs to, and the loop-time hooks at every step. On Python 3.12+ it reads the
+task's context (``Task.get_context()``). On 3.10 and 3.11 a task's context is not readable,
+so it reads the loop thread's stack instead (``stack_owner``): the frame that bound the
+request, or the running ``Handle``'s context on a pure-Python loop; on a C loop (uvloop), a
+task factory records the request of the tasks a request spawns.
+
+With loop time off (stall attribution only), the request is bound to its task in a table
+instead (``bind_to_task``): the set made uvicorn run hundreds of young-generation collections
+a second under load (BENCHMARKS.md), ~6 µs a request. The task factory then puts the request
+in the context of each task the request spawns (one ``set`` per spawned task, not per
+request), so they and theirs are found as before; a plain callback the request's own task
+schedules is not (its context holds no request). Fixed owners that are no request (the
 lifespan, loopwatch's own work) are records too, so every hook treats them alike.
 """
 
@@ -31,7 +38,9 @@ __all__ = [
     "HAS_TASK_CONTEXT",
     "RequestRecord",
     "background_owner",
+    "bind_by_task",
     "bind_request",
+    "bind_to_task",
     "binds_in",
     "handle_request",
     "install_task_factory",
@@ -42,6 +51,8 @@ __all__ = [
     "own_owner",
     "owner_of",
     "stack_owner",
+    "task_bound",
+    "unbind_from_task",
     "unbind_request",
     "uninstall_task_factory",
     "watch_tasks",
@@ -53,11 +64,15 @@ HAS_TASK_CONTEXT = sys.version_info >= (3, 12)
 CURRENT_REQUEST: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
     "loopwatch_request", default=None
 )
-# Python < 3.12 on a C loop only: task -> the request it was created under (the task
-# factory's: nothing unbinds those, so the task is held weakly).
+# Python < 3.12 on a C loop, or a task given a context of its own: task -> the request it
+# was created under (the task factory's: nothing unbinds those, so the task is held weakly).
 _task_owners: weakref.WeakKeyDictionary[asyncio.Task[Any], RequestRecord] = (
     weakref.WeakKeyDictionary()
 )
+# loop time off: a request's own task -> its record, from bind_to_task to unbind_from_task
+_task_records: dict[asyncio.Task[Any], RequestRecord] = {}
+# the loops whose requests are bound to their task (bind_by_task)
+_task_bound_loops: set[asyncio.AbstractEventLoop] = set()
 # Python < 3.12: the code of the frames that bind a request -> the local holding its record
 _binding_frames: dict[CodeType, str] = {}
 # a pure-Python loop runs every callback in ``Handle._run`` (told by name and file, so that
@@ -191,6 +206,52 @@ def unbind_request(binding: Binding) -> None:
         pass
 
 
+TaskBinding = tuple["asyncio.Task[Any] | None", "RequestRecord | None", "Binding | None"]
+
+
+def bind_to_task(record: RequestRecord) -> TaskBinding:
+    """Make ``record`` the request of the running task without touching its context (loop
+    time off); a server that runs the app outside any task gets the context variable."""
+    task = asyncio.current_task()
+    if task is None:
+        return None, None, CURRENT_REQUEST.set(record)
+    previous = _task_records.get(task)
+    _task_records[task] = record
+    return task, previous, None
+
+
+def unbind_from_task(binding: TaskBinding) -> None:
+    task, previous, token = binding
+    if token is not None:
+        unbind_request(token)
+    elif previous is not None:
+        _task_records[task] = previous  # type: ignore[index]
+    else:
+        _task_records.pop(task, None)  # type: ignore[arg-type]
+
+
+def bind_by_task(loop: asyncio.AbstractEventLoop, on: bool) -> None:
+    """Whether the requests served on ``loop`` are bound to their task (loop time off): its
+    task factory then names the request of each task a request spawns."""
+    if on:
+        _task_bound_loops.add(loop)
+    else:
+        _task_bound_loops.discard(loop)
+
+
+def task_bound(task: asyncio.Task[Any]) -> RequestRecord | None:
+    """The request ``task`` was bound to without its context (``bind_to_task``, or the task
+    factory's record of a task given a context of its own). No lock: the loop thread's
+    signal handler may call it."""
+    record = _task_records.get(task)
+    if record is None and _task_owners:
+        try:
+            record = _task_owners.get(task)
+        except TypeError:  # not weak-referenceable: an app's own object
+            return None
+    return record
+
+
 def binds_in(function: Callable[..., Any], local: str) -> None:
     """``function`` binds a request held in its local variable ``local``: on Python < 3.12
     the watchdog finds the request of the loop's running task by that frame on its stack."""
@@ -211,14 +272,15 @@ def owner_of(
         return None
     if HAS_TASK_CONTEXT:
         try:
-            return task.get_context().get(CURRENT_REQUEST)  # type: ignore[attr-defined,no-any-return]
+            record: RequestRecord | None = task.get_context().get(CURRENT_REQUEST)  # type: ignore[attr-defined]
         except Exception:
             return None
+        return record if record is not None else task_bound(task)
     if frame is not None:
         owner = stack_owner(frame())
         if owner is not None:
             return owner
-    return _task_owners.get(task)
+    return task_bound(task)
 
 
 def stack_owner(frame: FrameType | None) -> RequestRecord | None:
@@ -272,8 +334,9 @@ def watch_tasks(loop: asyncio.AbstractEventLoop, watcher: Callable[[Any], None] 
 
 
 def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
-    """A task factory that chains to the loop's own: on Python < 3.12 it remembers each new
-    task's request (its context is not readable later); it also feeds ``watch_tasks``.
+    """A task factory that chains to the loop's own: it names the request of each task a
+    request spawns where the context cannot (``_spawned_request``); it also feeds
+    ``watch_tasks``.
 
     Called again on every request: an app that sets its own factory at start-up, without
     chaining to the one it replaces, gets it wrapped (and still called) from then on."""
@@ -284,18 +347,19 @@ def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
         return
 
     def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
-        if previous is not None:
-            task = previous(loop, coro, **kwargs)
-        else:
-            task = asyncio.Task(coro, loop=loop, **kwargs)
-        if _names_spawned_tasks(loop):
-            context = kwargs.get("context")
-            record = context.get(CURRENT_REQUEST) if context is not None else CURRENT_REQUEST.get()
-            if record is not None:
-                try:  # noqa: SIM105 - not contextlib.suppress: this runs once per task
-                    _task_owners[task] = record  # type: ignore[index]
-                except TypeError:  # an app's factory returned something unweakable
-                    pass
+        record, context = (
+            _spawned_request(loop, kwargs) if _names_spawned_tasks(loop) else (None, None)
+        )
+        make: Callable[..., Any] = previous if previous is not None else _plain_task
+        if context is None:
+            task = make(loop, coro, **kwargs)
+        else:  # created inside it: the task copies it, as it would the creator's
+            task = context.run(make, loop, coro, **kwargs)
+        if record is not None:
+            try:  # noqa: SIM105 - not contextlib.suppress: this runs once per task
+                _task_owners[task] = record
+            except TypeError:  # an app's factory returned something unweakable
+                pass
         watcher = _task_watchers.get(loop)
         if watcher is not None:
             watcher(task)
@@ -306,15 +370,46 @@ def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
     loop.set_task_factory(factory)
 
 
+def _plain_task(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+    return asyncio.Task(coro, loop=loop, **kwargs)
+
+
+def _spawned_request(
+    loop: asyncio.AbstractEventLoop, kwargs: dict[str, Any]
+) -> tuple[RequestRecord | None, contextvars.Context | None]:
+    """For a task about to be created on ``loop``: the request the factory must record for it
+    (None: nobody's, or its context names it where it can be read), and a context to create
+    it in (None: as it would be). A request bound to its task (``bind_to_task``) is put in a
+    copy of the creator's context, so the new task, what it spawns and schedules, and an
+    eager task's first step (run inside this call) all name it."""
+    given = kwargs.get("context")
+    record = given.get(CURRENT_REQUEST) if given is not None else CURRENT_REQUEST.get()
+    in_context = record is not None
+    context = None
+    if record is None and loop in _task_bound_loops:
+        parent = asyncio.current_task(loop)
+        record = task_bound(parent) if parent is not None else None
+        if record is not None and given is None:
+            context = contextvars.copy_context()
+            context.run(CURRENT_REQUEST.set, record)
+            in_context = True
+    if in_context and (HAS_TASK_CONTEXT or isinstance(loop, asyncio.BaseEventLoop)):
+        return None, context  # its context is read (Task.get_context, or the Handle's)
+    return record, context
+
+
 def needs_task_factory(loop: asyncio.AbstractEventLoop) -> bool:
     """A factory for ``watch_tasks``, or to name the request of the tasks a request spawns
-    on a C loop before Python 3.12 (a pure-Python loop's ``Handle`` carries the context)."""
+    (``_names_spawned_tasks``)."""
     return loop in _task_watchers or _names_spawned_tasks(loop)
 
 
 def _names_spawned_tasks(loop: asyncio.AbstractEventLoop) -> bool:
-    """The factory records the request of each task created in one: a C loop before 3.12."""
-    return not (HAS_TASK_CONTEXT or isinstance(loop, asyncio.BaseEventLoop))
+    """The factory names the request of each task created in one: on a loop whose requests
+    are bound to their task, and on a C loop before 3.12 (its tasks' context is unreadable)."""
+    return loop in _task_bound_loops or not (
+        HAS_TASK_CONTEXT or isinstance(loop, asyncio.BaseEventLoop)
+    )
 
 
 def uninstall_task_factory(loop: asyncio.AbstractEventLoop) -> None:

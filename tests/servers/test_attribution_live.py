@@ -7,6 +7,7 @@ asserted within 15 %, never as wall-clock windows.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import contextlib
 import sys
 import time
@@ -377,26 +378,42 @@ def test_call_later_callback_belongs_to_the_request_that_scheduled_it(
     assert sample(registry, "loopwatch_stalls_total", method=method, route=route) == 1
 
 
+BINDINGS = pytest.mark.parametrize("loop_time", [True, False], ids=["context", "by-task"])
+
+
+@BINDINGS
 def test_stall_in_a_spawned_task_belongs_to_its_request(
-    loop_impl: str, registry: CollectorRegistry
+    loop_impl: str, registry: CollectorRegistry, loop_time: bool
 ) -> None:
+    # With loop time off the request is bound to its task, not its context (no set per
+    # request): the task factory puts it in each spawned task's context, so a grandchild
+    # names it too, and the app's own context never holds loopwatch's variable
     log = StallLog()
     app = FastAPI()
+    seen: list[list[str]] = []
 
-    async def enrich() -> int:
+    async def deeper() -> int:
         time.sleep(0.4)
         return 1
 
+    async def enrich() -> int:
+        time.sleep(0.4)
+        await asyncio.sleep(0.3)  # the loop free between the two holds: two stalls
+        return await asyncio.create_task(deeper())
+
     @app.get("/fanout")
     async def fanout() -> dict[str, int]:
+        seen.append([var.name for var in contextvars.copy_context()])
         task = asyncio.create_task(enrich())
         return {"n": await task}
 
-    app.add_middleware(LoopWatchMiddleware, registry=registry, on_stall=log)
+    app.add_middleware(LoopWatchMiddleware, registry=registry, on_stall=log, loop_time=loop_time)
     with serve(app, loop=loop_impl) as url:
         assert httpx.get(f"{url}/fanout", timeout=10).json() == {"n": 1}
-        [stall] = log.wait_for(1)
-    assert stall.route == "/fanout"
+        stalls = log.wait_for(2)
+    assert [s.route for s in stalls] == ["/fanout", "/fanout"]
+    assert ["in enrich" in stalls[0].culprit, "in deeper" in stalls[1].culprit] == [True, True]
+    assert ("loopwatch_request" in seen[0]) is loop_time, seen
 
 
 @pytest.mark.parametrize("app_kind", ["fastapi", "starlette"])
@@ -471,9 +488,10 @@ def _uvloop_runs_eager_factory() -> bool:
     return "eager_start" not in passed
 
 
+@BINDINGS
 @pytest.mark.parametrize("factory_name", list(FACTORIES))
 def test_an_app_that_replaces_the_task_factory_keeps_its_attribution(
-    loop_impl: str, registry: CollectorRegistry, factory_name: str
+    loop_impl: str, registry: CollectorRegistry, factory_name: str, loop_time: bool
 ) -> None:
     if factory_name == "eager" and loop_impl == "uvloop" and not _uvloop_runs_eager_factory():
         pytest.skip("this uvloop passes eager_start to task factories: asyncio's own")
@@ -500,7 +518,7 @@ def test_an_app_that_replaces_the_task_factory_keeps_its_attribution(
         time.sleep(0.3)
         return {"year": year}
 
-    app.add_middleware(LoopWatchMiddleware, registry=registry, on_stall=log)
+    app.add_middleware(LoopWatchMiddleware, registry=registry, on_stall=log, loop_time=loop_time)
     with serve(app, loop=loop_impl) as url:
         for _ in range(2):  # the first request notices the new factory, every one is right
             assert httpx.get(f"{url}/reports/2024", timeout=10).json() == {"year": 2024}

@@ -738,11 +738,13 @@ def test_the_side_port_binds_loopback_only_unless_told_otherwise() -> None:
 # -- Python < 3.12 has no Task.get_context(): the stack and task-factory path, on every Python
 
 
+@pytest.mark.parametrize("loop_time", [True, False], ids=["context", "by-task"])
 def test_the_path_before_312_attributes_spawned_tasks(
-    loop_impl: str, monkeypatch: pytest.MonkeyPatch
+    loop_impl: str, monkeypatch: pytest.MonkeyPatch, loop_time: bool
 ) -> None:
     # Forced here so 3.12+ exercises it too; on 3.10/3.11 it is the only path anyway: the
-    # running Handle's context on asyncio, the task factory's record on uvloop.
+    # running Handle's context on asyncio, the task factory's record on uvloop. Loop time
+    # off, the request is bound to its task and the factory puts it in the child's context.
     monkeypatch.setattr(requests_module, "HAS_TASK_CONTEXT", False)
     registry = CollectorRegistry()
     log = StallLog()
@@ -755,7 +757,8 @@ def test_the_path_before_312_attributes_spawned_tasks(
         return PlainTextResponse(await asyncio.create_task(enrich()))
 
     app = Starlette(routes=[Route("/fanout/{n:int}", fanout)])
-    with serve(LoopWatchMiddleware(app, registry=registry, on_stall=log), loop=loop_impl) as url:
+    watched = LoopWatchMiddleware(app, registry=registry, on_stall=log, loop_time=loop_time)
+    with serve(watched, loop=loop_impl) as url:
         assert httpx.get(f"{url}/fanout/1", timeout=10).text == "enriched"
         [stall] = log.wait_for(1)
     assert (stall.method, stall.route) == ("GET", "/fanout/{n}")
