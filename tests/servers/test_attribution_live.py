@@ -7,8 +7,8 @@ asserted within 15 %, never as wall-clock windows.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import contextlib
+import contextvars
 import sys
 import time
 from collections.abc import AsyncIterator
