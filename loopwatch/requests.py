@@ -345,16 +345,21 @@ def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
     previous = loop.get_task_factory()
     if getattr(previous, "_loopwatch", False):
         return
+    names = _names_spawned_tasks(loop)  # fixed while the factory is in place
+    current_task, current_request = asyncio.current_task, CURRENT_REQUEST.get
 
     def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
-        record, context = (
-            _spawned_request(loop, kwargs) if _names_spawned_tasks(loop) else (None, None)
-        )
-        make: Callable[..., Any] = previous if previous is not None else _plain_task
-        if context is None:
-            task = make(loop, coro, **kwargs)
-        else:  # created inside it: the task copies it, as it would the creator's
-            task = context.run(make, loop, coro, **kwargs)
+        record = context = None
+        # a task made outside any task and request (the server's per request) is nobody's:
+        # one test and no more, as it runs for every request
+        if names and (kwargs or current_task(loop) is not None or current_request() is not None):
+            record, context = _spawned_request(loop, kwargs)
+        if context is not None:  # created inside it: the task copies it, as the creator's
+            task = context.run(_make, previous, loop, coro, kwargs)
+        elif previous is not None:
+            task = previous(loop, coro, **kwargs)
+        else:
+            task = asyncio.Task(coro, loop=loop, **kwargs)
         if record is not None:
             try:  # noqa: SIM105 - not contextlib.suppress: this runs once per task
                 _task_owners[task] = record
@@ -370,7 +375,15 @@ def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
     loop.set_task_factory(factory)
 
 
-def _plain_task(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+def _make(
+    previous: Callable[..., Any] | None,
+    loop: asyncio.AbstractEventLoop,
+    coro: Any,
+    kwargs: dict[str, Any],
+) -> Any:
+    """A task as the loop would make it: by the factory ours chained to, else a plain one."""
+    if previous is not None:
+        return previous(loop, coro, **kwargs)
     return asyncio.Task(coro, loop=loop, **kwargs)
 
 
