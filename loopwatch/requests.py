@@ -237,6 +237,9 @@ def bind_by_task(loop: asyncio.AbstractEventLoop, on: bool) -> None:
         _task_bound_loops.add(loop)
     else:
         _task_bound_loops.discard(loop)
+        # a request whose task never finished (the loop closed under it) would hold its task
+        for task in [t for t in tuple(_task_records) if t.get_loop() is loop]:
+            _task_records.pop(task, None)
 
 
 def task_bound(task: asyncio.Task[Any]) -> RequestRecord | None:

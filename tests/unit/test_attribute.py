@@ -153,6 +153,54 @@ def test_a_tasks_request_is_bound_and_unbound_and_nested_bindings_restore() -> N
     assert asyncio.run(main()) == [None, outer, inner, outer, None]
 
 
+def test_a_request_bound_to_its_task_is_read_back_and_nested_bindings_restore() -> None:
+    # loop time off: bound in a table, not the context (no ContextVar.set per request)
+    from loopwatch.requests import CURRENT_REQUEST, bind_to_task, owner_of, unbind_from_task
+
+    outer, inner = RequestRecord("GET", {}, ""), RequestRecord("POST", {}, "")
+
+    async def main() -> tuple[list[RequestRecord | None], bool]:
+        task = asyncio.current_task()
+        seen = [owner_of(task)]
+        first = bind_to_task(outer)
+        held = CURRENT_REQUEST in contextvars.copy_context()
+        seen.append(owner_of(task))
+        second = bind_to_task(inner)
+        seen.append(owner_of(task))
+        unbind_from_task(second)
+        seen.append(owner_of(task))
+        unbind_from_task(first)
+        seen.append(owner_of(task))
+        return seen, held
+
+    seen, held = asyncio.run(main())
+    assert seen == [None, outer, inner, outer, None]
+    assert not held  # the task's context never holds loopwatch's variable
+
+
+def test_a_task_left_bound_when_its_loop_stops_is_let_go() -> None:
+    from loopwatch import requests
+
+    loop = asyncio.new_event_loop()
+    record = RequestRecord("GET", {}, "")
+
+    async def abandoned() -> None:  # its request never ends: the loop closes under it
+        requests.bind_to_task(record)
+        await asyncio.Event().wait()
+
+    try:
+        requests.bind_by_task(loop, True)
+        task = loop.create_task(abandoned())
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert requests.task_bound(task) is record
+        requests.bind_by_task(loop, False)  # what the monitor does as it stops
+        assert requests.task_bound(task) is None
+    finally:
+        task.cancel()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+
+
 def test_the_stack_names_the_request_by_the_innermost_frame_that_bound_one() -> None:
     # Python < 3.12 on a C loop: no Handle frame, and the request's own task was created by
     # the server before any request: the frame that bound it is read off the stack
