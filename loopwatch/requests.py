@@ -12,7 +12,7 @@ task factory records the request of the tasks a request spawns.
 
 With loop time off (stall attribution only), the request is bound to its task in a table
 instead (``bind_to_task``): the set made uvicorn run hundreds of young-generation collections
-a second under load (BENCHMARKS.md), ~6 µs a request. The task factory then puts the request
+a second under load (BENCHMARKS.md), 5-9 µs a request. The task factory then puts the request
 in the context of each task the request spawns (one ``set`` per spawned task, not per
 request), so they and theirs are found as before; a plain callback the request's own task
 schedules is not (its context holds no request). Fixed owners that are no request (the
