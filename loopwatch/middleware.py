@@ -90,7 +90,10 @@ class LoopWatchMiddleware:
         self._monitor: Monitor | None = None
         self._shard: Shard | None = None
         self._factory = False  # the loop needs loopwatch's task factory (needs_task_factory)
-        self._by_task = False  # requests are bound to their task, not its context (requests)
+        # how a request is bound and let go: its context (loop time needs it), else its task
+        self._binding: tuple[Callable[[RequestRecord], Any], Callable[[Any], None]] = (
+            bind_request, unbind_request,
+        )  # fmt: skip
         self.metrics_server: MetricsServer | None = None
         # A bad option found while a server already runs (Starlette builds its middleware
         # stack lazily, inside the lifespan call): raised there, the server would take it for
@@ -213,11 +216,8 @@ class LoopWatchMiddleware:
             trace=capture() if capture is not None else None,
         )  # fmt: skip
         scope["loopwatch"] = True  # a marker, not the record: no reference cycle per request
-        if self._by_task:  # loop time off: the task, not its context (requests)
-            task_binding = bind_to_task(record)
-            binding = None
-        else:
-            binding = bind_request(record)
+        bind, unbind = self._binding
+        binding = bind(record)
         in_flight = monitor.requests
         in_flight.add(record)
         accountant = monitor.accountant
@@ -234,10 +234,7 @@ class LoopWatchMiddleware:
                     if accountant is not None:
                         accountant.finished_request(record)
                 finally:
-                    if binding is None:
-                        unbind_from_task(task_binding)
-                    else:
-                        unbind_request(binding)
+                    unbind(binding)
             return
 
         shard.request_started()
@@ -285,10 +282,7 @@ class LoopWatchMiddleware:
                 if not answered:
                     count()
             finally:  # whatever count() met: a binding left behind outlives its request
-                if binding is None:
-                    unbind_from_task(task_binding)
-                else:
-                    unbind_request(binding)
+                unbind(binding)
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         monitor = Monitor.for_loop(loop, self.settings)
@@ -300,7 +294,12 @@ class LoopWatchMiddleware:
         self._loop = loop
         # a factory to keep in place on each request (its start-up set it up already)
         self._factory = needs_task_factory(loop)
-        self._by_task = not monitor.settings.loop_time  # as the monitor binds (its _start)
+        # as the monitor binds (its _start): loop time off, to the task (requests)
+        self._binding = (
+            (bind_request, unbind_request)
+            if monitor.settings.loop_time
+            else (bind_to_task, unbind_from_task)
+        )
         self._otel_resolved = False  # a new monitor: hand it to OpenTelemetry too
 
     def _start_otel(self) -> None:

@@ -359,7 +359,7 @@ def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
             record, context = _spawned_request(loop, kwargs)
         if context is not None:  # created inside it: the task copies it, as the creator's
             task = context.run(_make, previous, loop, coro, kwargs)
-        elif previous is not None:
+        elif previous is not None:  # _make's two cases inline: this runs for every task
             task = previous(loop, coro, **kwargs)
         else:
             task = asyncio.Task(coro, loop=loop, **kwargs)
