@@ -9,9 +9,14 @@
 Each run gets its own venv under ``.venv-matrix/<name>`` with ``-e .[test,demo]`` installed
 (reused while pyproject.toml and the run's pins are unchanged; pip's cache makes the first
 install cheap). The interpreter runs use the newest releases pip resolves; the framework runs
-use the interpreter running this script. A summary table goes to stdout; the exit status is
+use the interpreter running this script and leave out the files that test the interpreter,
+not the framework (INTERPRETER_ONLY_FILES). A summary table goes to stdout; the exit status is
 non-zero if any run fails, cannot be set up, or (with ``CI=true`` or ``--require-all``) an
 interpreter is missing. Logs: ``.venv-matrix/logs/<name>.log``.
+
+With ``--retries N`` a failing cell runs its failed tests again, up to N times; they stay
+listed. Under ``CI=true`` the cells that repeat CI's own ``make test`` (its interpreter, the
+newest FastAPI in a fresh venv) are skipped unless named with ``--only``.
 
 Standard library only, so any Python 3.10+ can run it.
 """
@@ -31,7 +36,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +59,24 @@ EXCLUDED_FILES = frozenset(
         "test_ui.py",
     }
 )
+# Exercise the interpreter and loopwatch's own machinery (GIL and gc kinds, the profiler's
+# sampling, worker processes, load), not the framework: the framework cells, which vary only
+# FastAPI/Starlette on the interpreter `make test` already ran, leave them to the interpreter
+# cells. What a framework release can change (routes, middleware, ownership, OpenTelemetry,
+# the app's endpoints, accounting) runs in every cell.
+INTERPRETER_ONLY_FILES = frozenset(
+    {
+        "test_kinds.py",
+        "test_profile_shares.py",
+        "test_profile.py",
+        "test_workers.py",
+        "test_fleet.py",
+        "test_soak.py",
+        "test_overload.py",
+        "test_def_route_gc.py",
+        "test_cputimer.py",
+    }
+)
 _IMPORTS_FASTAPI = re.compile(r"^\s*(?:from|import)\s+(?:fastapi|demo_app)\b", re.MULTILINE)
 
 
@@ -65,6 +88,8 @@ class Run:
     python: str | None  # interpreter path; None when not found
     pins: tuple[str, ...] = ()
     without_fastapi: bool = False  # plain Starlette: FastAPI's tests left out
+    framework: bool = False  # a FastAPI/Starlette cell: INTERPRETER_ONLY_FILES left out
+    same_as_clean_make_test: bool = False  # what `make test` installs in a fresh venv
     # pip commands run after the install: pins that conflict with the test extras (newer
     # httpx2 wants anyio 4.10) go here, where pip installs them with a warning, not a failure
     then: tuple[tuple[str, ...], ...] = ()
@@ -78,7 +103,7 @@ class Run:
 
 
 def framework_runs(default_python: str) -> list[Run]:
-    return [
+    runs = [
         Run("fastapi-0.100", default_python, note="oldest FastAPI the README claims, with "
             "the dependencies of its day (Starlette 0.27, uvicorn 0.23, httpx 0.24, anyio 3)",
             then=(("install", "fastapi==0.100.*", "uvicorn==0.23.*", "httpx==0.24.*",
@@ -89,11 +114,13 @@ def framework_runs(default_python: str) -> list[Run]:
         Run("fastapi-0.137.0", default_python, ("fastapi==0.137.0",),
             note="first release with _IncludedRouter"),
         Run("fastapi-newest", default_python, ("--upgrade", "fastapi", "starlette"),
-            note="newest FastAPI and the newest Starlette it allows"),
+            note="newest FastAPI and the newest Starlette it allows",
+            same_as_clean_make_test=True),
         Run("starlette-newest", default_python, without_fastapi=True,
             then=(("uninstall", "-y", "fastapi"), ("install", "--upgrade", "starlette")),
             note="plain Starlette, FastAPI not installed"),
     ]  # fmt: skip
+    return [replace(run, framework=True) for run in runs]
 
 
 def _version_of(python: str) -> str | None:
@@ -210,9 +237,10 @@ def installed_versions(python: Path) -> dict[str, str]:
     return versions
 
 
-def test_files(without_fastapi: bool) -> list[str]:
+def test_files(without_fastapi: bool, framework: bool = False) -> list[str]:
     """The test files a run collects; without FastAPI, those that import it (directly, or a
-    helper module of ``tests/`` that does, e.g. an app served in a subprocess) are left out."""
+    helper module of ``tests/`` that does, e.g. an app served in a subprocess) are left out;
+    in a framework cell, INTERPRETER_ONLY_FILES are."""
     tests = ROOT / "tests"
     helpers = [p.stem for p in tests.glob("*.py") if not p.name.startswith("test_")]
     needs_fastapi = [
@@ -221,7 +249,7 @@ def test_files(without_fastapi: bool) -> list[str]:
     ]  # fmt: skip
     files = []
     for path in sorted(tests.rglob("test_*.py")):  # tests/<layer>/test_*.py
-        if path.name in EXCLUDED_FILES:
+        if path.name in EXCLUDED_FILES or (framework and path.name in INTERPRETER_ONLY_FILES):
             continue
         text = path.read_text(encoding="utf-8")
         if without_fastapi and (
@@ -258,6 +286,18 @@ def failed_tests(report: Path) -> list[str]:
     ]
 
 
+def node_id(test: str) -> str:
+    """pytest's node id for a JUnit ``classname::name``: ``tests.servers.test_x.TestY::t[a]``
+    is ``tests/servers/test_x.py::TestY::t[a]``."""
+    classname, _, name = test.partition("::")
+    parts = classname.split(".")
+    for cut in range(len(parts), 0, -1):
+        path = Path(*parts[:cut]).with_suffix(".py")
+        if (ROOT / path).is_file():
+            return "::".join([str(path), *parts[cut:], name])
+    return test
+
+
 def execute(
     run: Run, pytest_args: Sequence[str], fresh: bool, timeout: float, retries: int = 0
 ) -> None:
@@ -272,17 +312,28 @@ def execute(
         run.seconds = time.monotonic() - started
         return
     run.versions = installed_versions(python)
-    files = test_files(run.without_fastapi)
+    files = test_files(run.without_fastapi, run.framework)
     report = LOGS / f"{run.name}.xml"
+    targets = files
+    first: dict[str, int] = {}
     for attempt in range(retries + 1):
         report.unlink(missing_ok=True)
         code = _sh(
             [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-             *files, *pytest_args],
+             *targets, *pytest_args],
             log, timeout=timeout,
         )  # fmt: skip
         run.seconds = time.monotonic() - started
-        run.counts = junit_counts(report) if report.exists() else {}
+        counts = junit_counts(report) if report.exists() else {}
+        if attempt == 0 or not first:
+            first = run.counts = counts
+        elif counts:
+            # a retry runs only what failed: the cell's counts are the first run's, with the
+            # tests that now pass moved from failed to passed
+            again = counts["failed"] + counts["errors"]
+            fixed = first["failed"] + first["errors"] - again
+            run.counts = {**first, "passed": first["passed"] + fixed, "failed": again,
+                          "errors": 0}  # fmt: skip
         failed = run.counts.get("failed", 0) + run.counts.get("errors", 0)
         if code == 0 and run.counts and not failed:
             run.status = "ok" if attempt == 0 else f"ok on retry {attempt}"
@@ -296,7 +347,9 @@ def execute(
         flaky = failed_tests(report) if report.exists() else []
         run.flaky.extend(flaky)
         if attempt < retries:
-            print(f"   failed: {', '.join(flaky) or 'see log'}; retrying the cell", flush=True)
+            # the failed tests alone, not the whole cell: a cell is ~6 min of CI's 90
+            targets = [node_id(test) for test in flaky] if flaky else files
+            print(f"   failed: {', '.join(flaky) or 'see log'}; running again", flush=True)
 
 
 def print_table(runs: Sequence[Run]) -> None:
@@ -319,7 +372,7 @@ def print_table(runs: Sequence[Run]) -> None:
     for r in runs:
         if r.flaky and r.status.startswith("ok"):
             print(f"\n{r.name}: failed in an earlier attempt: {', '.join(r.flaky)}")
-        if not r.status.startswith("ok") and r.status != "missing":
+        if not r.status.startswith(("ok", "skipped")) and r.status != "missing":
             print(f"\n{r.name}: {r.status}, log: {LOGS / (r.name + '.log')}")
             tail = (LOGS / f"{r.name}.log").read_text(errors="replace").splitlines()[-25:]
             print("\n".join("    " + line for line in tail))
@@ -366,8 +419,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     runs: list[Run] = []
     if not args.no_pythons:
+        # the interpreter of `make test`'s venv
+        own = f"{sys.version_info[0]}.{sys.version_info[1]}"
         for version, path in find_interpreters().items():
-            runs.append(Run(f"py{version}", path, note=path or "not found"))
+            runs.append(Run(f"py{version}", path, note=path or "not found",
+                            same_as_clean_make_test=version == own))  # fmt: skip
     if not args.no_frameworks:
         runs += framework_runs(base_interpreter())
     known = {r.name for r in runs}
@@ -383,11 +439,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{r.name:18} {r.python or 'not found':45} {' '.join(r.pins)} {then}  {r.note}")
         return 0
 
-    require_all = args.require_all or os.environ.get("CI", "").lower() == "true"
+    in_ci = os.environ.get("CI", "").lower() == "true"
+    require_all = args.require_all or in_ci
     started = time.monotonic()
     for run in runs:
         if run.python is None:
             run.status = "missing"
+            continue
+        if in_ci and run.same_as_clean_make_test and not args.only:
+            # CI's clean clone has just run `make test` in a fresh venv: the same releases
+            run.status = "skipped: make test ran it"
+            print(f"== {run.name}: {run.status}", flush=True)
             continue
         execute(run, args.pytest_args, args.fresh, args.timeout, args.retries)
         print(f"   {run.status} {run.counts} in {run.seconds:.0f}s", flush=True)
@@ -396,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     passed = sum(r.counts.get("passed", 0) for r in runs)
     failed = sum(r.counts.get("failed", 0) + r.counts.get("errors", 0) for r in runs)
     print(f"matrix: {passed} passed, {failed} failed")  # the closing line CI reads
-    bad = [r for r in runs if not r.status.startswith("ok") and r.status != "missing"]
+    bad = [r for r in runs if not r.status.startswith(("ok", "skipped")) and r.status != "missing"]
     missing = [r for r in runs if r.status == "missing"]
     if missing and require_all:
         print(f"missing interpreter(s): {', '.join(r.name for r in missing)} (required)")
