@@ -289,14 +289,20 @@ def overhead(opts: Options) -> dict[str, Any]:
 
 def idle(opts: Options) -> dict[str, Any]:
     variants = ["bare", "loopwatch", *(v for v in opts.baseline if v.startswith("loopwatch@"))]
+    # the servers idle side by side; each round is one window of idle_seconds, and a
+    # variant's cost is read against bare's in the same window (the machine's noise is shared)
+    percent: dict[str, list[float]] = {v: [] for v in variants}
     with servers(opts, variants, 1) as running:
         time.sleep(2.0)  # let start-up work finish
-        before = {v: cpu_seconds(s.pid) for v, s in running.items()}
-        started = time.monotonic()
-        time.sleep(opts.idle_seconds)
-        elapsed = time.monotonic() - started
-        after = {v: cpu_seconds(s.pid) for v, s in running.items()}
-    return {v: {"cpu_seconds": after[v] - before[v], "wall_seconds": elapsed} for v in variants}
+        for round_no in range(opts.rounds):
+            _progress(f"idle round {round_no + 1}/{opts.rounds}")
+            before = {v: cpu_seconds(s.pid) for v, s in running.items()}
+            started = time.monotonic()
+            time.sleep(opts.idle_seconds)
+            elapsed = time.monotonic() - started
+            for v, s in running.items():
+                percent[v].append((cpu_seconds(s.pid) - before[v]) / elapsed * 100)
+    return {v: {"percent": percent[v]} for v in variants}
 
 
 def _scrape(url: str) -> tuple[float, dict[str, float], dict[str, float]]:
@@ -514,12 +520,20 @@ def report(opts: Options, results: dict[str, Any], command: str) -> str:
 
     if "idle" in results:
         lines += ["", "## Idle cost", "",
-                  f"An idle app (1 route, no traffic) for {opts.idle_seconds:g} s; CPU time "
-                  "of the whole process from /proc/PID/stat.", "",
-                  "| variant | CPU s per minute | % of one core |", "|---|---:|---:|"]  # fmt: skip
+                  f"An idle app (1 route, no traffic), {opts.rounds} windows of "
+                  f"{opts.idle_seconds:g} s with every variant idle side by side; CPU time of "
+                  "the whole process from /proc/PID/stat. *added*: over bare in the same "
+                  "window.", "",
+                  "| variant | % of one core, median | range | added, median | added, range |",
+                  "|---|---:|---:|---:|---:|"]  # fmt: skip
+        bare_idle = results["idle"]["bare"]["percent"]
         for variant, data in results["idle"].items():
-            per_minute = data["cpu_seconds"] / data["wall_seconds"] * 60
-            lines.append(f"| {variant} | {per_minute:.3f} | {per_minute / 60 * 100:.2f}% |")
+            values = data["percent"]
+            added = [v - b for v, b in zip(values, bare_idle, strict=True)]
+            lines.append(f"| {variant} | {statistics.median(values):.2f}% | "
+                         f"{min(values):.2f}-{max(values):.2f}% | "
+                         f"{statistics.median(added):+.2f} | "
+                         f"{min(added):+.2f} to {max(added):+.2f} |")  # fmt: skip
 
     if "detect" in results:
         data = results["detect"]

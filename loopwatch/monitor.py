@@ -1,6 +1,7 @@
 """The monitor of one event loop: its lifecycle, its heartbeat, and what the exporters read.
 
-- a **heartbeat** coroutine on the loop wakes every ``interval`` and records the time;
+- a **heartbeat** on the loop (a chain of timer callbacks) wakes every ``interval`` and
+  records the time;
 - a **watchdog** thread (``watchdog``) runs one check of the loop's ``pipeline`` (detect →
   attribute → book → deliver) every interval;
 - the exporters (``metrics``, ``live``, ``otel``) read the books through ``stats.WatchedLoop``.
@@ -81,7 +82,7 @@ def _import_threadpool_backend() -> None:
 def _default_threadpool() -> Any:
     """anyio's default CapacityLimiter for the running loop: the threadpool that runs ``def``
     endpoints and ``run_in_threadpool``. Only when anyio is already loaded (Starlette loads
-    it); runs on the loop, inside a task (the heartbeat)."""
+    it); runs on the loop, inside a task (anyio 3 finds its backend by the current task)."""
     anyio = sys.modules.get("anyio")
     if anyio is None:
         return None
@@ -136,7 +137,11 @@ class Monitor:
         self._own_context = own_context(self.own)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._heartbeat: asyncio.Task[None] | None = None
+        # the heartbeat's next timer callback, and the context it runs in (loopwatch's own)
+        self._heartbeat: asyncio.TimerHandle | None = None
+        self._beat_context = self._own_context.copy()
+        self._next_beat = 0.0  # when the heartbeat asked to run next (its lag is from then)
+        self._beat_failed = False
         self._users: set[int] = set()
         self._loop_thread_id: int | None = None
         self._lock = threading.Lock()
@@ -194,8 +199,8 @@ class Monitor:
         return self._watchdog.checks
 
     @property
-    def heartbeat(self) -> asyncio.Task[None] | None:
-        return self._heartbeat  # (the tests restart it)
+    def heartbeat(self) -> asyncio.TimerHandle | None:
+        return self._heartbeat
 
     def acquire(self, user: object) -> None:
         """Register a user (a middleware instance); start on the loop's thread if needed."""
@@ -235,15 +240,15 @@ class Monitor:
         self._watchdog.run(started_at)
 
     def _start_heartbeat(self) -> None:
-        if self._stop.is_set() or self.loop.is_closed():
-            return
         self.last_beat = self._clock()
-        # loopwatch's own context: the heartbeat is never part of a request, nor the app's
-        # background work, in any view
-        heartbeat = self._own_context.copy().run(self.loop.create_task, self._beat())
-        # a loop may close without running it again (shutdown): that is not an error
-        heartbeat._log_destroy_pending = False  # type: ignore[attr-defined]
-        self._heartbeat = heartbeat
+        self._next_beat = self.last_beat + self.interval
+        # A chain of timer callbacks, not a task on asyncio.sleep: one loop callback a beat
+        # instead of a task step and its sleep's future (most of an idle loop's cost), and
+        # nothing in the app's asyncio.all_tasks() for it to wait on or cancel. In loopwatch's
+        # own context: never part of a request, nor the app's background work, in any view.
+        self._heartbeat = self.loop.call_later(
+            self.interval, self._beat, context=self._beat_context
+        )
 
     def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn(*args)`` on the loop soon, as loopwatch's own work (from any thread)."""
@@ -282,7 +287,7 @@ class Monitor:
         if (flush or on_loop) and thread is not None:
             # The loop runs no code of the app while this runs: whatever held it let go now.
             self._stopped = (self._clock(), self.loop.is_running())
-        self._stop.set()
+        self._stop.set()  # a beat that runs from now on schedules no other
         heartbeat, self._heartbeat = self._heartbeat, None
         if heartbeat is not None and not self.loop.is_closed():
             try:
@@ -339,26 +344,30 @@ class Monitor:
 
     # -- heartbeat (on the loop) --------------------------------------------------------
 
-    async def _beat(self) -> None:
-        clock, interval, lag, sleep = self._clock, self.interval, self.lag, asyncio.sleep
-        pipeline = self.pipeline
-        expected = clock() + interval
+    def _beat(self) -> None:
+        if self._stop.is_set():
+            return
+        now = self._clock()
+        self.last_beat = now
         try:
-            while True:
-                await sleep(interval)
-                if self.threadpool is None and self._backend_ready:
-                    self.threadpool = _default_threadpool()  # once: the backend is loaded
-                    self._backend_ready = False
-                now = clock()
-                late = now - expected if now > expected else 0.0
-                lag.observe(late)
-                pipeline.lag_observed(late)  # OpenTelemetry: the watchdog records it
-                self.last_beat = now
-                expected = now + interval
-        finally:
-            # cancelled as the loop shuts down: running this proves the loop is free again,
-            # so the watchdog can still close (and report) a stall that ended just now
-            self.last_beat = clock()
+            late = now - self._next_beat
+            late = late if late > 0.0 else 0.0
+            self.lag.observe(late)
+            self.pipeline.lag_observed(late)  # OpenTelemetry: the watchdog records it
+            if self._backend_ready:
+                self._backend_ready = False  # once: the backend is loaded off the loop
+                self.loop.create_task(self._read_threadpool())
+        except Exception:  # logged once; the heartbeat goes on, or stalls would go unseen
+            if not self._beat_failed:
+                self._beat_failed = True
+                logger.exception("loopwatch: the heartbeat failed; carrying on")
+        self._next_beat = now + self.interval
+        self._heartbeat = self.loop.call_later(
+            self.interval, self._beat, context=self._beat_context
+        )
+
+    async def _read_threadpool(self) -> None:
+        self.threadpool = _default_threadpool()
 
     # -- the watchdog's checks (its thread; ``watchdog.Checked``) ------------------------
 
@@ -377,7 +386,6 @@ class Monitor:
         self.pipeline.reset()
 
     def after_check(self, now: float) -> None:
-        self._check_heartbeat()
         if now >= self._next_sync:
             # multiprocess mode: keep this worker's figures current for other workers'
             # scrapes; often while a stall is in progress, so its gauge stays live
@@ -397,16 +405,6 @@ class Monitor:
         self.pipeline.ledger.sync_mirrors()
         if self.loop.is_closed():
             self._forget()
-
-    def _check_heartbeat(self) -> None:
-        heartbeat = self._heartbeat
-        if heartbeat is not None and heartbeat.done() and not self._stop.is_set():
-            if heartbeat.cancelled():  # often the loop shutting down (asyncio.run)
-                logger.info("loopwatch: the heartbeat task was cancelled; restarting it")
-            else:
-                logger.warning("loopwatch: the heartbeat task ended; restarting it")
-            self._heartbeat = None
-            self._on_loop(self._start_heartbeat)
 
     # -- read by the exporters and the middleware (``stats.WatchedLoop``) -----------------
 

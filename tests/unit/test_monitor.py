@@ -130,15 +130,61 @@ def test_a_failing_callback_is_logged_once_and_others_still_run(
     monitor.stop()
 
 
-def test_the_heartbeat_is_restarted_if_its_task_dies(loop_thread: LoopThread) -> None:
+@pytest.mark.parametrize("loop_impl", ["asyncio", "uvloop"])
+def test_the_heartbeat_is_no_task_of_the_apps(loop_impl: str) -> None:
+    """The app's ``asyncio.all_tasks()`` has nothing of loopwatch's to wait on or cancel: an
+    app that cancels every task at shutdown, or a test that asserts none is left, sees none,
+    and stalls are still found afterwards."""
+    lt = LoopThread(loop_impl)
+    try:
+        monitor, log = start_monitor(lt)
+
+        async def cancel_all() -> int:
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            return len(others)
+
+        assert asyncio.run_coroutine_threadsafe(cancel_all(), lt.loop).result(5) == 0
+        beat = monitor.last_beat
+        eventually(lambda: monitor.last_beat > beat)
+        lt.loop.call_soon_threadsafe(time.sleep, 0.3)
+        log.wait_for(1)
+        assert log.stalls[0].duration == pytest.approx(0.3, abs=0.1)
+        monitor.stop()
+    finally:
+        lt.close()
+
+
+def test_a_heartbeat_that_fails_is_logged_once_and_goes_on(
+    loop_thread: LoopThread, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monitor, log = start_monitor(loop_thread)
-    first = monitor.heartbeat
-    assert first is not None
-    loop_thread.loop.call_soon_threadsafe(first.cancel)
-    eventually(lambda: monitor.heartbeat is not None and monitor.heartbeat is not first)
-    loop_thread.loop.call_soon_threadsafe(time.sleep, 0.3)
-    log.wait_for(1)
+
+    class Broken:
+        def observe(self, value: float) -> None:
+            raise ValueError("lag bug")
+
+    with caplog.at_level(logging.ERROR, logger="loopwatch"):
+        monkeypatch.setattr(monitor, "lag", Broken())
+        time.sleep(0.2)  # about 20 beats
+        beat = monitor.last_beat
+        eventually(lambda: monitor.last_beat > beat)
+        loop_thread.loop.call_soon_threadsafe(time.sleep, 0.3)
+        log.wait_for(1)
+    failures = [r for r in caplog.records if "heartbeat failed" in r.getMessage()]
+    assert len(failures) == 1
     monitor.stop()
+
+
+def test_stopping_leaves_no_heartbeat_behind(loop_thread: LoopThread) -> None:
+    monitor, _ = start_monitor(loop_thread)
+    time.sleep(0.1)
+    monitor.stop()
+    beat = monitor.last_beat
+    time.sleep(0.1)
+    assert monitor.last_beat == beat
+    assert monitor.heartbeat is None
 
 
 def test_stop_returns_within_a_second_during_a_stall(loop_thread: LoopThread) -> None:
