@@ -18,6 +18,7 @@ import selectors
 import socket
 import sys
 import threading
+import time
 from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
@@ -244,6 +245,52 @@ class _QuietHandler(WSGIRequestHandler):
         pass  # a scrape every few seconds is not worth a log line
 
 
+# In multiprocess mode the worker that binds the side port writes its pid here; another worker
+# that finds the port taken checks it: a port some other program holds is an error, not a
+# sibling serving it.
+_CLAIM_WAIT = 2.0  # seconds a worker waits for the claim of one that bound the port just now
+
+
+def _claim(host: str, port: int) -> str | None:
+    directory = multiprocess_dir()
+    if not directory or not port:
+        return None
+    return os.path.join(directory, fleet.SUBDIR, f"side-port-{host}-{port}")
+
+
+def _stake(claim: str) -> None:
+    try:
+        os.makedirs(os.path.dirname(claim), exist_ok=True)
+        with open(claim + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(claim + ".tmp", claim)
+    except OSError:
+        logger.warning("loopwatch: could not record the side port in %s", claim, exc_info=True)
+
+
+def _held_by_a_worker(claim: str) -> bool:
+    """Is the port's claim a live process's (a worker of the same server)? Waits briefly for
+    a claim that is not written yet: the worker that bound the port writes it just after."""
+    deadline = time.monotonic() + _CLAIM_WAIT
+    while True:
+        try:
+            with open(claim) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            pid = 0
+        if pid and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                return True
+            except PermissionError:
+                return True
+            except OSError:
+                return False  # a dead worker's claim: someone else holds the port now
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
 class MetricsServer:
     """The side-port server, one per (host, port, registry), shared and reference-counted."""
 
@@ -330,21 +377,30 @@ class MetricsServer:
         with cls._lock:
             server = cls._servers.get(key) if settings.metrics_port else None
             if server is None:
+                claim = _claim(settings.metrics_host, settings.metrics_port)
                 try:
                     server = cls(settings.metrics_host, settings.metrics_port, registry)
                 except OSError as exc:
-                    if exc.errno == errno.EADDRINUSE and multiprocess_dir():
+                    held = exc.errno == errno.EADDRINUSE and claim is not None
+                    if claim is not None and held and _held_by_a_worker(claim):
                         logger.info(
                             "loopwatch: metrics port %s is served by another worker",
                             settings.metrics_port,
                         )
                         return None
+                    why = (
+                        "held by a process that is not a worker of this server"
+                        if held
+                        else exc.strerror or str(exc)
+                    )
                     raise ConfigError(
                         "metrics_port",
                         settings.metrics_port,
                         settings.source("metrics_port"),
-                        f"a port free to bind on {settings.metrics_host} ({exc.strerror or exc})",
+                        f"a port free to bind on {settings.metrics_host} ({why})",
                     ) from exc
+                if claim is not None:
+                    _stake(claim)
                 if settings.metrics_port:
                     cls._servers[key] = server
             server._users += 1

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from loopwatch import fleet
 from loopwatch.monitor import Monitor
@@ -174,3 +176,55 @@ def test_state_is_written_while_held_at_most_once_a_second_else_and_removed_at_s
         assert Monitor.current(lt.loop) is None
     finally:
         lt.close()
+
+
+def _busy_port() -> tuple[socket.socket, int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock, sock.getsockname()[1]
+
+
+def test_a_side_port_another_program_holds_is_an_error_in_multiprocess_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a worker that recorded the port (its pid, alive) serves it for the others; a port
+    held by anything else fails start-up as it does with one process."""
+    from loopwatch import exposition
+    from loopwatch.config import ConfigError, Settings
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(exposition, "_CLAIM_WAIT", 0.2)
+    registry = CollectorRegistry()
+    sock, port = _busy_port()
+    with sock:
+        settings = Settings.resolve(env={}, metrics_port=port)
+        with pytest.raises(ConfigError, match="not a worker of this server"):
+            exposition.MetricsServer.acquire(settings, registry)
+        claim = tmp_path / fleet.SUBDIR / f"side-port-127.0.0.1-{port}"
+        claim.parent.mkdir(parents=True, exist_ok=True)
+        claim.write_text(str(OTHER))  # a live worker bound it
+        assert exposition.MetricsServer.acquire(settings, registry) is None
+        claim.write_text("999999999")  # a dead one's record: the port is someone else's now
+        with pytest.raises(ConfigError, match="not a worker of this server"):
+            exposition.MetricsServer.acquire(settings, registry)
+
+
+def test_the_worker_that_binds_the_side_port_records_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from loopwatch import exposition
+    from loopwatch.config import Settings
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    sock, port = _busy_port()
+    sock.close()  # free again
+    server = exposition.MetricsServer.acquire(
+        Settings.resolve(env={}, metrics_port=port), CollectorRegistry()
+    )
+    assert server is not None
+    try:
+        claim = tmp_path / fleet.SUBDIR / f"side-port-127.0.0.1-{port}"
+        assert claim.read_text() == str(os.getpid())
+    finally:
+        server.release()
