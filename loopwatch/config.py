@@ -13,7 +13,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["APP_ENDPOINTS", "ConfigError", "Settings", "resolve_app_endpoints"]
+__all__ = [
+    "APP_ENDPOINTS",
+    "BOOLEAN_OPTIONS",
+    "ENV_VARIABLES",
+    "ConfigError",
+    "Settings",
+    "option_help",
+    "resolve_app_endpoints",
+]
 
 _MISSING: Any = object()
 
@@ -80,6 +88,15 @@ _ENV_EXPECTED = {
     "otel": "one of 1/0, true/false, yes/no, on/off",
     "profile": "one of 1/0, true/false, yes/no, on/off",
 }
+
+# option -> its environment variable; the options that are on/off
+ENV_VARIABLES: dict[str, str] = {option: var for option, (var, _) in _ENV.items()}
+BOOLEAN_OPTIONS = frozenset(o for o, (_, parse) in _ENV.items() if parse is _parse_bool)
+
+
+def option_help(option: str) -> str:
+    """What an option's value must be, as its environment variable takes it."""
+    return _ENV_EXPECTED[option]
 
 
 # What ``metrics_app()`` (the app's own mount) serves; the side port always serves everything.

@@ -103,6 +103,14 @@ def serve_process(
     )  # fmt: skip
 
 
+def serve_command(
+    command: list[str], port: int, env: dict[str, str] | None = None, *, group: bool = True
+) -> contextlib.AbstractContextManager[tuple[str, subprocess.Popen[bytes]]]:
+    """Run any ``command`` that serves on ``port`` (in a process group of its own unless
+    ``group=False``); yields (base URL, process)."""
+    return _server(command, port, env, group=group)
+
+
 def _worker_class() -> str:
     """uvicorn's gunicorn worker: the ``uvicorn-worker`` package's, or, where it does not
     run (uvicorn before 0.30, in the oldest FastAPI matrix cell), uvicorn's own."""

@@ -1,7 +1,8 @@
 """The command line: ``loopwatch demo`` runs the article's benchmark against the demo app and
 prints loopwatch's diagnosis beside it; ``loopwatch report URL`` prints the same diagnosis for
 any app's ``/metrics`` (or a saved exposition file); ``loopwatch profile URL`` prints where the
-loop time goes per route and line, from the app's loop profile, and writes a flame graph.
+loop time goes per route and line, from the app's loop profile, and writes a flame graph;
+``loopwatch run -- COMMAND`` runs a server with loopwatch in its app, no code change.
 
 Nothing in the package imports this one. It needs only the standard library and
 prometheus_client; rich (colour, tables, a progress bar) is used when installed, and without a
@@ -22,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol
 
-from loopwatch.cli import demo, profile, report
+from loopwatch.cli import demo, profile, report, run
 from loopwatch.cli.errors import PROG, CliError
 from loopwatch.cli.output import Output
 
@@ -37,7 +38,7 @@ class Command(Protocol):
 
 
 # In the order ``--help`` lists them.
-COMMANDS: tuple[Command, ...] = (demo, report, profile)
+COMMANDS: tuple[Command, ...] = (run, demo, report, profile)
 
 
 def build_parser() -> argparse.ArgumentParser:

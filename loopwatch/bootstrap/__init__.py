@@ -1,0 +1,1 @@
+"""The directory ``loopwatch run`` puts on ``PYTHONPATH`` (see ``sitecustomize``)."""

@@ -1,0 +1,267 @@
+"""``loopwatch run -- COMMAND``: an app that knows nothing of loopwatch (tests/runner_app.py),
+served unmodified by a real server in a subprocess, shows its blocking route by its template in
+every view of the side port (``/metrics``, ``/stalls``, the page's data) and in ``loopwatch
+report``, with the innocent route blamed for nothing. Bad input fails before anything runs."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import eventually, text_samples
+from tests.serving import LOOPS, free_port, serve_command, server_output
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN = [sys.executable, "-m", "loopwatch", "run"]
+BLOCK = "/items/{item_id}/block"
+# this interpreter's scripts first: COMMAND (uvicorn, gunicorn, python) is this venv's
+ENV = {"PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
+
+
+def _exercise(url: str, side: str) -> None:
+    """Two blocking requests, each with an innocent one in flight beside it."""
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for item in (1, 2):
+            blocked = pool.submit(httpx.get, f"{url}/items/{item}/block", timeout=10)
+            innocent = pool.submit(httpx.get, f"{url}/ok", timeout=10)
+            assert blocked.result().status_code == 200
+            assert innocent.result().status_code == 200
+    for _ in range(3):
+        assert httpx.get(f"{url}/ok", timeout=10).status_code == 200
+
+    def seen() -> bool:
+        text = httpx.get(f"{side}/metrics", timeout=5).text
+        counted = _by_route(text_samples(text, "loopwatch_requests_total"))
+        return (
+            sum(text_samples(text, "loopwatch_stalls_total").values()) >= 2
+            and counted.get("/ok", 0) >= 5
+            and counted.get(BLOCK, 0) >= 2
+        )
+
+    # with several workers, each mirrors its figures for the side port about once a second
+    eventually(seen, timeout=15, what="two stalls and the seven requests on the side port")
+
+
+def _by_route(samples: dict[tuple[tuple[str, str], ...], float]) -> dict[str, float]:
+    """Summed over the other labels; routes at 0 (declared up front) left out."""
+    total: dict[str, float] = {}
+    for labels, value in samples.items():
+        if value:
+            route = dict(labels)["route"]
+            total[route] = total.get(route, 0) + value
+    return total
+
+
+def _assert_views(side: str) -> None:
+    text = httpx.get(f"{side}/metrics", timeout=5).text
+    blamed = _by_route(text_samples(text, "loopwatch_stalls_total"))
+    assert blamed.get(BLOCK, 0) >= 2, blamed
+    assert "/ok" not in blamed, blamed
+    assert all("/items/1" not in route and "/items/2" not in route for route in blamed)
+    counted = _by_route(text_samples(text, "loopwatch_requests_total"))
+    assert counted.get("/ok") == 5 and counted.get(BLOCK) == 2, counted  # each once
+    ring = httpx.get(f"{side}/stalls", timeout=5).json()
+    assert {s["route"] for s in ring} == {BLOCK}, ring
+    assert all("runner_app.py" in (s["culprit"] or "") for s in ring), ring
+    # the page's stalls cover every worker (its routes table is the serving worker's own)
+    page = httpx.get(f"{side}/ui/stalls.json", timeout=5).text
+    assert BLOCK in page and "/ok" not in page, page
+    report = subprocess.run(
+        [sys.executable, "-m", "loopwatch", "report", side, "--plain"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert BLOCK in report.stdout, report.stdout
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_uvicorn_serves_an_unmodified_app_and_every_view_names_the_blocking_route(
+    loop: str,
+) -> None:
+    port, side = free_port(), free_port()
+    command = [*RUN, "--metrics-port", str(side), "--", "uvicorn", "tests.runner_app:app",
+               "--host", "127.0.0.1", "--port", str(port), "--loop", loop,
+               "--log-level", "warning"]  # fmt: skip
+    with serve_command(command, port, ENV) as (url, proc):
+        _exercise(url, f"http://127.0.0.1:{side}")
+        _assert_views(f"http://127.0.0.1:{side}")
+        assert "loopwatch: not attached" not in server_output(proc)
+
+
+def test_a_script_that_calls_uvicorn_run() -> None:
+    port, side = free_port(), free_port()
+    command = [*RUN, "--metrics-port", str(side), "--threshold", "0.15", "--",
+               "python", str(ROOT / "tests" / "runner_app.py"), str(port), "uvloop"]  # fmt: skip
+    with serve_command(command, port, ENV) as (url, _):
+        _exercise(url, f"http://127.0.0.1:{side}")
+        _assert_views(f"http://127.0.0.1:{side}")
+
+
+def test_uvicorn_with_several_workers() -> None:
+    """Every worker is attached; the one that binds the side port serves all their figures."""
+    port, side = free_port(), free_port()
+    command = [*RUN, "--metrics-port", str(side), "--", "uvicorn", "tests.runner_app:app",
+               "--port", str(port), "--workers", "2", "--log-level", "warning"]  # fmt: skip
+    with serve_command(command, port, ENV) as (url, proc):
+        _exercise(url, f"http://127.0.0.1:{side}")
+        _assert_views(f"http://127.0.0.1:{side}")
+        loops = text_samples(
+            httpx.get(f"http://127.0.0.1:{side}/metrics", timeout=5).text, "loopwatch_event_loops"
+        )
+        assert sum(loops.values()) == 2, loops
+        assert "loopwatch: not attached" not in server_output(proc)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_gunicorn_with_uvicorn_workers(workers: int) -> None:
+    from tests.serving import _worker_class
+
+    port, side = free_port(), free_port()
+    command = [*RUN, "--metrics-port", str(side), "--", "gunicorn", "tests.runner_app:app",
+               "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
+               "--worker-class", _worker_class(), "--no-control-socket"]  # fmt: skip
+    with serve_command(command, port, ENV) as (url, _):
+        _exercise(url, f"http://127.0.0.1:{side}")
+        _assert_views(f"http://127.0.0.1:{side}")
+
+
+def test_an_app_that_has_the_middleware_already_is_not_wrapped_twice(tmp_path: Path) -> None:
+    (tmp_path / "wrapped.py").write_text(
+        "from fastapi import FastAPI\n"
+        "from loopwatch import LoopWatchMiddleware\n"
+        "app = FastAPI()\n"
+        "app.add_middleware(LoopWatchMiddleware)\n"
+        "@app.get('/ok')\n"
+        "async def ok():\n"
+        "    return {}\n"
+    )
+    port, side = free_port(), free_port()
+    command = [*RUN, "--metrics-port", str(side), "--", "uvicorn", "wrapped:app",
+               "--app-dir", str(tmp_path), "--port", str(port)]  # fmt: skip
+    with serve_command(command, port, ENV) as (url, _):
+        for _ in range(3):
+            assert httpx.get(f"{url}/ok", timeout=10).status_code == 200
+        requests = text_samples(
+            httpx.get(f"http://127.0.0.1:{side}/metrics", timeout=5).text,
+            "loopwatch_requests_total",
+        )
+        assert _by_route(requests).get("/ok") == 3  # once each: one middleware, not two
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*RUN, *args], capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env={**os.environ, **ENV, **(env or {})},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (("--threshold", "soon", "--", "python", "-c", "pass"), {},
+         "invalid --threshold 'soon': expected a number of seconds"),
+        (("--metrics-port", "70000", "--", "python", "-c", "pass"), {},
+         "invalid --metrics-port 70000: expected an integer port"),
+        (("--", "python", "-c", "pass"), {"LOOPWATCH_INTERVAL": "1"},
+         "invalid interval=1.0 (from environment variable LOOPWATCH_INTERVAL)"),
+        (("--",), {}, "no COMMAND given"),
+        (("--", "no-such-server-anywhere", "app:app"), {},
+         "COMMAND 'no-such-server-anywhere': not found"),
+    ],
+)  # fmt: skip
+def test_bad_input_fails_before_anything_runs(
+    args: tuple[str, ...], env: dict[str, str], message: str
+) -> None:
+    result = _run(*args, env=env)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def test_a_missing_app_fails_with_the_servers_error() -> None:
+    result = _run("--metrics-port", str(free_port()), "--", "uvicorn", "tests.no_such_module:app",
+                  "--port", str(free_port()))  # fmt: skip
+    assert result.returncode != 0
+    assert "no_such_module" in result.stderr + result.stdout
+
+
+def test_a_busy_metrics_port_fails_the_servers_start_up() -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        result = _run("--metrics-port", str(taken), "--", "uvicorn", "tests.runner_app:app",
+                      "--port", str(free_port()))  # fmt: skip
+    assert "invalid metrics_port" in result.stderr + result.stdout, result.stderr
+    assert "Application startup failed" in result.stderr + result.stdout
+
+
+def test_the_programs_own_sitecustomize_still_runs(tmp_path: Path) -> None:
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os\nos.environ['HIDDEN_SITECUSTOMIZE_RAN'] = 'yes'\n"
+    )
+    result = _run(
+        "--", "python", "-c",
+        "import os, sys; print(os.environ.get('HIDDEN_SITECUSTOMIZE_RAN'), "
+        "'loopwatch.attach' in sys.modules, 'loopwatch.middleware' in sys.modules)",
+        env={"PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    # the hidden one ran; loopwatch is attached but has imported nothing heavy
+    assert result.stdout.split() == ["yes", "True", "False"], result.stdout + result.stderr
+
+
+def test_help_shows_an_example_for_each_way_of_serving() -> None:
+    result = _run("--help")
+    assert result.returncode == 0
+    for example in ("-- uvicorn app:app", "-- python service.py", "gunicorn"):
+        assert example in result.stdout, result.stdout
+
+
+def test_a_server_imported_before_the_bootstrap_is_attached_too() -> None:
+    """``install`` patches a server module that is already imported (a sitecustomize that ran
+    earlier imported it), and only once however often it is called."""
+    code = (
+        "import uvicorn.config\n"
+        "from loopwatch.attach import install\n"
+        "install(); install()\n"
+        "async def app(scope, receive, send): pass\n"
+        "config = uvicorn.config.Config(app, lifespan='off')\n"
+        "config.load()\n"
+        "print(type(config.loaded_app).__name__, type(config.loaded_app.app).__name__)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env={**os.environ, "LOOPWATCH_METRICS_PORT": "none"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    # uvicorn's own wrapper of a plain function is inside ours, and ours is there once
+    assert result.stdout.split()[0] == "LoopWatchMiddleware", result.stdout
+    assert result.stdout.split()[1] != "LoopWatchMiddleware", result.stdout
+
+
+def test_watched_finds_the_middleware_however_it_was_added() -> None:
+    from fastapi import FastAPI
+
+    from loopwatch import LoopWatchMiddleware
+    from loopwatch.attach import watched
+
+    plain = FastAPI()
+    added = FastAPI()
+    added.add_middleware(LoopWatchMiddleware)
+
+    class Outer:
+        def __init__(self, app: object) -> None:
+            self.app = app
+
+    assert not watched(plain)
+    assert not watched(Outer(plain))
+    assert watched(added)
+    assert watched(Outer(Outer(added)))
+    assert watched(Outer(LoopWatchMiddleware(plain, metrics_port=None)))
