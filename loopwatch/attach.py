@@ -7,6 +7,10 @@ Servers, by the place each loads its app:
 
 - **uvicorn** (``uvicorn app:app``, ``--workers``, ``uvicorn.run(app)`` in a script, and
   gunicorn's ``uvicorn.workers.UvicornWorker``): ``uvicorn.config.Config.load``.
+- **hypercorn** (its command, ``hypercorn.asyncio.serve`` in a script): ``hypercorn.utils.
+  wrap_app``, which both use, for an ASGI app (a WSGI one is left as it is).
+- **granian** (``--interface asgi`` or ``asginl``): ``granian.asgi``'s lifespan protocol and
+  callback wrapper, each handed the same wrapped app (RSGI and WSGI apps are left as they are).
 
 An app that already has the middleware (``add_middleware`` or an ASGI wrapper) is left as it
 is. A failure here is logged once and the app is served as it was: loopwatch never stops it.
@@ -71,9 +75,62 @@ def _patch_uvicorn_config(module: ModuleType) -> None:
     config.load = load
 
 
+def _patch_hypercorn_utils(module: ModuleType) -> None:
+    original: Callable[..., Any] = module.wrap_app
+    if getattr(original, "__loopwatch__", False):
+        return
+
+    @functools.wraps(original)
+    def wrap_app(app: Any, wsgi_max_body_size: int, mode: str | None) -> Any:
+        if mode is None:
+            mode = "asgi" if module.is_asgi(app) else "wsgi"
+        if mode == "asgi":
+            app = _wrap(app)
+        return original(app, wsgi_max_body_size, mode)
+
+    wrap_app.__loopwatch__ = True  # type: ignore[attr-defined]
+    setattr(module, "wrap_app", wrap_app)  # noqa: B010 (a module, not a typed object)
+
+
+# granian hands the app to its lifespan protocol and to its request wrapper apart: both must
+# get the same middleware (the lifespan starts what the requests use). Apps live as long as
+# the process, so they are kept by id with a reference.
+_wrapped: dict[int, tuple[Any, Any]] = {}
+
+
+def _wrap_once(app: Any) -> Any:
+    known = _wrapped.get(id(app))
+    if known is None or known[0] is not app:
+        known = _wrapped[id(app)] = (app, _wrap(app))
+    return known[1]
+
+
+def _patch_granian_asgi(module: ModuleType) -> None:
+    original: Callable[..., Any] = module._callback_wrapper
+    if getattr(original, "__loopwatch__", False):
+        return
+
+    @functools.wraps(original)
+    def callback_wrapper(callback: Any, *args: Any, **kwargs: Any) -> Any:
+        return original(_wrap_once(callback), *args, **kwargs)
+
+    callback_wrapper.__loopwatch__ = True  # type: ignore[attr-defined]
+    setattr(module, "_callback_wrapper", callback_wrapper)  # noqa: B010
+    lifespan = module.LifespanProtocol
+    init: Callable[..., None] = lifespan.__init__
+
+    @functools.wraps(init)
+    def lifespan_init(self: Any, callable: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, _wrap_once(callable), *args, **kwargs)
+
+    lifespan.__init__ = lifespan_init
+
+
 # module name -> what to do once it has run
 _PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "uvicorn.config": _patch_uvicorn_config,
+    "hypercorn.utils": _patch_hypercorn_utils,
+    "granian.asgi": _patch_granian_asgi,
 }
 
 

@@ -220,7 +220,8 @@ def test_the_programs_own_sitecustomize_still_runs(tmp_path: Path) -> None:
 def test_help_shows_an_example_for_each_way_of_serving() -> None:
     result = _run("--help")
     assert result.returncode == 0
-    for example in ("-- uvicorn app:app", "-- python service.py", "gunicorn"):
+    for example in ("-- uvicorn app:app", "-- python service.py", "-- gunicorn", "-- hypercorn",
+                    "-- granian"):  # fmt: skip
         assert example in result.stdout, result.stdout
 
 
@@ -265,3 +266,27 @@ def test_watched_finds_the_middleware_however_it_was_added() -> None:
     assert watched(added)
     assert watched(Outer(Outer(added)))
     assert watched(Outer(LoopWatchMiddleware(plain, metrics_port=None)))
+
+
+@pytest.mark.parametrize(("worker", "workers"), [("asyncio", 2), ("uvloop", 1)])
+def test_hypercorn(worker: str, workers: int) -> None:
+    port, side = free_port(), free_port()
+    command = [*RUN, "--metrics-port", str(side), "--", "hypercorn", "tests.runner_app:app",
+               "--bind", f"127.0.0.1:{port}", "--worker-class", worker,
+               "--workers", str(workers)]  # fmt: skip
+    with serve_command(command, port, ENV) as (url, proc):
+        _exercise(url, f"http://127.0.0.1:{side}")
+        _assert_views(f"http://127.0.0.1:{side}")
+        assert "loopwatch: not attached" not in server_output(proc)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_granian(loop: str) -> None:
+    port, side = free_port(), free_port()
+    command = [*RUN, "--metrics-port", str(side), "--", "granian", "--interface", "asgi",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+               "--loop", loop, "tests.runner_app:app"]  # fmt: skip
+    with serve_command(command, port, ENV) as (url, proc):
+        _exercise(url, f"http://127.0.0.1:{side}")
+        _assert_views(f"http://127.0.0.1:{side}")
+        assert "loopwatch: not attached" not in server_output(proc)
