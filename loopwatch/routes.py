@@ -8,6 +8,11 @@ scope (its path lacks the router prefixes); the full template is then in FastAPI
 "effective route context". Older Starlette wrote only ``scope["endpoint"]``: that case falls
 back to a table built once per router.
 
+Litestar writes the matched route's template into the scope (``scope["path_template"]``)
+beside the handler (``scope["route_handler"]``), without its parameters' types: the path as the
+app declared it (``/items/{item_id:int}``, Litestar's own syntax) comes from a table of the
+app's routes (``scope["app"]``), built once.
+
 Every template leaves here safe to show (``names.clip``: escaped, cut to 200 characters), so
 that every view names the same route.
 """
@@ -34,6 +39,11 @@ def route_template(scope: Mapping[str, Any], root_path: str) -> str | None:
     ``root_path`` is the scope's root path as the middleware first saw it: whatever the
     routers added to it since is the mount prefix.
     """
+    template = scope.get("path_template")
+    if isinstance(template, str) and "route_handler" in scope:
+        # Litestar's router writes the matched route's template, without its parameters'
+        # types (``/items/{item_id}``), beside the handler; a 404 or 405 writes neither
+        return clip(_mount_prefix(scope, root_path) + _litestar_path(scope.get("app"), template))
     route = scope.get("route")
     if route is None:
         endpoint = scope.get("endpoint")
@@ -93,6 +103,29 @@ _parametric: weakref.WeakKeyDictionary[Any, list[tuple[re.Pattern[str], str]]] =
     weakref.WeakKeyDictionary()
 )
 _legacy: weakref.WeakKeyDictionary[Any, dict[Any, str]] = weakref.WeakKeyDictionary()
+
+
+# Litestar apps are not weak-referenceable (``__slots__``); they live as long as the process
+_litestar: dict[int, tuple[Any, dict[str, str]]] = {}
+
+
+def _litestar_path(app: Any, template: str) -> str:
+    """The route's path as the app declared it (``/items/{item_id:int}``), from a table of its
+    routes built once per app (again for a route registered since); else ``template``."""
+    known = _litestar.get(id(app))
+    if known is None or known[0] is not app or template not in known[1]:
+        table: dict[str, str] = {}
+        try:
+            for route in getattr(app, "routes", ()):
+                path, shape = getattr(route, "path", None), getattr(route, "path_format", None)
+                if isinstance(path, str) and isinstance(shape, str):
+                    table.setdefault(shape, path)
+        except TypeError:  # its routes are not iterable: not a Litestar app
+            return template
+        table.setdefault(template, template)  # not among its routes: never rebuilt for it again
+        with _tables_lock:
+            _litestar[id(app)] = known = (app, table)
+    return known[1].get(template, template)
 
 
 def _child_routes(route: Any) -> list[Any]:

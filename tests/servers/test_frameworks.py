@@ -1,0 +1,78 @@
+"""Frameworks other than Starlette, each under its usual server (uvicorn here, asyncio and
+uvloop) with real HTTP: a blocking route and an innocent one, and every view (the stall,
+its log line's route, the stall and request counters, the loop time) names the blocking
+route by its template in the framework's own syntax, never the concrete path."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from loopwatch import LoopWatchMiddleware
+from tests.helpers import StallLog, eventually
+from tests.serving import serve
+
+BLOCK = 0.3
+
+
+def _by_route(registry: CollectorRegistry, name: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for family in registry.collect():
+        for s in family.samples:
+            if s.name == name and s.value:
+                out[s.labels["route"]] = out.get(s.labels["route"], 0.0) + s.value
+    return out
+
+
+def _drive(url: str, blocking: str, innocent: str) -> None:
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for _ in range(2):
+            blocked = pool.submit(httpx.get, url + blocking, timeout=10)
+            beside = pool.submit(httpx.get, url + innocent, timeout=10)
+            assert blocked.result().status_code == 200
+            assert beside.result().status_code == 200
+    assert httpx.get(url + "/missing/7", timeout=10).status_code == 404
+
+
+def _assert_views(registry: CollectorRegistry, log: StallLog, template: str, ok: str) -> None:
+    log.wait_for(2)
+    eventually(lambda: _by_route(registry, "loopwatch_requests_total").get(ok) == 2)
+    assert {s.route for s in log.stalls} == {template}
+    assert all(s.duration == pytest.approx(BLOCK, abs=0.15) for s in log.stalls)
+    assert _by_route(registry, "loopwatch_stalls_total") == {template: 2}
+    requests = _by_route(registry, "loopwatch_requests_total")
+    assert requests == {template: 2, ok: 2, "<unmatched>": 1}, requests
+    busy = _by_route(registry, "loopwatch_event_loop_busy_seconds_total")
+    assert busy.get(template, 0) >= 2 * BLOCK * 0.9, busy
+    assert busy.get(ok, 0) < 0.1, busy
+
+
+def litestar_app(registry: CollectorRegistry, log: StallLog) -> Any:
+    from litestar import Litestar, get
+
+    @get("/items/{item_id:int}/block")
+    async def block(item_id: int) -> dict[str, int]:
+        time.sleep(BLOCK)
+        return {"item": item_id}
+
+    @get("/ok")
+    async def ok() -> dict[str, bool]:
+        return {"ok": True}
+
+    return LoopWatchMiddleware(
+        Litestar(route_handlers=[block, ok]), registry=registry, on_stall=log
+    )
+
+
+# the path parameter's inferred style, the tutorial's, warns from Litestar 2.19 (FromPath)
+@pytest.mark.filterwarnings("ignore:.*deprecated inferred style:DeprecationWarning")
+def test_litestar(loop_impl: str, registry: CollectorRegistry) -> None:
+    log = StallLog()
+    with serve(litestar_app(registry, log), loop=loop_impl) as url:
+        _drive(url, "/items/7/block", "/ok")
+        _assert_views(registry, log, "/items/{item_id:int}/block", "/ok")
