@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from loopwatch.config import ConfigError, Settings
 from loopwatch.exposition import MetricsServer
+from loopwatch.frameworks import adapt
 from loopwatch.metrics import book_for, resolve_registry
 from loopwatch.monitor import Monitor, StallCallback
 from loopwatch.requests import (
@@ -31,7 +32,7 @@ from loopwatch.requests import (
     unbind_from_task,
     unbind_request,
 )
-from loopwatch.routes import declared_routes, has_router
+from loopwatch.routes import declared_routes
 from loopwatch.stall import ROUTING
 from loopwatch.stats import Shard
 
@@ -342,7 +343,7 @@ class LoopWatchMiddleware:
         if id(app) in self._declared:
             return
         self._declared.add(id(app))
-        if not has_router(app):
+        if not adapt(app):  # (hooks Quart's and Django's routers, which keep the route)
             self._plain = app
         declared = [(m, route) for m, route in declared_routes(app) if m in _LABELS]
         # a stall before routing is booked live under <routing>: zero from start-up too

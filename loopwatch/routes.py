@@ -28,7 +28,11 @@ from typing import Any
 
 from loopwatch.names import clip
 
-__all__ = ["declared_routes", "has_router", "route_template"]
+__all__ = ["ROUTE_KEY", "declared_routes", "has_router", "route_template"]
+
+# where a framework hook (``frameworks``) leaves the template of a router that keeps it to
+# itself (Quart, Django), in the framework's own syntax
+ROUTE_KEY = "loopwatch.route"
 
 _PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(:[a-zA-Z_][a-zA-Z0-9_]*)?}")
 
@@ -39,6 +43,9 @@ def route_template(scope: Mapping[str, Any], root_path: str) -> str | None:
     ``root_path`` is the scope's root path as the middleware first saw it: whatever the
     routers added to it since is the mount prefix.
     """
+    template = scope.get(ROUTE_KEY)
+    if isinstance(template, str):
+        return clip(_mount_prefix(scope, root_path) + template)
     template = scope.get("path_template")
     if isinstance(template, str) and "route_handler" in scope:
         # Litestar's router writes the matched route's template, without its parameters'

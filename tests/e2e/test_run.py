@@ -24,7 +24,7 @@ BLOCK = "/items/{item_id}/block"
 ENV = {"PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
 
 
-def _exercise(url: str, side: str, block: str = BLOCK) -> None:
+def _exercise(url: str, side: str, block: str = BLOCK, ok: str = "/ok") -> None:
     """Two blocking requests, each with an innocent one in flight beside it."""
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         for item in (1, 2):
@@ -40,7 +40,7 @@ def _exercise(url: str, side: str, block: str = BLOCK) -> None:
         counted = _by_route(text_samples(text, "loopwatch_requests_total"))
         return (
             sum(text_samples(text, "loopwatch_stalls_total").values()) >= 2
-            and counted.get("/ok", 0) >= 5
+            and counted.get(ok, 0) >= 5
             and counted.get(block, 0) >= 2
         )
 
@@ -58,14 +58,16 @@ def _by_route(samples: dict[tuple[tuple[str, str], ...], float]) -> dict[str, fl
     return total
 
 
-def _assert_views(side: str, block: str = BLOCK, module: str = "runner_app.py") -> None:
+def _assert_views(
+    side: str, block: str = BLOCK, module: str = "runner_app.py", ok: str = "/ok"
+) -> None:
     text = httpx.get(f"{side}/metrics", timeout=5).text
     blamed = _by_route(text_samples(text, "loopwatch_stalls_total"))
     assert blamed.get(block, 0) >= 2, blamed
-    assert "/ok" not in blamed, blamed
+    assert ok not in blamed, blamed
     assert all("/items/1" not in route and "/items/2" not in route for route in blamed)
     counted = _by_route(text_samples(text, "loopwatch_requests_total"))
-    assert counted.get("/ok") == 5 and counted.get(block) == 2, counted  # each once
+    assert counted.get(ok) == 5 and counted.get(block) == 2, counted  # each once
     ring = httpx.get(f"{side}/stalls", timeout=5).json()
     assert {s["route"] for s in ring} == {block}, ring
     assert all(module in (s["culprit"] or "") for s in ring), ring
@@ -300,3 +302,26 @@ def test_a_litestar_app() -> None:
     with serve_command(command, port, ENV) as (url, _):
         _exercise(url, f"http://127.0.0.1:{side}", template)
         _assert_views(f"http://127.0.0.1:{side}", template, "litestar_app.py")
+
+
+def test_a_django_project() -> None:
+    """Django's ASGI handler under uvicorn (lifespan auto: Django refuses it, and is served)."""
+    port, side = free_port(), free_port()
+    command = [*RUN, "--metrics-port", str(side), "--", "uvicorn", "tests.django_app:application",
+               "--port", str(port), "--log-level", "warning"]  # fmt: skip
+    template = "items/<int:item_id>/block"
+    with serve_command(command, port, ENV) as (url, proc):
+        _exercise(url, f"http://127.0.0.1:{side}", template, ok="ok")
+        _assert_views(f"http://127.0.0.1:{side}", template, "django_app.py", ok="ok")
+        assert "Traceback" not in server_output(proc), server_output(proc)
+
+
+def test_a_quart_app_under_hypercorn() -> None:
+    """Quart's own server."""
+    port, side = free_port(), free_port()
+    command = [*RUN, "--metrics-port", str(side), "--", "hypercorn", "tests.quart_app:app",
+               "--bind", f"127.0.0.1:{port}"]  # fmt: skip
+    template = "/items/<int:item_id>/block"
+    with serve_command(command, port, ENV) as (url, _):
+        _exercise(url, f"http://127.0.0.1:{side}", template)
+        _assert_views(f"http://127.0.0.1:{side}", template, "quart_app.py")

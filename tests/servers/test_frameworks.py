@@ -76,3 +76,22 @@ def test_litestar(loop_impl: str, registry: CollectorRegistry) -> None:
     with serve(litestar_app(registry, log), loop=loop_impl) as url:
         _drive(url, "/items/7/block", "/ok")
         _assert_views(registry, log, "/items/{item_id:int}/block", "/ok")
+
+
+def test_quart(loop_impl: str, registry: CollectorRegistry) -> None:
+    from tests.quart_app import app
+
+    log = StallLog()
+    with serve(LoopWatchMiddleware(app, registry=registry, on_stall=log), loop=loop_impl) as url:
+        _drive(url, "/items/7/block", "/ok")
+        _assert_views(registry, log, "/items/<int:item_id>/block", "/ok")
+
+
+def test_django(loop_impl: str, registry: CollectorRegistry) -> None:
+    from tests.django_app import application
+
+    log = StallLog()
+    wrapped = LoopWatchMiddleware(application, registry=registry, on_stall=log)
+    with serve(wrapped, loop=loop_impl, lifespan="off") as url:
+        _drive(url, "/items/7/block", "/ok")
+        _assert_views(registry, log, "items/<int:item_id>/block", "ok")
