@@ -11,6 +11,8 @@ Servers, by the place each loads its app:
   wrap_app``, which both use, for an ASGI app (a WSGI one is left as it is).
 - **granian** (``--interface asgi`` or ``asginl``): ``granian.asgi``'s lifespan protocol and
   callback wrapper, each handed the same wrapped app (RSGI and WSGI apps are left as they are).
+- **aiohttp** (not ASGI; ``web.run_app`` or an ``AppRunner``): ``loopwatch.aiohttp.setup``
+  for the ``web.Application`` each ``AppRunner`` is made for.
 
 An app that already has the middleware (``add_middleware`` or an ASGI wrapper) is left as it
 is. A failure here is logged once and the app is served as it was: loopwatch never stops it.
@@ -126,11 +128,30 @@ def _patch_granian_asgi(module: ModuleType) -> None:
     lifespan.__init__ = lifespan_init
 
 
+def _patch_aiohttp_runner(module: ModuleType) -> None:
+    runner = module.AppRunner
+    init: Callable[..., None] = runner.__init__
+    if getattr(init, "__loopwatch__", False):
+        return
+
+    @functools.wraps(init)
+    def runner_init(self: Any, app: Any, *args: Any, **kwargs: Any) -> None:
+        if not getattr(app, "frozen", True):  # a web.Application not serving yet
+            from loopwatch.aiohttp import setup
+
+            setup(app)
+        init(self, app, *args, **kwargs)
+
+    runner_init.__loopwatch__ = True  # type: ignore[attr-defined]
+    runner.__init__ = runner_init
+
+
 # module name -> what to do once it has run
 _PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "uvicorn.config": _patch_uvicorn_config,
     "hypercorn.utils": _patch_hypercorn_utils,
     "granian.asgi": _patch_granian_asgi,
+    "aiohttp.web_runner": _patch_aiohttp_runner,
 }
 
 

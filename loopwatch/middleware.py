@@ -420,6 +420,14 @@ class LoopWatchMiddleware:
             return
         raise fresh from None
 
+    def start(self) -> None:
+        """On the running loop, before the first request: start watching it now, for a
+        server with no ASGI lifespan (aiohttp's ``on_startup``); else the first request
+        starts it, and its first step goes untimed."""
+        self._bind(asyncio.get_running_loop())
+        self._declare(self.app)
+        self._start_otel()
+
     def close(self) -> None:
         """Stop this instance's share of the monitor and the side-port server."""
         monitor, self._monitor, self._loop = self._monitor, None, None

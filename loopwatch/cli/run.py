@@ -50,6 +50,7 @@ examples:
   loopwatch run -- gunicorn -k uvicorn_worker.UvicornWorker app:app
   loopwatch run -- hypercorn app:app --workers 4
   loopwatch run -- granian --interface asgi app:app
+  loopwatch run -- python aiohttp_service.py    # web.run_app(app)
   LOOPWATCH_THRESHOLD=0.05 loopwatch run -- uvicorn app:app
 
 Then: curl localhost:9100/metrics, open http://localhost:9100/, or
@@ -142,7 +143,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="run a server or script with loopwatch in every ASGI app it serves, no code change",
         description="Run COMMAND with loopwatch's middleware in every ASGI app it serves "
         "(uvicorn, also with --workers, uvicorn.run() in a script, gunicorn's uvicorn "
-        "workers, hypercorn, granian --interface asgi). Options are the middleware's, as flags or LOOPWATCH_* variables; a flag "
+        "workers, hypercorn, granian --interface asgi), and in every aiohttp web.Application "
+        "an AppRunner serves (web.run_app). Options are the middleware's, as flags or LOOPWATCH_* variables; a flag "
         "wins. The metrics are served on a side port.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

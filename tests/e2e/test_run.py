@@ -325,3 +325,15 @@ def test_a_quart_app_under_hypercorn() -> None:
     with serve_command(command, port, ENV) as (url, _):
         _exercise(url, f"http://127.0.0.1:{side}", template)
         _assert_views(f"http://127.0.0.1:{side}", template, "quart_app.py")
+
+
+def test_an_aiohttp_service() -> None:
+    """Not ASGI: ``web.run_app`` in a script, its app given loopwatch's aiohttp middleware."""
+    port, side = free_port(), free_port()
+    command = [*RUN, "--metrics-port", str(side), "--", "python",
+               str(ROOT / "tests" / "aiohttp_app.py"), str(port)]  # fmt: skip
+    template = "/items/{item_id}/block"
+    with serve_command(command, port, ENV) as (url, proc):
+        _exercise(url, f"http://127.0.0.1:{side}", template)
+        _assert_views(f"http://127.0.0.1:{side}", template, "aiohttp_app.py")
+        assert "loopwatch: not attached" not in server_output(proc)
