@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from loopwatch.exposition import MetricsServer, metrics_app
     from loopwatch.middleware import LoopWatchMiddleware
     from loopwatch.monitor import Monitor
+    from loopwatch.watching import watch
 
 from loopwatch.version import __version__
 
@@ -39,6 +40,7 @@ __all__ = [
     "clear_recent_stalls",
     "metrics_app",
     "recent_stalls",
+    "watch",
 ]
 
 # prometheus_client is imported only when these are first used, so `import loopwatch`
@@ -48,6 +50,7 @@ _LAZY = {
     "MetricsServer": "loopwatch.exposition",
     "metrics_app": "loopwatch.exposition",
     "Monitor": "loopwatch.monitor",
+    "watch": "loopwatch.watching",
 }
 
 

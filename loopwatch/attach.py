@@ -13,6 +13,9 @@ Servers, by the place each loads its app:
   callback wrapper, each handed the same wrapped app (RSGI and WSGI apps are left as they are).
 - **aiohttp** (not ASGI; ``web.run_app`` or an ``AppRunner``): ``loopwatch.aiohttp.setup``
   for the ``web.Application`` each ``AppRunner`` is made for.
+- **a plain asyncio program** (``asyncio.run(main())``, ``uvloop.run``): ``loopwatch.watch()``
+  as ``main`` starts, unless ``main`` is a server's own (its module is a server's or a
+  framework's: the middleware watches that loop).
 
 An app that already has the middleware (``add_middleware`` or an ASGI wrapper) is left as it
 is. A failure here is logged once and the app is served as it was: loopwatch never stops it.
@@ -146,12 +149,73 @@ def _patch_aiohttp_runner(module: ModuleType) -> None:
     runner.__init__ = runner_init
 
 
+# a coroutine of these packages' own runs a server: the middleware attached above watches it
+_SERVERS = ("uvicorn", "uvicorn_worker", "hypercorn", "granian", "aiohttp", "gunicorn", "daphne",
+            "litestar", "quart", "django", "starlette", "fastapi")  # fmt: skip
+
+
+def _servers_own(coro: Any) -> bool:
+    frame = getattr(coro, "cr_frame", None)
+    module = frame.f_globals.get("__name__", "") if frame is not None else ""
+    return isinstance(module, str) and module.split(".", 1)[0] in _SERVERS
+
+
+async def _watched(coro: Any) -> Any:
+    """``coro``, run with the loop watched (``loopwatch.watch()``) until it returns."""
+    watching = None
+    try:
+        from loopwatch.watching import watch
+
+        watching = watch()
+    except Exception:  # the program runs as it would without loopwatch
+        logger.exception("loopwatch: could not watch the program's loop; running without it")
+    try:
+        return await coro
+    finally:
+        if watching is not None:
+            watching.stop()
+
+
+def _patch_asyncio_runners(module: ModuleType) -> None:
+    runner = getattr(module, "Runner", None)
+    if runner is not None:  # 3.11+: asyncio.run and uvloop.run go through Runner.run
+        original: Callable[..., Any] = runner.run
+        if getattr(original, "__loopwatch__", False):
+            return
+
+        @functools.wraps(original)
+        def run(self: Any, coro: Any, *args: Any, **kwargs: Any) -> Any:
+            if not _servers_own(coro):
+                coro = _watched(coro)
+            return original(self, coro, *args, **kwargs)
+
+        run.__loopwatch__ = True  # type: ignore[attr-defined]
+        runner.run = run
+        return
+    plain: Callable[..., Any] = module.run  # 3.10
+    if getattr(plain, "__loopwatch__", False):
+        return
+
+    @functools.wraps(plain)
+    def run_watched(coro: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _servers_own(coro):
+            coro = _watched(coro)
+        return plain(coro, *args, **kwargs)
+
+    run_watched.__loopwatch__ = True  # type: ignore[attr-defined]
+    setattr(module, "run", run_watched)  # noqa: B010
+    package = sys.modules.get("asyncio")
+    if package is not None and getattr(package, "run", None) is plain:  # bound already
+        setattr(package, "run", run_watched)  # noqa: B010
+
+
 # module name -> what to do once it has run
 _PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "uvicorn.config": _patch_uvicorn_config,
     "hypercorn.utils": _patch_hypercorn_utils,
     "granian.asgi": _patch_granian_asgi,
     "aiohttp.web_runner": _patch_aiohttp_runner,
+    "asyncio.runners": _patch_asyncio_runners,
 }
 
 

@@ -421,9 +421,7 @@ class LoopWatchMiddleware:
         raise fresh from None
 
     def start(self) -> None:
-        """On the running loop, before the first request: start watching it now, for a
-        server with no ASGI lifespan (aiohttp's ``on_startup``); else the first request
-        starts it, and its first step goes untimed."""
+        """Watch the running loop now, where no ASGI lifespan would (aiohttp, ``watch()``)."""
         self._bind(asyncio.get_running_loop())
         self._declare(self.app)
         self._start_otel()

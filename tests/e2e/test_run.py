@@ -337,3 +337,32 @@ def test_an_aiohttp_service() -> None:
         _exercise(url, f"http://127.0.0.1:{side}", template)
         _assert_views(f"http://127.0.0.1:{side}", template, "aiohttp_app.py")
         assert "loopwatch: not attached" not in server_output(proc)
+
+
+def _plain_service(command: list[str], side: int, env: dict[str, str]) -> None:
+    with serve_command(command, side, {**ENV, **env}) as (url, proc):  # the side port's page
+
+        def background_stalls() -> float:
+            text = httpx.get(f"{url}/metrics", timeout=5).text
+            return _by_route(text_samples(text, "loopwatch_stalls_total")).get("<background>", 0)
+
+        eventually(lambda: background_stalls() >= 2, timeout=15, what="two stalls")
+        ring = httpx.get(f"{url}/stalls", timeout=5).json()
+        assert {s["route"] for s in ring} == {"<background>"}, ring
+        assert all("plain_service.py" in s["culprit"] and s["kind"] == "wait" for s in ring), ring
+        assert all(s["duration"] == pytest.approx(0.3, abs=0.15) for s in ring), ring
+        assert "loopwatch: could not watch" not in server_output(proc)
+
+
+def test_a_plain_asyncio_program_under_the_runner() -> None:
+    side = free_port()
+    command = [*RUN, "--metrics-port", str(side), "--", "python",
+               str(ROOT / "tests" / "plain_service.py")]  # fmt: skip
+    _plain_service(command, side, {})
+
+
+def test_a_plain_asyncio_program_that_calls_watch() -> None:
+    side = free_port()
+    command = [sys.executable, str(ROOT / "tests" / "plain_service.py")]
+    _plain_service(command, side, {"LOOPWATCH_DEMO_WATCH": "1",
+                                   "LOOPWATCH_METRICS_PORT": str(side)})  # fmt: skip

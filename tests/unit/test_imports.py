@@ -25,6 +25,7 @@ def test_public_surface_is_pinned() -> None:
         "clear_recent_stalls",
         "metrics_app",
         "recent_stalls",
+        "watch",
     }
     for name in loopwatch.__all__:
         assert getattr(loopwatch, name) is not None
