@@ -81,27 +81,40 @@ def _assert_views(
     assert block in report.stdout, report.stdout
 
 
+def _served_unmodified(
+    server: list[str],
+    port: int,
+    *,
+    block: str = BLOCK,
+    module: str = "runner_app.py",
+    ok: str = "/ok",
+) -> str:
+    """``loopwatch run -- *server`` (serving on ``port``): exercised, and every view checked;
+    returns the server's output."""
+    side = free_port()
+    with serve_command([*RUN, "--metrics-port", str(side), "--", *server], port, ENV) as (
+        url,
+        proc,
+    ):
+        _exercise(url, f"http://127.0.0.1:{side}", block, ok)
+        _assert_views(f"http://127.0.0.1:{side}", block, module, ok)
+        output = server_output(proc)
+    assert "loopwatch: not attached" not in output, output
+    return output
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_uvicorn_serves_an_unmodified_app_and_every_view_names_the_blocking_route(
     loop: str,
 ) -> None:
-    port, side = free_port(), free_port()
-    command = [*RUN, "--metrics-port", str(side), "--", "uvicorn", "tests.runner_app:app",
-               "--host", "127.0.0.1", "--port", str(port), "--loop", loop,
-               "--log-level", "warning"]  # fmt: skip
-    with serve_command(command, port, ENV) as (url, proc):
-        _exercise(url, f"http://127.0.0.1:{side}")
-        _assert_views(f"http://127.0.0.1:{side}")
-        assert "loopwatch: not attached" not in server_output(proc)
+    port = free_port()
+    _served_unmodified(["uvicorn", "tests.runner_app:app", "--host", "127.0.0.1", "--port",
+                        str(port), "--loop", loop, "--log-level", "warning"], port)  # fmt: skip
 
 
 def test_a_script_that_calls_uvicorn_run() -> None:
-    port, side = free_port(), free_port()
-    command = [*RUN, "--metrics-port", str(side), "--threshold", "0.15", "--",
-               "python", str(ROOT / "tests" / "runner_app.py"), str(port), "uvloop"]  # fmt: skip
-    with serve_command(command, port, ENV) as (url, _):
-        _exercise(url, f"http://127.0.0.1:{side}")
-        _assert_views(f"http://127.0.0.1:{side}")
+    port = free_port()
+    _served_unmodified(["python", str(ROOT / "tests" / "runner_app.py"), str(port), "uvloop"], port)
 
 
 def test_uvicorn_with_several_workers() -> None:
@@ -123,13 +136,10 @@ def test_uvicorn_with_several_workers() -> None:
 def test_gunicorn_with_uvicorn_workers(workers: int) -> None:
     from tests.serving import _worker_class
 
-    port, side = free_port(), free_port()
-    command = [*RUN, "--metrics-port", str(side), "--", "gunicorn", "tests.runner_app:app",
-               "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
-               "--worker-class", _worker_class(), "--no-control-socket"]  # fmt: skip
-    with serve_command(command, port, ENV) as (url, _):
-        _exercise(url, f"http://127.0.0.1:{side}")
-        _assert_views(f"http://127.0.0.1:{side}")
+    port = free_port()
+    _served_unmodified(["gunicorn", "tests.runner_app:app", "--bind", f"127.0.0.1:{port}",
+                        "--workers", str(workers), "--worker-class", _worker_class(),
+                        "--no-control-socket"], port)  # fmt: skip
 
 
 def test_an_app_that_has_the_middleware_already_is_not_wrapped_twice(tmp_path: Path) -> None:
@@ -272,71 +282,48 @@ def test_watched_finds_the_middleware_however_it_was_added() -> None:
 
 @pytest.mark.parametrize(("worker", "workers"), [("asyncio", 2), ("uvloop", 1)])
 def test_hypercorn(worker: str, workers: int) -> None:
-    port, side = free_port(), free_port()
-    command = [*RUN, "--metrics-port", str(side), "--", "hypercorn", "tests.runner_app:app",
-               "--bind", f"127.0.0.1:{port}", "--worker-class", worker,
-               "--workers", str(workers)]  # fmt: skip
-    with serve_command(command, port, ENV) as (url, proc):
-        _exercise(url, f"http://127.0.0.1:{side}")
-        _assert_views(f"http://127.0.0.1:{side}")
-        assert "loopwatch: not attached" not in server_output(proc)
+    port = free_port()
+    _served_unmodified(["hypercorn", "tests.runner_app:app", "--bind", f"127.0.0.1:{port}",
+                        "--worker-class", worker, "--workers", str(workers)], port)  # fmt: skip
 
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_granian(loop: str) -> None:
-    port, side = free_port(), free_port()
-    command = [*RUN, "--metrics-port", str(side), "--", "granian", "--interface", "asgi",
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
-               "--loop", loop, "tests.runner_app:app"]  # fmt: skip
-    with serve_command(command, port, ENV) as (url, proc):
-        _exercise(url, f"http://127.0.0.1:{side}")
-        _assert_views(f"http://127.0.0.1:{side}")
-        assert "loopwatch: not attached" not in server_output(proc)
+    port = free_port()
+    _served_unmodified(["granian", "--interface", "asgi", "--host", "127.0.0.1", "--port",
+                        str(port), "--workers", "2", "--loop", loop,
+                        "tests.runner_app:app"], port)  # fmt: skip
 
 
 def test_a_litestar_app() -> None:
-    port, side = free_port(), free_port()
-    command = [*RUN, "--metrics-port", str(side), "--", "uvicorn", "tests.litestar_app:app",
-               "--port", str(port), "--loop", "uvloop", "--log-level", "warning"]  # fmt: skip
-    template = "/items/{item_id:int}/block"
-    with serve_command(command, port, ENV) as (url, _):
-        _exercise(url, f"http://127.0.0.1:{side}", template)
-        _assert_views(f"http://127.0.0.1:{side}", template, "litestar_app.py")
+    port = free_port()
+    _served_unmodified(["uvicorn", "tests.litestar_app:app", "--port", str(port), "--loop",
+                        "uvloop", "--log-level", "warning"], port,
+                       block="/items/{item_id:int}/block", module="litestar_app.py")  # fmt: skip
 
 
 def test_a_django_project() -> None:
     """Django's ASGI handler under uvicorn (lifespan auto: Django refuses it, and is served)."""
-    port, side = free_port(), free_port()
-    command = [*RUN, "--metrics-port", str(side), "--", "uvicorn", "tests.django_app:application",
-               "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    template = "items/<int:item_id>/block"
-    with serve_command(command, port, ENV) as (url, proc):
-        _exercise(url, f"http://127.0.0.1:{side}", template, ok="ok")
-        _assert_views(f"http://127.0.0.1:{side}", template, "django_app.py", ok="ok")
-        assert "Traceback" not in server_output(proc), server_output(proc)
+    port = free_port()
+    output = _served_unmodified(
+        ["uvicorn", "tests.django_app:application", "--port", str(port), "--log-level",
+         "warning"], port, block="items/<int:item_id>/block", module="django_app.py", ok="ok",
+    )  # fmt: skip
+    assert "Traceback" not in output, output
 
 
 def test_a_quart_app_under_hypercorn() -> None:
     """Quart's own server."""
-    port, side = free_port(), free_port()
-    command = [*RUN, "--metrics-port", str(side), "--", "hypercorn", "tests.quart_app:app",
-               "--bind", f"127.0.0.1:{port}"]  # fmt: skip
-    template = "/items/<int:item_id>/block"
-    with serve_command(command, port, ENV) as (url, _):
-        _exercise(url, f"http://127.0.0.1:{side}", template)
-        _assert_views(f"http://127.0.0.1:{side}", template, "quart_app.py")
+    port = free_port()
+    _served_unmodified(["hypercorn", "tests.quart_app:app", "--bind", f"127.0.0.1:{port}"],
+                       port, block="/items/<int:item_id>/block", module="quart_app.py")  # fmt: skip
 
 
 def test_an_aiohttp_service() -> None:
     """Not ASGI: ``web.run_app`` in a script, its app given loopwatch's aiohttp middleware."""
-    port, side = free_port(), free_port()
-    command = [*RUN, "--metrics-port", str(side), "--", "python",
-               str(ROOT / "tests" / "aiohttp_app.py"), str(port)]  # fmt: skip
-    template = "/items/{item_id}/block"
-    with serve_command(command, port, ENV) as (url, proc):
-        _exercise(url, f"http://127.0.0.1:{side}", template)
-        _assert_views(f"http://127.0.0.1:{side}", template, "aiohttp_app.py")
-        assert "loopwatch: not attached" not in server_output(proc)
+    port = free_port()
+    _served_unmodified(["python", str(ROOT / "tests" / "aiohttp_app.py"), str(port)], port,
+                       block="/items/{item_id}/block", module="aiohttp_app.py")  # fmt: skip
 
 
 def _plain_service(command: list[str], side: int, env: dict[str, str]) -> None:
