@@ -1,7 +1,8 @@
 """loopwatch without a code change: ``loopwatch run`` puts its bootstrap ``sitecustomize`` on
-``PYTHONPATH``, which calls ``install()`` in every Python process the command starts (server
-workers too). ``install`` imports nothing heavy: it waits for a server's module to be imported
-and wraps the app that server loads in ``LoopWatchMiddleware``, outermost, once.
+``PYTHONPATH`` in every Python process the command starts (server workers too). The bootstrap
+imports nothing of loopwatch's until one of ``PATCHED_MODULES`` is imported; then it calls
+``patch(module)``, which wraps the app that server loads in ``LoopWatchMiddleware``, outermost,
+once.
 
 Servers, by the place each loads its app:
 
@@ -24,15 +25,13 @@ is. A failure here is logged once and the app is served as it was: loopwatch nev
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.machinery
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-__all__ = ["install", "installed", "watched"]
+__all__ = ["PATCHED_MODULES", "patch", "watched"]
 
 logger = logging.getLogger("loopwatch")
 
@@ -219,68 +218,17 @@ _PATCHES: dict[str, Callable[[ModuleType], None]] = {
 }
 
 
-class _Loader(importlib.abc.Loader):
-    """Runs the module's own loader, then its patch."""
-
-    def __init__(self, loader: importlib.abc.Loader, patch: Callable[[ModuleType], None]):
-        self._loader = loader
-        self._patch = patch
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module: ModuleType) -> None:
-        self._loader.exec_module(module)
-        _apply(self._patch, module)
+# what the bootstrap watches for (``bootstrap/sitecustomize.py`` keeps the same names)
+PATCHED_MODULES = tuple(_PATCHES)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: for a module in ``_PATCHES`` it asks the other finders and
-    hands back their spec with the patching loader."""
-
-    def find_spec(
-        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
-        patch = _PATCHES.get(fullname)
-        if patch is None:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        spec.loader = _Loader(spec.loader, patch)
-        return spec
-
-
-def _apply(patch: Callable[[ModuleType], None], module: ModuleType) -> None:
-    try:
-        patch(module)
-    except Exception:  # the server runs as it would without loopwatch
-        logger.exception("loopwatch: could not attach to %s; serving without it", module.__name__)
-
-
-_finder: _Finder | None = None
-
-
-def install() -> None:
-    """Attach to every server in ``_PATCHES`` this process imports (already imported ones at
-    once). Idempotent."""
-    global _finder
-    if _finder is not None:
+def patch(module: ModuleType) -> None:
+    """``module`` (one of ``PATCHED_MODULES``) has run: attach to it. A failure is logged and
+    the program runs as it would without loopwatch."""
+    fix = _PATCHES.get(module.__name__)
+    if fix is None:
         return
-    _finder = _Finder()
-    sys.meta_path.insert(0, _finder)
-    for name, patch in _PATCHES.items():
-        module = sys.modules.get(name)
-        if module is not None:
-            _apply(patch, module)
-
-
-def installed() -> bool:
-    return _finder is not None
+    try:
+        fix(module)
+    except Exception:
+        logger.exception("loopwatch: could not attach to %s; running without it", module.__name__)

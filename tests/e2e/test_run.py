@@ -221,11 +221,12 @@ def test_the_programs_own_sitecustomize_still_runs(tmp_path: Path) -> None:
     result = _run(
         "--", "python", "-c",
         "import os, sys; print(os.environ.get('HIDDEN_SITECUSTOMIZE_RAN'), "
-        "'loopwatch.attach' in sys.modules, 'loopwatch.middleware' in sys.modules)",
+        "any(type(f).__name__ == '_Finder' for f in sys.meta_path), "
+        "'loopwatch.middleware' in sys.modules)",
         env={"PYTHONPATH": str(tmp_path)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    # the hidden one ran; loopwatch is attached but has imported nothing heavy
+    # the hidden one ran; loopwatch's finder is in place, and nothing of loopwatch loaded
     assert result.stdout.split() == ["yes", "True", "False"], result.stdout + result.stderr
 
 
@@ -237,26 +238,51 @@ def test_help_shows_an_example_for_each_way_of_serving() -> None:
         assert example in result.stdout, result.stdout
 
 
-def test_a_server_imported_before_the_bootstrap_is_attached_too() -> None:
-    """``install`` patches a server module that is already imported (a sitecustomize that ran
-    earlier imported it), and only once however often it is called."""
+def test_a_server_imported_before_the_bootstrap_is_attached_too(tmp_path: Path) -> None:
+    """A server the program's own sitecustomize imported (before loopwatch's finder was in
+    place) is attached to at once, and once."""
+    (tmp_path / "sitecustomize.py").write_text("import uvicorn.config\n")
     code = (
-        "import uvicorn.config\n"
-        "from loopwatch.attach import install\n"
-        "install(); install()\n"
+        "import sys, uvicorn.config\n"
+        "assert 'loopwatch.attach' in sys.modules\n"
         "async def app(scope, receive, send): pass\n"
         "config = uvicorn.config.Config(app, lifespan='off')\n"
         "config.load()\n"
         "print(type(config.loaded_app).__name__, type(config.loaded_app.app).__name__)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
-        env={**os.environ, "LOOPWATCH_METRICS_PORT": "none"},
+    result = _run(
+        "--metrics-port", "none", "--", "python", "-c", code,
+        env={"PYTHONPATH": str(tmp_path)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     # uvicorn's own wrapper of a plain function is inside ours, and ours is there once
     assert result.stdout.split()[0] == "LoopWatchMiddleware", result.stdout
     assert result.stdout.split()[1] != "LoopWatchMiddleware", result.stdout
+
+
+def test_the_bootstrap_watches_what_attach_patches() -> None:
+    import ast
+
+    from loopwatch.attach import PATCHED_MODULES
+    from loopwatch.cli.run import BOOTSTRAP
+
+    tree = ast.parse((BOOTSTRAP / "sitecustomize.py").read_text())
+    (watched,) = [
+        node.value for node in tree.body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "WATCHED"
+    ]  # fmt: skip
+    assert isinstance(watched, ast.Call)
+    assert ast.literal_eval(watched.args[0]) == set(PATCHED_MODULES)
+
+
+def test_a_program_that_imports_no_server_loads_nothing_of_loopwatch() -> None:
+    """The bootstrap alone: ``python -c`` pays for one small file, not for loopwatch."""
+    result = _run(
+        "--", "python", "-c",
+        "import sys; print(sorted(m for m in sys.modules if m.startswith(('loopwatch', 'typing', 'logging'))))",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 def test_watched_finds_the_middleware_however_it_was_added() -> None:
