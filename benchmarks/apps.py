@@ -62,6 +62,7 @@ PARTS: tuple[str, ...] = (
     "loopwatch-monitor",  # the monitor runs (heartbeat, watchdog), requests pass by
     "loopwatch-monitor-profile",  # the same with the loop profile's CPU-time signal
     "loopwatch-stalls-no-profile",  # stalls only, the loop profile off
+    "loopwatch-run",  # the bare app served under `loopwatch run` (run.py starts it so)
 )
 
 
@@ -184,7 +185,9 @@ def build(
     if block_route:
         app.add_api_route("/block", block, methods=["GET"], response_model=None)
 
-    if variant == "noop":
+    if variant == "loopwatch-run":
+        pass  # no code change: the runner wraps the app uvicorn loads
+    elif variant == "noop":
         app.add_middleware(NoopMiddleware)
     elif variant.startswith("loopwatch-monitor"):
         app.add_middleware(

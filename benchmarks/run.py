@@ -119,8 +119,13 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
+        # loopwatch's defaults with no code change: the runner execs uvicorn (same pid); it
+        # sets a multiprocess directory of its own, so the figures are mirrored to files too
+        runner = ["-m", "loopwatch", "run", "--metrics-port", "none", "--", sys.executable]
         command = [
-            *_pin(opts.server_cpu), sys.executable, "-m", "uvicorn", "benchmarks.apps:app",
+            *_pin(opts.server_cpu), sys.executable,
+            *(runner if variant.partition("@")[0] == "loopwatch-run" else []),
+            "-m", "uvicorn", "benchmarks.apps:app",
             "--host", "127.0.0.1", "--port", str(self.port), "--loop", opts.loop,
             "--http", opts.http, "--no-access-log", "--log-level", "warning",
         ]  # fmt: skip
