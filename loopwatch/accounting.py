@@ -105,6 +105,14 @@ class Accountant:
         self._undo: Callable[[], None] | None = None  # restores the task factory
         self._last_sample = time.perf_counter()
 
+    def watch_code(self, code: CodeType) -> None:
+        """Time the steps of a coroutine whose tasks the loop's task factory never sees
+        (made with ``asyncio.Task`` itself: aiohttp's, started eagerly on 3.12+). Only the
+        ``sys.monitoring`` hook needs it; the others see every step."""
+        hook = self._hook
+        if isinstance(hook, MonitoringHook):
+            hook.watch_code(code)
+
     def bind(self, record: RequestRecord) -> None:
         """On the loop, from the callback that binds ``record`` (a request's first step):
         from now on, the callback's time is the request's."""

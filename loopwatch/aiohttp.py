@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from aiohttp import web
+from aiohttp import web, web_protocol
 
 from loopwatch.exposition import metrics_app
 from loopwatch.middleware import LoopWatchMiddleware
@@ -101,6 +101,15 @@ def setup(app: web.Application, **options: Any) -> LoopWatchMiddleware:
 
     async def start(app: web.Application) -> None:
         watch.start()  # the loop-time hook in place before the first request
+        # aiohttp makes its connection and request tasks with asyncio.Task (eagerly on 3.12+),
+        # which the loop's task factory never sees: their steps are timed by their code
+        handler = getattr(web_protocol, "RequestHandler", None)
+        watch.time_coroutines(*(
+            code for code in (
+                getattr(getattr(handler, name, None), "__code__", None)
+                for name in ("start", "_handle_request")
+            ) if code is not None
+        ))  # fmt: skip
 
     async def close(app: web.Application) -> None:
         watch.close()

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, MutableMapping
+from types import CodeType
 from typing import TYPE_CHECKING, Any
 
 from loopwatch.config import ConfigError, Settings
@@ -163,7 +164,7 @@ class LoopWatchMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.config_error is not None:
-            await self._refuse(scope, receive, send, self.config_error)
+            await _refuse(scope, receive, send, self.config_error)
             return
         kind = scope["type"]
         if kind == "http":
@@ -393,7 +394,7 @@ class LoopWatchMiddleware:
         except ConfigError as error:
             if error is not failed or answered_failure:
                 raise
-            await self._refuse(scope, None, send, error)
+            await _refuse(scope, None, send, error)
         finally:
             # An app that ignores lifespan returns at once: keep the side port and let the
             # first request start the monitor. After a real start-up, this is the shutdown.
@@ -403,28 +404,18 @@ class LoopWatchMiddleware:
             if started:
                 self.close()
 
-    @staticmethod
-    async def _refuse(
-        scope: Scope, receive: Receive | None, send: Send, error: ConfigError
-    ) -> None:
-        """A bad option: fail the lifespan start-up with its message (the ASGI way: uvicorn,
-        gunicorn, hypercorn and granian then exit); a request, if a server skipped lifespan,
-        raises it. Never serve as if loopwatch were there."""
-        fresh = ConfigError(error.option, error.value, error.source, error.expected)
-        if scope["type"] == "lifespan":
-            message = {"type": "lifespan.startup"} if receive is None else await receive()
-            if message.get("type") == "lifespan.startup":
-                logger.error("%s; failing the application start-up", error)
-                await send({"type": "lifespan.startup.failed", "message": str(error)})
-                raise fresh from None
-            return
-        raise fresh from None
-
     def start(self) -> None:
         """Watch the running loop now, where no ASGI lifespan would (aiohttp, ``watch()``)."""
         self._bind(asyncio.get_running_loop())
         self._declare(self.app)
         self._start_otel()
+
+    def time_coroutines(self, *codes: CodeType) -> None:
+        """Loop time for tasks a framework makes without the loop's task factory."""
+        accountant = self._monitor.accountant if self._monitor is not None else None
+        if accountant is not None:
+            for code in codes:
+                accountant.watch_code(code)
 
     def close(self) -> None:
         """Stop this instance's share of the monitor and the side-port server."""
@@ -464,6 +455,21 @@ class LoopWatchMiddleware:
 # Python < 3.12: the watchdog finds the request of the running task by these frames
 binds_in(LoopWatchMiddleware.__call__, "record")
 binds_in(LoopWatchMiddleware._lifespan, "owner")
+
+
+async def _refuse(scope: Scope, receive: Receive | None, send: Send, error: ConfigError) -> None:
+    """A bad option: fail the lifespan start-up with its message (the ASGI way: uvicorn,
+    gunicorn, hypercorn and granian then exit); a request, if a server skipped lifespan,
+    raises it. Never serve as if loopwatch were there."""
+    fresh = ConfigError(error.option, error.value, error.source, error.expected)
+    if scope["type"] == "lifespan":
+        message = {"type": "lifespan.startup"} if receive is None else await receive()
+        if message.get("type") == "lifespan.startup":
+            logger.error("%s; failing the application start-up", error)
+            await send({"type": "lifespan.startup.failed", "message": str(error)})
+            raise fresh from None
+        return
+    raise fresh from None
 
 
 def _on_asyncio() -> bool:
