@@ -65,16 +65,24 @@ async def _sent(message: MutableMapping[str, Any]) -> None:
     pass
 
 
-def _scope(request: web.Request) -> dict[str, Any]:
-    scope: dict[str, Any] = {
+def _scope(
+    request: web.Request, root_path: str = "", headers: list[tuple[bytes, bytes]] | None = None
+) -> dict[str, Any]:
+    """The ASGI scope of an aiohttp request."""
+    return {
         "type": "http",
         "method": request.method,
         "path": request.path,
         "raw_path": request.raw_path.encode("latin-1", "replace"),
-        "root_path": "",
+        "root_path": root_path,
         "query_string": request.query_string.encode("latin-1", "replace"),
-        "headers": [],
+        "headers": headers or [],
     }
+
+
+def _routed_scope(request: web.Request) -> dict[str, Any]:
+    """Its scope, with the matched resource's template where the middleware reads it."""
+    scope = _scope(request)
     match = request.match_info
     resource = None if match.http_exception is not None else match.route.resource
     if resource is not None:
@@ -93,7 +101,7 @@ def setup(app: web.Application, **options: Any) -> LoopWatchMiddleware:
 
     @web.middleware
     async def loopwatch(request: web.Request, handler: Handler) -> web.StreamResponse:
-        scope = _scope(request)
+        scope = _routed_scope(request)
         box: list[web.StreamResponse] = []
         scope[_KEY] = (request, handler, box)
         await watch(scope, _nothing_to_receive, _sent)
@@ -129,14 +137,10 @@ def metrics_handler(registry: Any = None, *, app_endpoints: str | None = None) -
     async def handler(request: web.Request) -> web.StreamResponse:
         tail = request.match_info.get("tail", "")
         prefix = request.path[: len(request.path) - len(tail)] if tail else request.path
-        scope = {
-            "type": "http",
-            "method": request.method,
-            "path": request.path,
-            "root_path": prefix.rstrip("/"),
-            "query_string": request.query_string.encode("latin-1", "replace"),
-            "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
-        }
+        scope = _scope(
+            request, prefix.rstrip("/"),
+            [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
+        )  # fmt: skip
         answer: dict[str, Any] = {"headers": [], "body": b""}
 
         async def send(message: MutableMapping[str, Any]) -> None:

@@ -35,24 +35,18 @@ __all__ = ["PATCHED_MODULES", "patch", "watched"]
 
 logger = logging.getLogger("loopwatch")
 
-# the middleware's ASGI wrappers nest through ``.app``; Starlette keeps its list apart
-_MAX_DEPTH = 32
-
 
 def watched(app: object) -> bool:
     """Has ``app`` loopwatch's middleware already, as an ASGI wrapper or in Starlette's list?"""
+    from loopwatch.frameworks import wrapped_apps
     from loopwatch.middleware import LoopWatchMiddleware
 
-    for _ in range(_MAX_DEPTH):
-        if isinstance(app, LoopWatchMiddleware):
+    for inner in wrapped_apps(app):
+        if isinstance(inner, LoopWatchMiddleware):
             return True
-        for middleware in getattr(app, "user_middleware", None) or ():
+        for middleware in getattr(inner, "user_middleware", None) or ():
             if getattr(middleware, "cls", None) is LoopWatchMiddleware:
                 return True
-        inner = getattr(app, "app", None)
-        if inner is None or inner is app:
-            return False
-        app = inner
     return False
 
 

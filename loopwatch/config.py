@@ -19,6 +19,7 @@ __all__ = [
     "ENV_VARIABLES",
     "ConfigError",
     "Settings",
+    "multiprocess_dir",
     "option_help",
     "resolve_app_endpoints",
 ]
@@ -97,6 +98,15 @@ BOOLEAN_OPTIONS = frozenset(o for o, (_, parse) in _ENV.items() if parse is _par
 def option_help(option: str) -> str:
     """What an option's value must be, as its environment variable takes it."""
     return _ENV_EXPECTED[option]
+
+
+def multiprocess_dir(env: Mapping[str, str] | None = None) -> str | None:
+    """prometheus_client's multiprocess directory (in ``env``, else this process's
+    environment), when several workers share metrics."""
+    env = os.environ if env is None else env
+    # prometheus_client still honours the old lower-case name too
+    legacy = env.get("prometheus_multiproc_dir")
+    return env.get("PROMETHEUS_MULTIPROC_DIR") or legacy
 
 
 # What ``metrics_app()`` (the app's own mount) serves; the side port always serves everything.

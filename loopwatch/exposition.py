@@ -29,8 +29,8 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 
 from loopwatch import fleet, live
-from loopwatch.config import ConfigError, Settings, resolve_app_endpoints
-from loopwatch.metrics import book_for, multiprocess_dir, scrape_registry
+from loopwatch.config import ConfigError, Settings, multiprocess_dir, resolve_app_endpoints
+from loopwatch.metrics import book_for, scrape_registry
 from loopwatch.profile import format_collapsed, parse_seconds
 from loopwatch.profile import render as render_profile
 from loopwatch.stall import recent_stalls, without_code
@@ -279,13 +279,8 @@ def _held_by_a_worker(claim: str) -> bool:
         except (OSError, ValueError):
             pid = 0
         if pid and pid != os.getpid():
-            try:
-                os.kill(pid, 0)
-                return True
-            except PermissionError:
-                return True
-            except OSError:
-                return False  # a dead worker's claim: someone else holds the port now
+            # a dead worker's claim: someone else holds the port now
+            return fleet.alive(pid)
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)

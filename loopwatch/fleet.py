@@ -41,7 +41,16 @@ from loopwatch.profile import KEEP_SECONDS, MAX_DEPTH, PROFILE, ProfileStore, St
 from loopwatch.stall import RING_SIZE, Stall, recent_stalls
 from loopwatch.stats import StatsBook, WatchedLoop
 
-__all__ = ["Publisher", "Worker", "loop_rows", "profile", "publisher_for", "stalls", "workers"]
+__all__ = [
+    "Publisher",
+    "Worker",
+    "alive",
+    "loop_rows",
+    "profile",
+    "publisher_for",
+    "stalls",
+    "workers",
+]
 
 logger = logging.getLogger("loopwatch")
 
@@ -278,7 +287,7 @@ def workers(directory: str) -> list[Worker]:
     for pid, path in _files(base, "state", ".json"):
         if pid == own:
             continue
-        if not _alive(pid):
+        if not alive(pid):
             with contextlib.suppress(OSError):
                 os.unlink(path)  # killed: it could not remove it itself
             continue
@@ -403,7 +412,7 @@ def _files(base: str, kind: str, ext: str) -> Iterator[tuple[int, str]]:
                 yield int(digits), os.path.join(base, name)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie, killed and not reaped yet, does not)."""
     if pid == os.getpid():
         return True
@@ -424,7 +433,7 @@ def _alive(pid: int) -> bool:
 
 def _expired(pid: int, path: str) -> bool:
     """A dead worker's file past ``KEEP_DEAD``: removed (True), else kept (False)."""
-    if _alive(pid):
+    if alive(pid):
         return False
     try:
         if time.time() - os.stat(path).st_mtime <= KEEP_DEAD:

@@ -16,11 +16,13 @@ and imports no framework: the app has imported its own.
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 from loopwatch.routes import ROUTE_KEY, has_router
 
-__all__ = ["adapt"]
+__all__ = ["adapt", "wrapped_apps"]
 
 logger = logging.getLogger("loopwatch")
 
@@ -39,9 +41,17 @@ def _is_django(app: Any) -> bool:
     )
 
 
-def _hook_quart(app: Any) -> None:
-    import sys
+def wrapped_apps(app: Any) -> Iterator[Any]:
+    """``app``, then each app inside it through ``.app`` (ASGI wrappers), outermost first."""
+    for _ in range(_MAX_DEPTH):
+        yield app
+        inner = getattr(app, "app", None)
+        if inner is None or inner is app:
+            return
+        app = inner
 
+
+def _hook_quart(app: Any) -> None:
     quart = sys.modules["quart"]  # the app's own import
 
     async def loopwatch_route() -> None:
@@ -78,19 +88,15 @@ def adapt(app: Any) -> bool:
     """Hook the framework inside ``app`` (once: call once per app). True if something in it
     routes requests (a router the scope names, or a hooked framework)."""
     try:
-        for _ in range(_MAX_DEPTH):
-            if _is_quart(app):
-                _hook_quart(app)
+        for inner in wrapped_apps(app):
+            if _is_quart(inner):
+                _hook_quart(inner)
                 return True
-            if _is_django(app):
-                _hook_django(app)
+            if _is_django(inner):
+                _hook_django(inner)
                 return True
-            if has_router(app):
+            if has_router(inner):
                 return True
-            inner = getattr(app, "app", None)
-            if inner is None or inner is app:
-                return False
-            app = inner
     except Exception:  # a framework's object misbehaving: its routes go unnamed, nothing more
         logger.exception("loopwatch: could not hook the app's router; its routes go unnamed")
     return False

@@ -42,7 +42,8 @@ from urllib.parse import parse_qs
 from prometheus_client import CollectorRegistry
 
 from loopwatch import fleet
-from loopwatch.metrics import book_for, multiprocess_dir
+from loopwatch.config import multiprocess_dir
+from loopwatch.metrics import book_for
 from loopwatch.stall import recent_stalls, without_code
 from loopwatch.stats import StatsBook, WatchedLoop
 from loopwatch.timeline import KEEP

@@ -11,7 +11,6 @@ same call publishes its loops, stalls and profile for the live page (``fleet``).
 
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -29,7 +28,7 @@ from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from loopwatch import fleet
-from loopwatch.config import ConfigError
+from loopwatch.config import ConfigError, multiprocess_dir
 from loopwatch.stats import (
     LAG_BUCKETS,
     REQUEST_BUCKETS,
@@ -43,7 +42,6 @@ from loopwatch.stats import Exemplar as TraceExemplar
 __all__ = [
     "LoopwatchCollector",
     "book_for",
-    "multiprocess_dir",
     "resolve_registry",
     "scrape_registry",
 ]
@@ -81,13 +79,6 @@ _POOL_GAUGES = (
     ("busy_threads", "pool_busy"),
     ("waiting_tasks", "pool_waiting"),
 )
-
-
-def multiprocess_dir() -> str | None:
-    """prometheus_client's multiprocess directory, when several workers share metrics."""
-    # prometheus_client still honours the old lower-case name too
-    legacy = os.environ.get("prometheus_multiproc_dir")  # noqa: SIM112
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or legacy
 
 
 def resolve_registry(registry: object) -> CollectorRegistry:

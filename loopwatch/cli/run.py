@@ -33,8 +33,10 @@ from loopwatch.config import (
     ENV_VARIABLES,
     ConfigError,
     Settings,
+    multiprocess_dir,
     option_help,
 )
+from loopwatch.fleet import alive
 
 __all__ = ["BOOTSTRAP", "DEFAULT_METRICS_PORT", "add_parser", "command_environment"]
 
@@ -83,8 +85,8 @@ def command_environment(args: argparse.Namespace, env: dict[str, str]) -> dict[s
                 f"invalid {flags[variable]} {error.value!r}: expected {error.expected}"
             ) from None
         raise CliError(str(error).removeprefix("loopwatch: ")) from None
-    if not (env.get("PROMETHEUS_MULTIPROC_DIR") or env.get("prometheus_multiproc_dir")):
-        env["PROMETHEUS_MULTIPROC_DIR"] = str(_multiprocess_dir())
+    if not multiprocess_dir(env):
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(_fresh_run_dir())
     paths = [str(BOOTSTRAP), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
@@ -93,23 +95,13 @@ def command_environment(args: argparse.Namespace, env: dict[str, str]) -> dict[s
 _RUN_DIR = "loopwatch-run-"
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def _multiprocess_dir() -> Path:
+def _fresh_run_dir() -> Path:
     """A fresh ``loopwatch-run-<this pid>``, after removing those of servers that are gone."""
     tmp = Path(tempfile.gettempdir())
     for old in tmp.glob(_RUN_DIR + "*"):
         pid = old.name.removeprefix(_RUN_DIR)
         with contextlib.suppress(OSError):
-            if pid.isdigit() and not _running(int(pid)) and old.stat().st_uid == os.getuid():
+            if pid.isdigit() and not alive(int(pid)) and old.stat().st_uid == os.getuid():
                 shutil.rmtree(old, ignore_errors=True)
     path = tmp / f"{_RUN_DIR}{os.getpid()}"
     shutil.rmtree(path, ignore_errors=True)  # a dead server's, whose pid this process got
