@@ -64,6 +64,17 @@ def text_samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], floa
     return out
 
 
+def by_route(samples: dict[tuple[tuple[str, str], ...], float]) -> dict[str, float]:
+    """``text_samples``' values summed per route over the other labels; routes at 0 (every
+    route's series is declared up front) left out."""
+    total: dict[str, float] = {}
+    for labels, value in samples.items():
+        if value:
+            route = dict(labels)["route"]
+            total[route] = total.get(route, 0) + value
+    return total
+
+
 def series(registry: CollectorRegistry, name: str) -> list[dict[str, str]]:
     """Label sets of every sample called ``name``."""
     return [

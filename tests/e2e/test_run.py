@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import eventually, text_samples
+from tests.helpers import by_route, eventually, text_samples
 from tests.serving import LOOPS, free_port, serve_command, server_output
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,7 +37,7 @@ def _exercise(url: str, side: str, block: str = BLOCK, ok: str = "/ok") -> None:
 
     def seen() -> bool:
         text = httpx.get(f"{side}/metrics", timeout=5).text
-        counted = _by_route(text_samples(text, "loopwatch_requests_total"))
+        counted = by_route(text_samples(text, "loopwatch_requests_total"))
         return (
             sum(text_samples(text, "loopwatch_stalls_total").values()) >= 2
             and counted.get(ok, 0) >= 5
@@ -48,25 +48,15 @@ def _exercise(url: str, side: str, block: str = BLOCK, ok: str = "/ok") -> None:
     eventually(seen, timeout=15, what="two stalls and the seven requests on the side port")
 
 
-def _by_route(samples: dict[tuple[tuple[str, str], ...], float]) -> dict[str, float]:
-    """Summed over the other labels; routes at 0 (declared up front) left out."""
-    total: dict[str, float] = {}
-    for labels, value in samples.items():
-        if value:
-            route = dict(labels)["route"]
-            total[route] = total.get(route, 0) + value
-    return total
-
-
 def _assert_views(
     side: str, block: str = BLOCK, module: str = "runner_app.py", ok: str = "/ok"
 ) -> None:
     text = httpx.get(f"{side}/metrics", timeout=5).text
-    blamed = _by_route(text_samples(text, "loopwatch_stalls_total"))
+    blamed = by_route(text_samples(text, "loopwatch_stalls_total"))
     assert blamed.get(block, 0) >= 2, blamed
     assert ok not in blamed, blamed
     assert all("/items/1" not in route and "/items/2" not in route for route in blamed)
-    counted = _by_route(text_samples(text, "loopwatch_requests_total"))
+    counted = by_route(text_samples(text, "loopwatch_requests_total"))
     assert counted.get(ok) == 5 and counted.get(block) == 2, counted  # each once
     ring = httpx.get(f"{side}/stalls", timeout=5).json()
     assert {s["route"] for s in ring} == {block}, ring
@@ -162,7 +152,7 @@ def test_an_app_that_has_the_middleware_already_is_not_wrapped_twice(tmp_path: P
             httpx.get(f"http://127.0.0.1:{side}/metrics", timeout=5).text,
             "loopwatch_requests_total",
         )
-        assert _by_route(requests).get("/ok") == 3  # once each: one middleware, not two
+        assert by_route(requests).get("/ok") == 3  # once each: one middleware, not two
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -358,7 +348,7 @@ def _plain_service(command: list[str], side: int, env: dict[str, str]) -> None:
 
         def background_stalls() -> float:
             text = httpx.get(f"{url}/metrics", timeout=5).text
-            return _by_route(text_samples(text, "loopwatch_stalls_total")).get("<background>", 0)
+            return by_route(text_samples(text, "loopwatch_stalls_total")).get("<background>", 0)
 
         eventually(lambda: background_stalls() >= 2, timeout=15, what="two stalls")
         ring = httpx.get(f"{url}/stalls", timeout=5).json()

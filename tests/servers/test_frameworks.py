@@ -11,22 +11,17 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from loopwatch import LoopWatchMiddleware
-from tests.helpers import StallLog, eventually
+from tests.helpers import StallLog, by_route, eventually, text_samples
 from tests.serving import serve
 
 BLOCK = 0.3
 
 
 def _by_route(registry: CollectorRegistry, name: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for family in registry.collect():
-        for s in family.samples:
-            if s.name == name and s.value:
-                out[s.labels["route"]] = out.get(s.labels["route"], 0.0) + s.value
-    return out
+    return by_route(text_samples(generate_latest(registry).decode(), name))
 
 
 def _drive(url: str, blocking: str, innocent: str) -> None:
@@ -109,25 +104,21 @@ def test_aiohttp(loop_impl: str, registry: CollectorRegistry) -> None:
     """aiohttp's own server; its middleware (``loopwatch.aiohttp.setup``) and its metrics
     handler, which serves what ``metrics_app()`` serves."""
     import asyncio
-    import threading
 
     from aiohttp import web
 
     import loopwatch.aiohttp
     from tests.aiohttp_app import make_app
     from tests.serving import free_port
+    from tests.unit.test_monitor import LoopThread
 
     log = StallLog()
     app = make_app()
     loopwatch.aiohttp.setup(app, registry=registry, on_stall=log)
     assert loopwatch.aiohttp.setup(app) is loopwatch.aiohttp.setup(app)  # once per app
     app.router.add_get("/metrics{tail:.*}", loopwatch.aiohttp.metrics_handler(registry))
-    if loop_impl == "uvloop":
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
+    loop_thread = LoopThread(loop_impl)
+    loop = loop_thread.loop
     port = free_port()
     runner = web.AppRunner(app)
 
@@ -135,8 +126,6 @@ def test_aiohttp(loop_impl: str, registry: CollectorRegistry) -> None:
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
 
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     try:
         asyncio.run_coroutine_threadsafe(start(), loop).result(10)
         url = f"http://127.0.0.1:{port}"
@@ -153,6 +142,4 @@ def test_aiohttp(loop_impl: str, registry: CollectorRegistry) -> None:
         assert httpx.post(url + "/ok", timeout=5).status_code == 405  # aiohttp's own answer
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+        loop_thread.close()
