@@ -28,6 +28,7 @@ and the ``HoldEvents`` protocol.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -333,6 +334,10 @@ class Detector:
         self._gc_within = gc_within
         self._episode: _Episode | None = None
         self._last: Reading | None = None  # at the last check
+        # gaps between two heartbeats long enough for a stall, (previous beat, beat), told
+        # by the loop; and the beats whose gap the checks watched (an episode from them)
+        self._late_beats: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
+        self._watched_beats: collections.deque[float] = collections.deque(maxlen=64)
         # how late the last check woke, less the time the watchdog waited for a core: the
         # time it waited for the GIL (the profile's sampler skips such a biased moment)
         self.kept_by_gil = 0.0
@@ -357,6 +362,11 @@ class Detector:
     def reset(self) -> None:
         """Forget the hold in progress (after a failed check: the next one starts afresh)."""
         self._episode = None
+
+    def beat_late(self, previous: float, now: float) -> None:
+        """On the loop's thread: the heartbeat ran at ``now``, a stall's length after the one
+        at ``previous``. One append; the next check looks whether it watched that gap."""
+        self._late_beats.append((previous, now))
 
     def loop_frame(self) -> FrameType | None:
         """The loop thread's current frame (below the profile's signal handler)."""
@@ -395,10 +405,13 @@ class Detector:
             if episode.hold is not None:
                 self._close(episode.hold, end=beat, now=now)
             episode = None
+        if self._late_beats:
+            self._unwatched(beat, now)
         if owner is None:
             return
         if episode is None:
             episode = self._episode = _Episode(beat, now)
+            self._watched_beats.append(beat)
         hold = episode.hold
         if hold is None or hold.owner.key is not owner.key:
             if hold is None:
@@ -476,6 +489,37 @@ class Detector:
         episode = self._episode
         if episode is not None:
             self.check(stopped_at if beat == episode.beat else beat)
+        self._unwatched(beat, self._clock())
+
+    def _unwatched(self, beat: float, now: float) -> None:
+        """Holds no check saw: the heartbeat ran a stall's length late, and no check found it
+        overdue meanwhile. The watchdog was kept out all along: a collection on its own thread
+        (it cannot look while it collects), or its start-up while the loop's first step kept
+        the GIL. With no stack sample, only the collector's record tells what it was: a hold
+        the collector made most of is a ``gc`` stall, of ``<background>`` (the loop served
+        nothing it could see); any other is not booked, as a check could not judge it."""
+        late = self._late_beats
+        while late and late[0][1] <= beat:
+            began, ended = late.popleft()
+            if began in self._watched_beats:
+                continue  # a check saw the heartbeat overdue: that hold is judged as usual
+            duration = ended - began
+            gc_seconds, gc_generation, gc_cpu = (
+                self._gc_within(began, ended) if self._gc_within is not None else (0.0, -1, 0.0)
+            )
+            if gc_seconds < 0.5 * duration or gc_cpu < 0.5 * gc_seconds:
+                logger.debug("loopwatch: %.3fs hold no check saw, not the collector's", duration)
+                continue
+            hold = Hold(BACKGROUND_OWNER, began, now, self.long_stall, (began, None, None),
+                        self._in_flight())  # fmt: skip
+            hold.end = ended
+            self._events.opened(hold)
+            verdict = Verdict(
+                kind="gc", duration=duration, cpu_seconds=gc_cpu, culprit=hold.culprit(),
+                stack="", booked=0.0, counted=False, gc_seconds=gc_seconds,
+                gc_generation=gc_generation,
+            )  # fmt: skip
+            self._events.closed(hold, verdict, now)
 
     def _book_live(self, hold: Hold, age: float, now: float) -> None:
         """Book the stall's seconds while it lasts, so ``rate()`` shows a freeze as it

@@ -389,6 +389,65 @@ def test_a_collection_the_watchdog_never_saw_inside_is_still_a_gc_stall(on_cpu: 
     assert verdict.gc_seconds == pytest.approx(0.26)
 
 
+@pytest.mark.parametrize("collector", ["gc", "none", "starved"])
+def test_a_hold_no_check_saw_is_a_gc_stall_only_if_the_collector_made_it(collector: str) -> None:
+    # The watchdog collected on its own thread (or was starting while the loop's first step
+    # kept the GIL): no check found the heartbeat overdue, yet it ran 0.3 s late. The
+    # collector's record says what held the loop: its collection is a gc stall, once; a gap
+    # it did not make (nor one it made while waiting for a core) is not booked unjudged.
+    def within(start: float, end: float) -> tuple[float, int, float]:
+        if collector == "none":
+            return 0.0, -1, 0.0
+        seconds = max(0.0, min(0.29, end) - max(0.01, start))
+        return seconds, 2, seconds * (0.9 if collector == "gc" else 0.2)
+
+    rig = Rig(gc_within=within)
+    rig.now = 0.305
+    rig.detector.beat_late(0.0, 0.3)  # told by the heartbeat, on the loop's thread
+    rig.detector.check(0.3)  # the first check since: the heartbeat is on time again
+    for beat in (0.31, 0.32, 0.33):  # and the checks after it: nothing more
+        rig.now = beat + 0.005
+        rig.detector.check(beat)
+    if collector != "gc":
+        assert rig.events.closed_holds == []
+        return
+    [(label, verdict)] = rig.events.stalls()
+    assert label == ("-", "<background>")
+    assert verdict.kind == "gc" and verdict.gc_generation == 2
+    assert verdict.duration == pytest.approx(0.3) and verdict.gc_seconds == pytest.approx(0.28)
+    assert rig.events.events == [("opened", ("-", "<background>"))]
+
+
+def test_a_late_heartbeat_a_check_watched_is_judged_once() -> None:
+    # The usual case: checks saw the heartbeat overdue and judged the hold; the heartbeat's
+    # own word that it ran late adds nothing (one stall, not two)
+    def within(start: float, end: float) -> tuple[float, int, float]:
+        seconds = max(0.0, min(0.25, end) - max(0.03, start))
+        return seconds, 2, seconds
+
+    rig = Rig(gc_within=within)
+    rig.run(beat=0.0, until=0.26)
+    rig.detector.beat_late(0.0, 0.26)
+    rig.now = 0.27
+    rig.detector.check(0.26)
+    rig.now = 0.28
+    rig.detector.check(0.275)
+    [(_, verdict)] = rig.events.stalls()
+    assert verdict.kind == "gc" and verdict.duration == pytest.approx(0.26)
+
+
+def test_a_late_heartbeat_told_as_the_loop_stops_is_still_judged() -> None:
+    def within(start: float, end: float) -> tuple[float, int, float]:
+        return end - start - 0.01, 2, end - start - 0.01
+
+    rig = Rig(gc_within=within)
+    rig.detector.beat_late(0.0, 0.2)
+    rig.now = 0.21
+    rig.detector.last_check(0.2, stopped_at=0.21, running=False)
+    [(_, verdict)] = rig.events.stalls()
+    assert verdict.kind == "gc" and verdict.duration == pytest.approx(0.2)
+
+
 def test_a_collection_inside_loopwatchs_own_code_is_the_apps_gc_stall() -> None:
     # The collector runs on whichever allocation crosses its threshold: in a `def`-route app
     # the loop thread mostly runs loopwatch's heartbeat, so that is often loopwatch's. The

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
@@ -175,6 +176,50 @@ def test_a_heartbeat_that_fails_is_logged_once_and_goes_on(
     failures = [r for r in caplog.records if "heartbeat failed" in r.getMessage()]
     assert len(failures) == 1
     monitor.stop()
+
+
+@pytest.mark.parametrize("loop_impl", ["asyncio", "uvloop"])
+def test_a_collection_on_the_watchdogs_own_thread_is_one_gc_stall(loop_impl: str) -> None:
+    """The collector runs on whichever thread allocates, sometimes the watchdog's. It keeps
+    the GIL, so it holds the loop, while the watchdog, collecting, cannot look; by its next
+    check the heartbeat has run again. The heartbeat's lateness and the collector's record
+    still make it one gc stall (the def-route app's stall, once lost in CI that way)."""
+    heap = [[i] for i in range(1_500_000)]  # 0.1-0.3 s a full collection: twice the threshold
+    armed = threading.Event()
+    collections: list[tuple[float, float]] = []
+
+    class CollectingMonitor(Monitor):
+        def after_check(self, now: float) -> None:  # on the watchdog's thread
+            super().after_check(now)
+            if armed.is_set():
+                armed.clear()
+                began = time.monotonic()
+                gc.collect()
+                collections.append((began, time.monotonic()))
+
+    lt = LoopThread(loop_impl)
+    try:
+        log = StallLog()
+        monitor = lt.call(
+            lambda: CollectingMonitor(lt.loop, Settings.resolve(env={}, threshold=0.05))
+        )
+        monitor.add_callback(log)
+        lt.call(monitor.acquire, lt)
+        time.sleep(0.2)
+        armed.set()
+        [stall] = log.wait_for(1)
+        time.sleep(0.3)  # nothing more comes of it
+        monitor.stop()
+    finally:
+        lt.close()
+        del heap
+    [(began, ended)] = collections
+    assert log.stalls == [stall]
+    assert (stall.method, stall.route, stall.kind, stall.gc_generation) == (
+        "-", BACKGROUND, "gc", 2,
+    )  # fmt: skip
+    assert stall.gc_seconds == pytest.approx(ended - began, abs=0.03)
+    assert ended - began - 0.03 <= stall.duration <= ended - began + 0.1
 
 
 def test_stopping_leaves_no_heartbeat_behind(loop_thread: LoopThread) -> None:
