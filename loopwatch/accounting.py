@@ -1,10 +1,11 @@
 """Loop time per owner: how long the loop thread ran code, and for which request.
 
 Every callback the loop runs (a task step, an I/O callback, a timer) is timed on the loop
-thread and charged to its owner: the request bound in its context (``requests``, by ``attribute``'s rule), the
-server's own protocol work (``<server>``: reading and parsing bytes, accepting connections,
-flushing writes) or anything else (``<background>``). The sum over owners is the loop's busy
-time, so its rate is the loop utilization (Node's ELU).
+thread and charged to its owner, by ``attribute``'s rule: the request bound in its context
+(``requests``), the server's own protocol work (``<server>``: reading and parsing bytes,
+accepting connections, flushing writes), a task no request started (``<task consume>``) or
+anything else (``<background>``). The sum over owners is the loop's busy time, so its rate
+is the loop utilization (Node's ELU).
 
 One hook per kind of loop, chosen at start:
 
@@ -38,17 +39,20 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any
 
-from loopwatch.attribute import ServerCode, callback_is_server
-from loopwatch.requests import CURRENT_REQUEST, RequestRecord, owner_of, watch_tasks
+from loopwatch.attribute import (
+    BACKGROUND_LABEL,
+    ServerCode,
+    callback_label,
+    code_label,
+    task_label,
+)
+from loopwatch.requests import CURRENT_REQUEST, LIFESPAN, RequestRecord, owner_of, watch_tasks
 from loopwatch.scheduling import SchedulingHook
-from loopwatch.stall import BACKGROUND, OWN, SERVER, UNMATCHED
+from loopwatch.stall import OWN, UNMATCHED
 
 __all__ = ["Accountant", "BusySink", "start_accounting"]
 
 logger = logging.getLogger("loopwatch")
-
-BACKGROUND_KEY = ("-", BACKGROUND)
-SERVER_KEY = ("-", SERVER)
 
 # books seconds for (method, route); the monitor passes one that writes its shards
 BusySink = Callable[[tuple[str, str], float], None]
@@ -68,9 +72,10 @@ class Accountant:
     owner: RequestRecord | None  # the running callback's request, if its context had one
     bound: RequestRecord | None  # a request the running callback bound (its first step)
     bound_at: float  # perf_counter() when it bound it: the time before is not the request's
-    server_running: bool  # the running callback, if ownerless, is the server's
-    background: float  # seconds of ownerless callbacks
-    server: float
+    # the running callback's label when no request owns it (``<server>``, ``<task ...>``)
+    ownerless: tuple[str, str]
+    # seconds of callbacks no request owned, per label (bounded: placeholders, task names)
+    spent: dict[tuple[str, str], float]
 
     def __init__(
         self,
@@ -90,15 +95,13 @@ class Accountant:
         self.owner = None
         self.bound = None
         self.bound_at = 0.0
-        self.server_running = False
-        self.background = 0.0
-        self.server = 0.0
+        self.ownerless = BACKGROUND_LABEL
+        self.spent = {}
         # finished requests whose last seconds are not booked yet (append: loop thread)
         self.finished: collections.deque[RequestRecord] = collections.deque()
         self._sink = sink
         self._lock = threading.Lock()
-        self._booked_background = 0.0
-        self._booked_server = 0.0
+        self._booked: dict[tuple[str, str], float] = {}  # of ``spent``, what drain booked
         # the running callback as far as the live booking got: (its start, booked until)
         self._live: tuple[float, float] | None = None
         self._hook: _Hook | None = None
@@ -157,14 +160,12 @@ class Accountant:
                 self._book_record(finished.popleft(), final=True)
             for record in in_flight:
                 self._book_record(record, final=False)
-            background = self.background
-            if background > self._booked_background:
-                self._sink(BACKGROUND_KEY, background - self._booked_background)
-                self._booked_background = background
-            server = self.server
-            if server > self._booked_server:
-                self._sink(SERVER_KEY, server - self._booked_server)
-                self._booked_server = server
+            booked = self._booked
+            for label, seconds in list(self.spent.items()):  # one C-level copy
+                done = booked.get(label, 0.0)
+                if seconds > done:
+                    self._sink(label, seconds - done)
+                    booked[label] = seconds
 
     def _book_record(self, record: RequestRecord, final: bool) -> None:
         busy = record.busy
@@ -189,7 +190,7 @@ class Accountant:
         if now - start < LIVE_AFTER:
             return
         owner, bound, bound_at = self.owner, self.bound, self.bound_at
-        server = self.server_running
+        label = self.ownerless
         if self.start is not start:
             return  # it ended meanwhile: the hook has its exact time
         live = self._live
@@ -198,7 +199,7 @@ class Accountant:
             # the callback bound a request as it ran: what came before is not the request's,
             # as the hook will charge it (see _finish)
             if since < bound_at:
-                self._book_ownerless(server, bound_at - since)
+                self._book_ownerless(label, bound_at - since)
                 since = bound_at
             owner = bound
         seconds = now - since
@@ -210,16 +211,12 @@ class Accountant:
             self._sink((owner.method, owner.owner_route()), seconds)
             owner.booked += seconds
         else:
-            self._book_ownerless(server, seconds)
+            self._book_ownerless(label, seconds)
         self._live = (start, now)
 
-    def _book_ownerless(self, server: bool, seconds: float) -> None:
-        if server:
-            self._sink(SERVER_KEY, seconds)
-            self._booked_server += seconds
-        else:
-            self._sink(BACKGROUND_KEY, seconds)
-            self._booked_background += seconds
+    def _book_ownerless(self, label: tuple[str, str], seconds: float) -> None:
+        self._sink(label, seconds)
+        self._booked[label] = self._booked.get(label, 0.0) + seconds
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -265,10 +262,10 @@ def _charge(acct: Accountant, owner: RequestRecord | None, seconds: float) -> No
         owner.busy += seconds
         if owner.done:  # work after the request ended (a task it spawned): book it too
             acct.finished.append(owner)
-    elif acct.server_running:
-        acct.server += seconds
     else:
-        acct.background += seconds
+        spent = acct.spent
+        label = acct.ownerless
+        spent[label] = spent.get(label, 0.0) + seconds
 
 
 # -- pure-Python asyncio: Handle._run ---------------------------------------------------
@@ -311,7 +308,8 @@ class HandleHook(_Hook):
         loops = self._loops
         perf_counter = time.perf_counter
         var = CURRENT_REQUEST
-        is_server = callback_is_server
+        lifespan = LIFESPAN
+        label_of = callback_label
         server_code = _server_code
 
         def _run(self: asyncio.Handle) -> None:
@@ -319,10 +317,11 @@ class HandleHook(_Hook):
             if acct is None or acct.start is not None:  # not ours, or a nested run
                 return original(self)
             owner = self._context.get(var)  # type: ignore[attr-defined]
+            if owner is None or owner is lifespan:
+                acct.ownerless = label_of(self._callback, server_code, owner is lifespan)  # type: ignore[attr-defined]
+                owner = None
             acct.owner = owner
             acct.bound = None
-            if owner is None:
-                acct.server_running = is_server(self._callback, server_code)  # type: ignore[attr-defined]
             start = acct.start = perf_counter()
             try:
                 original(self)
@@ -483,10 +482,14 @@ class MonitoringHook(_Hook):
             if acct.start is not None:  # the same code awaited inside a running step
                 self._depth[ident] = self._depth.get(ident, 0) + 1
                 return
-            owner = acct.owner = CURRENT_REQUEST.get()
+            owner = CURRENT_REQUEST.get()
+            if owner is None or owner is LIFESPAN:
+                # the server's own task (its main loop, a connection before the app), a task
+                # of the app's, or a plain callback's function
+                acct.ownerless = code_label(code, _server_code, owner is LIFESPAN)
+                owner = None
+            acct.owner = owner
             acct.bound = None
-            # a step of the server's own task (its main loop, a connection before the app)
-            acct.server_running = owner is None and _server_code.is_server(code)
             acct.start = time.perf_counter()
         except Exception:
             self._failed()
@@ -551,18 +554,17 @@ class SamplingHook(_Hook):
         if task is None:
             return
         owner = owner_of(task, accountant.loop_frame)
-        if owner is not None and owner.route is None and owner.current_route() is None:
+        if owner is None or owner is LIFESPAN:
+            label = task_label(task, _server_code, owner is LIFESPAN)
+            accountant.spent[label] = accountant.spent.get(label, 0.0) + elapsed
+        elif owner.route is None and owner.current_route() is None:
             # a request not routed yet: its code now is a hold before routing, booked where
             # its stall is (``<routing>``), never moved to the route it gets later
             accountant._sink((owner.method, owner.unrouted), elapsed)
-        elif owner is not None:
+        else:
             owner.busy += elapsed  # no other writer on this loop: the hook is this thread
             if owner.done:  # a task it left running (a background task): book it too
                 accountant.finished.append(owner)
-        elif _server_code.task_is_server(task):
-            accountant.server += elapsed
-        else:
-            accountant.background += elapsed
 
 
 _handle_hook = HandleHook()

@@ -4,8 +4,9 @@ A task step belongs to the request bound in the task's context; a plain callback
 request whose context it was scheduled in (read from its ``Handle`` on a pure-Python loop, and
 on uvloop from the loop-time hook that times it, 3.12+); the
 server's own code (its tasks, its protocol callbacks) to ``<server>``; loopwatch's own work to
-none of the app's books; anything else to ``<background>``. The loop-time hooks
-(``accounting``) charge callbacks by the same rule.
+none of the app's books; a step of a task no request started to that task's coroutine
+(``<task consume>``, ``tasknames``); anything else (a plain callback, the app's lifespan code)
+to ``<background>``. The loop-time hooks (``accounting``) charge callbacks by the same rule.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, NamedTuple
 from loopwatch.requests import (
     CURRENT_REQUEST,
     HAS_TASK_CONTEXT,
+    LIFESPAN,
     RequestRecord,
     handle_request,
     is_handle_run,
@@ -28,15 +30,24 @@ from loopwatch.requests import (
     task_bound,
 )
 from loopwatch.stall import BACKGROUND, OWN, SERVER
+from loopwatch.tasknames import is_coroutine_code, task_names
 
 __all__ = [
+    "BACKGROUND_LABEL",
     "BACKGROUND_OWNER",
+    "SERVER_LABEL",
     "Attributor",
     "Owner",
     "ServerCode",
     "callback_is_server",
+    "callback_label",
+    "code_label",
     "running_callback_owner",
+    "task_label",
 ]
+
+BACKGROUND_LABEL = ("-", BACKGROUND)
+SERVER_LABEL = ("-", SERVER)
 
 # The servers whose own tasks and callbacks are ``<server>`` work (the app's code they call
 # runs bound to a request, or to the lifespan's owner, by the middleware).
@@ -93,6 +104,46 @@ def callback_is_server(callback: Any, server_code: ServerCode) -> bool:
     return isinstance(target, asyncio.Task) and server_code.task_is_server(target)
 
 
+# The rule for code no request owns, from what each reader sees: the task (the watchdog, the
+# sampling hook), the callback (the Handle hook) or the step's code (the sys.monitoring hook).
+# ``lifespan``: it runs bound to the app's lifespan (``LIFESPAN``): the server's task that
+# calls the app's start-up code is then the app's ``<background>``, not ``<server>``.
+
+
+def task_label(task: Any, server_code: ServerCode, lifespan: bool = False) -> tuple[str, str]:
+    """A step of ``task`` that no request owns: the server's own task, or the app's task
+    named by its coroutine (``<task consume>``); ``<background>`` if it has none."""
+    try:
+        coro = task.get_coro()
+    except Exception:
+        return BACKGROUND_LABEL
+    code = getattr(coro, "cr_code", None)
+    if code is not None and server_code.is_server(code):
+        return BACKGROUND_LABEL if lifespan else SERVER_LABEL
+    return task_names.of_coroutine(coro) or BACKGROUND_LABEL
+
+
+def code_label(code: CodeType, server_code: ServerCode, lifespan: bool = False) -> tuple[str, str]:
+    """``task_label`` from the code of a step's top frame: a task's coroutine (named), or a
+    plain callback's function (``<background>``)."""
+    if server_code.is_server(code):
+        return BACKGROUND_LABEL if lifespan else SERVER_LABEL
+    return task_names.of_code(code) if is_coroutine_code(code) else BACKGROUND_LABEL
+
+
+def callback_label(
+    callback: Any, server_code: ServerCode, lifespan: bool = False
+) -> tuple[str, str]:
+    """``task_label`` from a loop callback: a task's step (its bound method), protocol work
+    (``<server>``) or a plain callback (``<background>``)."""
+    target = getattr(callback, "__self__", None)
+    if isinstance(target, asyncio.Task):
+        return task_label(target, server_code, lifespan)
+    if isinstance(target, SERVER_TYPES):
+        return SERVER_LABEL
+    return BACKGROUND_LABEL
+
+
 def running_callback_owner(
     frame: FrameType | None, server_code: ServerCode, entry_codes: frozenset[CodeType]
 ) -> RequestRecord | str | None:
@@ -145,9 +196,22 @@ class Owner(NamedTuple):
 
 # code outside any request; also the owner of a collection that ran inside loopwatch's own
 # code (the collector works on the app's heap: loopwatch's allocation only came last)
-BACKGROUND_OWNER = Owner(object(), None, ("-", BACKGROUND), background=True)
-_SERVER = Owner(object(), None, ("-", SERVER))
+BACKGROUND_OWNER = Owner(object(), None, BACKGROUND_LABEL, background=True)
+_SERVER = Owner(object(), None, SERVER_LABEL)
 _OWN = Owner(object(), None, ("-", OWN), booked=False)
+# one owner per task label (bounded by ``tasknames``' cap): a hold keeps its owner's identity
+_TASK_OWNERS: dict[tuple[str, str], Owner] = {}
+
+
+def _label_owner(label: tuple[str, str]) -> Owner:
+    if label == SERVER_LABEL:
+        return _SERVER
+    if label == BACKGROUND_LABEL:
+        return BACKGROUND_OWNER
+    owner = _TASK_OWNERS.get(label)
+    if owner is None:
+        owner = _TASK_OWNERS.setdefault(label, Owner(object(), None, label, background=True))
+    return owner
 
 
 class Attributor:
@@ -157,7 +221,8 @@ class Attributor:
     belongs to the request bound in the task's context; a plain callback to the request whose
     context it was scheduled in (``call_later`` from a request); the server's own code (its
     tasks, its protocol callbacks) to ``<server>``; loopwatch's own to none of the app's
-    books; anything else to ``<background>``. A request's code before it is routed (a
+    books; a task no request started to its coroutine's name (``<task consume>``); anything
+    else to ``<background>``. A request's code before it is routed (a
     middleware inside loopwatch) is ``<routing>``, or ``<unmatched>`` in an app with no
     router: the route it gets later is not known while the loop is held."""
 
@@ -204,8 +269,8 @@ class Attributor:
             record = CURRENT_REQUEST.get() or task_bound(task)
         else:  # before 3.12, read from the loop thread's stack: ``task`` is the running one
             record = owner_of(task, self._frame)
-        if record is None:
-            return _SERVER if self.server_code.task_is_server(task) else BACKGROUND_OWNER
+        if record is None or record is LIFESPAN:
+            return _label_owner(task_label(task, self.server_code, record is LIFESPAN))
         if record is self._own or is_own(record):
             return _OWN
         return record

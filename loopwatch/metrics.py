@@ -59,7 +59,8 @@ HELP = {
     "stall_count": "Event loop stalls by the route whose code held the loop, counted as the "
     "hold crosses the threshold.",
     "busy": "Seconds the event loop thread ran code, by the route of the request it ran for "
-    "(<background>: outside requests, <server>: the server's own protocol work).",
+    "(<task NAME>: a task no request started, by its coroutine; <background>: other code "
+    "outside requests; <server>: the server's own protocol work).",
     "loops": "Event loops watched right now, by how their loop time is measured (exact: every "
     "callback timed; sampled: uvloop before Python 3.12, reads short holds low; off).",
     "in_progress": "Age of the event loop stall in progress, by the route holding the loop; "

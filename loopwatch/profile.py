@@ -56,7 +56,7 @@ from loopwatch.attribute import Owner
 from loopwatch.detect import Detector
 from loopwatch.frames import line_at
 from loopwatch.requests import RequestRecord
-from loopwatch.stall import BACKGROUND, OWN, SERVER
+from loopwatch.stall import OWN
 
 __all__ = [
     "DEFAULT_SECONDS",
@@ -382,7 +382,7 @@ class LoopSampler:
             if accountant.start is not None:
                 owner = accountant.owner or accountant.bound
                 if owner is None:
-                    return ("-", SERVER if accountant.server_running else BACKGROUND)
+                    return accountant.ownerless
                 return owner
             if on_loop or not self.detector.stalling:
                 return None  # the loop waits for I/O (or runs between callbacks)

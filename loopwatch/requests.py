@@ -36,6 +36,7 @@ from loopwatch.stall import BACKGROUND, OWN, ROUTING, UNMATCHED
 __all__ = [
     "CURRENT_REQUEST",
     "HAS_TASK_CONTEXT",
+    "LIFESPAN",
     "RequestRecord",
     "background_owner",
     "bind_by_task",
@@ -164,11 +165,16 @@ def _fixed_owner(route: str) -> RequestRecord:
     return record
 
 
+# The owner of the app's code that runs outside any request, bound where loopwatch knows it
+# runs it (the lifespan), so the server's task that calls it is not taken for the server's own
+# work. Code bound to it is attributed as code no request owns (``attribute``): the server's
+# task is ``<background>``, a task the app starts from it is named by its coroutine.
+LIFESPAN = _fixed_owner(BACKGROUND)
+
+
 def background_owner() -> RequestRecord:
-    """The owner of the app's code that runs outside any request, bound where loopwatch knows
-    it runs it (the lifespan), so the server's task that calls it is not taken for the
-    server's own work."""
-    return _fixed_owner(BACKGROUND)
+    """``LIFESPAN``, to bind."""
+    return LIFESPAN
 
 
 def own_owner() -> RequestRecord:

@@ -7,7 +7,15 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BACKGROUND", "UNMATCHED", "Stall", "clear_recent_stalls", "recent_stalls"]
+__all__ = [
+    "BACKGROUND",
+    "OTHER_TASKS",
+    "UNMATCHED",
+    "Stall",
+    "clear_recent_stalls",
+    "outside_requests",
+    "recent_stalls",
+]
 
 # Fixed label placeholders: label values are route templates or one of these, never raw input.
 UNMATCHED = "<unmatched>"
@@ -15,6 +23,15 @@ BACKGROUND = "<background>"
 SERVER = "<server>"  # the server's own work: protocol callbacks, its main loop
 ROUTING = "<routing>"  # a request's code before it was routed (a middleware inside ours)
 OWN = "<loopwatch>"  # loopwatch's own work on the loop: never booked to the app
+# the app's tasks past the cap on named ones (``<task consume>``, ``tasknames``)
+OTHER_TASKS = "<other tasks>"
+
+
+def outside_requests(route: str) -> bool:
+    """A label of the app's code that no request ran: ``<background>``, a task's
+    (``<task consume>``) or ``<other tasks>``."""
+    return route in (BACKGROUND, OTHER_TASKS) or route.startswith("<task ")
+
 
 RING_SIZE = 256
 

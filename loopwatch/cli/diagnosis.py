@@ -14,7 +14,7 @@ from loopwatch.cli.output import MAX_CELL, Output
 from loopwatch.cli.scrape import RingStall, Snapshot
 from loopwatch.frames import CodeFilter
 from loopwatch.names import clip
-from loopwatch.stall import BACKGROUND
+from loopwatch.stall import outside_requests
 
 __all__ = [
     "LoopTime",
@@ -181,8 +181,8 @@ def fix_hint(kind: str, route: str, ring: Sequence[RingStall], code: CodeFilter)
             "hashlib, zlib); for Python code use a process pool "
             "(await loop.run_in_executor(ProcessPoolExecutor(), fn))"
         )
-    if route == BACKGROUND:
-        return "background code: await asyncio.to_thread(fn) for the blocking call"
+    if outside_requests(route):
+        return "code outside requests: await asyncio.to_thread(fn) for the blocking call"
     generic = "declare the endpoint `def`, or `await run_in_threadpool(fn)` the blocking call"
     stacks = [s.stack for s in ring]
     frames = _app_frames(stacks[-1], code) if stacks else []

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loopwatch.frames import CodeFilter
-from loopwatch.stall import BACKGROUND, Stall
+from loopwatch.stall import BACKGROUND, Stall, outside_requests
 
 __all__ = ["Context", "Record", "StallFailure"]
 
@@ -63,6 +63,8 @@ class Record:
         stall, ctx = self.stall, self.context
         if stall.method == "-" and stall.route == BACKGROUND:
             route = "none recorded (outside any request seen by LoopWatchMiddleware)"
+        elif stall.method == "-" and outside_requests(stall.route):
+            route = f"{stall.route} (a task outside any request seen by LoopWatchMiddleware)"
         else:
             route = f"{stall.method} {stall.route}"
         during = ctx.describe() if ctx is not None else "no test (see loop)"

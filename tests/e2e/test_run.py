@@ -9,6 +9,7 @@ import concurrent.futures
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -344,18 +345,41 @@ def test_an_aiohttp_service() -> None:
 
 
 def _plain_service(command: list[str], side: int, env: dict[str, str]) -> None:
+    """Its stalls and loop time are its tasks', named by their coroutines: ``<task consume>``
+    blocks, ``<task produce>`` does not; nothing is left to ``<background>``."""
     with serve_command(command, side, {**ENV, **env}) as (url, proc):  # the side port's page
 
-        def background_stalls() -> float:
+        def consume_stalls() -> float:
             text = httpx.get(f"{url}/metrics", timeout=5).text
-            return by_route(text_samples(text, "loopwatch_stalls_total")).get("<background>", 0)
+            return by_route(text_samples(text, "loopwatch_stalls_total")).get("<task consume>", 0)
 
-        eventually(lambda: background_stalls() >= 2, timeout=15, what="two stalls")
+        eventually(lambda: consume_stalls() >= 2, timeout=15, what="two stalls")
+        time.sleep(0.5)  # the accountant's next drain
         ring = httpx.get(f"{url}/stalls", timeout=5).json()
-        assert {s["route"] for s in ring} == {"<background>"}, ring
-        assert all("plain_service.py" in s["culprit"] and s["kind"] == "wait" for s in ring), ring
-        assert all(s["duration"] == pytest.approx(0.3, abs=0.15) for s in ring), ring
-        assert "loopwatch: could not watch" not in server_output(proc)
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+        profile = httpx.get(f"{url}/profile?seconds=60", timeout=10).text
+        output = server_output(proc)
+    assert {s["route"] for s in ring} == {"<task consume>"}, ring
+    assert all("plain_service.py" in s["culprit"] and s["kind"] == "wait" for s in ring), ring
+    assert all(s["duration"] == pytest.approx(0.3, abs=0.15) for s in ring), ring
+    stalls = by_route(text_samples(text, "loopwatch_stalls_total"))
+    assert {route for route, n in stalls.items() if n} == {"<task consume>"}, stalls
+    # loop time: the blocking task's, at least its stalls' seconds; the producer's, a little
+    busy = by_route(text_samples(text, "loopwatch_event_loop_busy_seconds_total"))
+    blocked = sum(s["duration"] for s in ring)
+    assert busy.get("<task consume>", 0) >= 0.8 * blocked, busy
+    assert 0 < busy.get("<task produce>", 0) < 0.1 * busy["<task consume>"], busy
+    assert busy.get("<background>", 0) < 0.05 * busy["<task consume>"], busy
+    # the profile (the loop thread's CPU: a sleep takes little) names the same tasks, in its
+    # one-word form (a space separates the count), and leaves nothing to <background>
+    weights: dict[str, int] = {}
+    for line in profile.splitlines():
+        stack, _, count = line.rpartition(" ")
+        route = stack.split(";", 1)[0]
+        weights[route] = weights.get(route, 0) + int(count)
+    tasks = weights.get("- <task_consume>", 0) + weights.get("- <task_produce>", 0)
+    assert tasks > 0 and weights.get("- <background>", 0) <= 0.1 * tasks, weights
+    assert "loopwatch: could not watch" not in output
 
 
 def test_a_plain_asyncio_program_under_the_runner() -> None:

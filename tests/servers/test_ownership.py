@@ -309,6 +309,39 @@ def test_a_hold_in_the_lifespan_is_background_not_the_server(
     _check_one_owner(owner, log, log_lines, before, after, views, otel, loop_time=True)
 
 
+async def ticker() -> None:
+    """A worker the app starts from its lifespan: it blocks once, then idles."""
+    await asyncio.sleep(0.3)
+    _block()
+    await asyncio.sleep(3600)
+
+
+def test_a_hold_in_a_task_the_lifespan_started_is_that_tasks_in_every_view(
+    loop_impl: str, registry: CollectorRegistry, log_lines: LogLines, otel: Otel
+) -> None:
+    """A task no request started is named by its coroutine, ``<task ticker>``, in every view
+    and in loop time; it was one ``<background>`` bucket with the lifespan's own code."""
+    log = StallLog()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(ticker())
+        yield
+        task.cancel()
+
+    port = free_port()
+    app = fastapi_app(registry, log, port, otel, lifespan=lifespan)
+    before: dict[str, dict[tuple[str, ...], float]] = {}
+    with serve(app, loop=loop_impl) as url:
+        log.wait_for(1)
+        assert httpx.get(url + "/ok", timeout=10).status_code == 200
+        _settle(registry)
+        after = _counters(registry)
+        views = Views(port)
+    owner = ("-", "<task ticker>")
+    _check_one_owner(owner, log, log_lines, before, after, views, otel, loop_time=True)
+
+
 def test_a_hold_in_the_servers_protocol_code_is_the_server(
     loop_impl: str, registry: CollectorRegistry, log_lines: LogLines, otel: Otel
 ) -> None:

@@ -1,0 +1,102 @@
+"""Names of the app's tasks that no request started: ``<task consume>``, bounded by code."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+
+from loopwatch.attribute import Attributor, Owner
+from loopwatch.requests import LIFESPAN, RequestRecord, bind_request, own_owner, unbind_request
+from loopwatch.tasknames import TaskNames
+
+
+async def consume() -> None:
+    await asyncio.sleep(0)
+
+
+class Consumer:
+    async def run(self) -> None:
+        await asyncio.sleep(0)
+
+
+def outer() -> Coroutine[Any, Any, None]:
+    async def inner() -> None:
+        await asyncio.sleep(0)
+
+    return inner()
+
+
+def _close(coro: Coroutine[Any, Any, None]) -> Coroutine[Any, Any, None]:
+    coro.close()  # never awaited: only its code and names are read
+    return coro
+
+
+def test_a_task_is_named_by_its_coroutines_qualified_name() -> None:
+    names = TaskNames()
+    assert names.of_coroutine(_close(consume())) == ("-", "<task consume>")
+    assert names.of_coroutine(_close(Consumer().run())) == ("-", "<task Consumer.run>")
+    assert names.of_coroutine(_close(outer())) == ("-", "<task outer.inner>")
+    # by the code object: the sys.monitoring hook sees no coroutine
+    assert names.of_code(consume.__code__) == ("-", "<task consume>")
+    assert names.of_coroutine(iter([])) is None  # no coroutine: not a task's name
+
+
+def test_names_are_bounded_by_a_cap_then_other_tasks() -> None:
+    names = TaskNames(cap=3)
+    codes = [
+        compile(f"async def job_{i}():\n    pass\n", "<generated>", "exec").co_consts[0]
+        for i in range(6)
+    ]
+    labels = [names.of_code(code) for code in codes]
+    assert labels[:3] == [("-", f"<task job_{i}>") for i in range(3)]
+    assert labels[3:] == [("-", "<other tasks>")] * 3
+    # a name already given stays given
+    assert names.of_code(codes[1]) == ("-", "<task job_1>")
+
+
+def test_a_name_is_escaped_and_cut_to_size() -> None:
+    names = TaskNames()
+    code = consume.__code__.replace(co_name="x")  # a code of its own
+    (_, label) = names.of_code(code, "evil\n\x1b[31m" + "y" * 500)
+    assert label.startswith("<task evil\\n\\x1b[31m") and label.endswith(">")
+    assert "\n" not in label and "\x1b" not in label and len(label) <= 110
+
+
+@pytest.mark.parametrize("bound", [None, "lifespan", "request"])
+def test_the_owner_of_a_task_no_request_started_is_its_name(bound: str | None) -> None:
+    """The app's task outside requests is named, started from the lifespan too (a worker the
+    app starts at start-up); a task started inside a request stays the request's."""
+    seen: list[Owner] = []
+    record = RequestRecord("GET", {}, "")
+    record.route = "/items"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        # read on the loop's own thread here: its stack is this one (Python < 3.12 reads it)
+        attributor = Attributor(loop, own_owner(), sys._getframe, frozenset)
+        binding = None
+        if bound is not None:
+            binding = bind_request(LIFESPAN if bound == "lifespan" else record)
+        try:
+
+            async def worker() -> None:
+                task = asyncio.current_task()
+                assert task is not None
+                seen.append(attributor.task_owner(task))
+
+            await asyncio.create_task(worker())  # in a copy of this context, as any task
+        finally:
+            if binding is not None:
+                unbind_request(binding)
+
+    asyncio.run(main())
+    [owner] = seen
+    if bound == "request":
+        assert owner.label == ("GET", "/items") and owner.record is record
+    else:
+        name = "<task test_the_owner_of_a_task_no_request_started_is_its_name.main.worker>"
+        assert owner.label == ("-", name) and owner.background and owner.booked
