@@ -486,7 +486,7 @@ class MonitoringHook(_Hook):
             if owner is None or owner is LIFESPAN:
                 # the server's own task (its main loop, a connection before the app), a task
                 # of the app's, or a plain callback's function
-                acct.ownerless = code_label(code, _server_code, owner is LIFESPAN)
+                acct.ownerless = code_label(code, _server_code, owner is LIFESPAN, acct.loop)
                 owner = None
             acct.owner = owner
             acct.bound = None

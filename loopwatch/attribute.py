@@ -123,12 +123,25 @@ def task_label(task: Any, server_code: ServerCode, lifespan: bool = False) -> tu
     return task_names.of_coroutine(coro) or BACKGROUND_LABEL
 
 
-def code_label(code: CodeType, server_code: ServerCode, lifespan: bool = False) -> tuple[str, str]:
-    """``task_label`` from the code of a step's top frame: a task's coroutine (named), or a
-    plain callback's function (``<background>``)."""
+def code_label(
+    code: CodeType,
+    server_code: ServerCode,
+    lifespan: bool = False,
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> tuple[str, str]:
+    """``task_label`` from the code of a step's top frame, on ``loop``'s thread: a task's
+    coroutine (named; a library's task wrapper by the coroutine it runs, read from the
+    current task), or a plain callback's function (``<background>``)."""
     if server_code.is_server(code):
         return BACKGROUND_LABEL if lifespan else SERVER_LABEL
-    return task_names.of_code(code) if is_coroutine_code(code) else BACKGROUND_LABEL
+    if not is_coroutine_code(code):
+        return BACKGROUND_LABEL
+    label = task_names.of_code(code)
+    if label is None and loop is not None:
+        task = asyncio.current_task(loop)
+        if task is not None:
+            return task_label(task, server_code, lifespan)
+    return label or BACKGROUND_LABEL
 
 
 def callback_label(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from types import CodeType
-from typing import Any
+from typing import Any, NamedTuple
 
 from loopwatch.names import clip
 from loopwatch.stall import OTHER_TASKS
@@ -37,33 +37,41 @@ class TaskNames:
 
     def __init__(self, cap: int = MAX_TASK_NAMES) -> None:
         self._cap = cap
-        self._by_code: dict[CodeType, tuple[str, str]] = {}
+        # a code's label, or where its frame holds the coroutine it runs (a library's task
+        # wrapper: its tasks are named by what they run)
+        self._by_code: dict[CodeType, tuple[str, str] | _Wrapped] = {}
         self._named: set[str] = set()
 
-    def of_code(self, code: CodeType, qualname: str | None = None) -> tuple[str, str]:
+    def of_code(self, code: CodeType, qualname: str | None = None) -> tuple[str, str] | None:
         """The label of a task whose top coroutine runs ``code`` (``qualname``: the
-        coroutine's, where the code has none: Python 3.10)."""
+        coroutine's, where the code has none: Python 3.10); None for a library's task
+        wrapper, whose tasks are named from the coroutine (``of_coroutine``)."""
         known = self._by_code.get(code)
-        if known is not None:
-            return known
-        return self._add(code, qualname or str(getattr(code, "co_qualname", code.co_name)))
+        if known is None:
+            known = self._add(code, qualname or _qualname(code, None))
+        return None if isinstance(known, _Wrapped) else known
 
     def of_coroutine(self, coro: Any) -> tuple[str, str] | None:
         """The label of a task running ``coro``; None if it is no ``async def`` coroutine."""
-        code = getattr(coro, "cr_code", None)
-        if code is None:
-            return None
-        known = self._by_code.get(code)
-        if known is not None:
-            return known
-        # the code's name where it has one (3.11+): the sys.monitoring hook sees only the code,
-        # and a decorator may rename the function (functools.wraps), not its code
-        qualname = getattr(code, "co_qualname", None) or getattr(coro, "__qualname__", None)
-        return self._add(code, str(qualname or code.co_name))
+        for _ in range(4):  # a wrapper of a wrapper, at most this deep
+            code = getattr(coro, "cr_code", None)
+            if code is None:
+                return None
+            known = self._by_code.get(code)
+            if known is None:
+                known = self._add(code, _qualname(code, coro))
+            if not isinstance(known, _Wrapped):
+                return known
+            coro = _wrapped(coro, known)
+        return None
 
-    def _add(self, code: CodeType, qualname: str) -> tuple[str, str]:
+    def _add(self, code: CodeType, qualname: str) -> tuple[str, str] | _Wrapped:
         # no lock: the profile's signal handler may name a task inside any code of the loop
         # thread, this method included (two threads adding at once may pass the cap by one)
+        wraps = _WRAPPERS.get(qualname)
+        if wraps is not None and code.co_filename.replace("\\", "/").endswith(wraps.file):
+            self._by_code[code] = wraps
+            return wraps
         # ``outer.<locals>.inner`` reads as ``outer.inner``: as unique, and shorter
         name = f"<task {clip(qualname.replace('.<locals>.', '.'), _MAX_QUALNAME)}>"
         if name not in self._named:
@@ -80,6 +88,45 @@ class TaskNames:
         """Forget every name (tests)."""
         self._by_code.clear()
         self._named.clear()
+
+
+def _qualname(code: CodeType, coro: Any) -> str:
+    # the code's name where it has one (3.11+): the sys.monitoring hook sees only the code,
+    # and a decorator may rename the function (functools.wraps), not its code
+    qualname = getattr(code, "co_qualname", None) or getattr(coro, "__qualname__", None)
+    return str(qualname or code.co_name)
+
+
+class _Wrapped(NamedTuple):
+    """A library's coroutine that runs the task's own: in ``file``, holding it in its frame's
+    local ``local`` (or that local's ``attribute``)."""
+
+    file: str
+    local: str
+    attribute: str | None = None
+
+
+# Libraries that run each task's coroutine inside a wrapper coroutine of their own, by the
+# wrapper's qualified name
+_WRAPPERS = {
+    # anyio 4.10+: every task group task
+    "TaskHandle._run_coro": _Wrapped("anyio/_core/_tasks.py", "self", "_coro"),
+    # anyio's blocking portal (Starlette's TestClient): what a thread asked the loop to run
+    "BlockingPortal._call_func": _Wrapped("anyio/from_thread.py", "retval_or_awaitable"),
+}
+
+
+def _wrapped(coro: Any, where: _Wrapped) -> Any:
+    """The coroutine a wrapper runs, read from its frame (None before it has it, or once it
+    is done)."""
+    frame = getattr(coro, "cr_frame", None)
+    if frame is None:
+        return None
+    try:
+        held = frame.f_locals.get(where.local)
+        return held if where.attribute is None else getattr(held, where.attribute, None)
+    except Exception:  # read across threads: a torn read names nothing
+        return None
 
 
 task_names = TaskNames()

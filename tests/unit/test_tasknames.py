@@ -100,3 +100,26 @@ def test_the_owner_of_a_task_no_request_started_is_its_name(bound: str | None) -
     else:
         name = "<task test_the_owner_of_a_task_no_request_started_is_its_name.main.worker>"
         assert owner.label == ("-", name) and owner.background and owner.booked
+
+
+def test_a_task_anyio_wraps_is_named_by_the_coroutine_it_runs() -> None:
+    """anyio 4.10+ runs each task group task inside its own ``TaskHandle._run_coro``: the
+    task is named by the function the app gave it, as on any other task, not by anyio's
+    wrapper (which would put every anyio task in one bucket)."""
+    import anyio
+
+    seen: list[tuple[str, str] | None] = []
+
+    async def worker() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        seen.append(TaskNames().of_coroutine(task.get_coro()))
+
+    async def main() -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(worker)
+
+    anyio.run(main, backend="asyncio")
+    assert seen == [
+        ("-", "<task test_a_task_anyio_wraps_is_named_by_the_coroutine_it_runs.worker>")
+    ]
