@@ -27,6 +27,7 @@ from loopwatch.requests import (
     is_handle_run,
     is_own,
     owner_of,
+    runs_lifespan,
     task_bound,
 )
 from loopwatch.stall import BACKGROUND, OWN, SERVER
@@ -106,13 +107,16 @@ def callback_is_server(callback: Any, server_code: ServerCode) -> bool:
 
 # The rule for code no request owns, from what each reader sees: the task (the watchdog, the
 # sampling hook), the callback (the Handle hook) or the step's code (the sys.monitoring hook).
-# ``lifespan``: it runs bound to the app's lifespan (``LIFESPAN``): the server's task that
-# calls the app's start-up code is then the app's ``<background>``, not ``<server>``.
+# ``lifespan``: it runs bound to the app's lifespan (``LIFESPAN``): the task that runs the
+# lifespan (the server's, TestClient's) is then the app's ``<background>``, not ``<server>``;
+# a task the app started from it is named like any other.
 
 
 def task_label(task: Any, server_code: ServerCode, lifespan: bool = False) -> tuple[str, str]:
     """A step of ``task`` that no request owns: the server's own task, or the app's task
     named by its coroutine (``<task consume>``); ``<background>`` if it has none."""
+    if lifespan and runs_lifespan(task):
+        return BACKGROUND_LABEL
     try:
         coro = task.get_coro()
     except Exception:
@@ -136,8 +140,8 @@ def code_label(
         return BACKGROUND_LABEL if lifespan else SERVER_LABEL
     if not is_coroutine_code(code):
         return BACKGROUND_LABEL
-    label = task_names.of_code(code)
-    if label is None and loop is not None:
+    label = None if lifespan else task_names.of_code(code)
+    if label is None and loop is not None:  # the lifespan's own task, or a library's wrapper
         task = asyncio.current_task(loop)
         if task is not None:
             return task_label(task, server_code, lifespan)

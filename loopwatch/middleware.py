@@ -23,8 +23,9 @@ from loopwatch.frameworks import adapt
 from loopwatch.metrics import book_for, resolve_registry
 from loopwatch.monitor import Monitor, StallCallback
 from loopwatch.requests import (
+    LIFESPAN,
     RequestRecord,
-    background_owner,
+    bind_lifespan,
     bind_request,
     bind_to_task,
     binds_in,
@@ -387,8 +388,9 @@ class LoopWatchMiddleware:
 
         # The app's start-up and shutdown code runs in a task of the server's: bound to the
         # background's owner, so that a hold in it is the app's, not ``<server>``
-        owner = background_owner() if _on_asyncio() else None
-        binding = bind_request(owner) if owner is not None else None
+        # (``owner``: read from this frame by the watchdog before Python 3.12, ``binds_in``)
+        owner = LIFESPAN if _on_asyncio() else None
+        binding = bind_lifespan() if owner is not None else None
         try:
             await self.app(scope, receive_and_start, send_and_watch)
         except ConfigError as error:

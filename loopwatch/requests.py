@@ -38,8 +38,8 @@ __all__ = [
     "HAS_TASK_CONTEXT",
     "LIFESPAN",
     "RequestRecord",
-    "background_owner",
     "bind_by_task",
+    "bind_lifespan",
     "bind_request",
     "bind_to_task",
     "binds_in",
@@ -51,6 +51,7 @@ __all__ = [
     "own_context",
     "own_owner",
     "owner_of",
+    "runs_lifespan",
     "stack_owner",
     "task_bound",
     "unbind_from_task",
@@ -167,14 +168,28 @@ def _fixed_owner(route: str) -> RequestRecord:
 
 # The owner of the app's code that runs outside any request, bound where loopwatch knows it
 # runs it (the lifespan), so the server's task that calls it is not taken for the server's own
-# work. Code bound to it is attributed as code no request owns (``attribute``): the server's
-# task is ``<background>``, a task the app starts from it is named by its coroutine.
+# work. Code bound to it is attributed as code no request owns (``attribute``): the task that
+# runs the lifespan (the server's, TestClient's) is ``<background>``, a task the app starts
+# from it is named by its coroutine.
 LIFESPAN = _fixed_owner(BACKGROUND)
+_lifespan_tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
 
-def background_owner() -> RequestRecord:
-    """``LIFESPAN``, to bind."""
-    return LIFESPAN
+def bind_lifespan() -> Binding:
+    """Bind ``LIFESPAN`` in the task that runs the app's lifespan (and so in the tasks the app
+    starts from it, which copy its context)."""
+    task = asyncio.current_task()
+    if task is not None:
+        _lifespan_tasks.add(task)
+    return CURRENT_REQUEST.set(LIFESPAN)
+
+
+def runs_lifespan(task: Any) -> bool:
+    """``task`` runs the app's lifespan itself (not a task the app started from it)."""
+    try:
+        return task in _lifespan_tasks
+    except TypeError:  # not weak-referenceable: no task of ours
+        return False
 
 
 def own_owner() -> RequestRecord:

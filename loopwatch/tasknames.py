@@ -11,16 +11,23 @@ qualified name: there the coroutine's own is read.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import os
 from types import CodeType
 from typing import Any, NamedTuple
 
 from loopwatch.names import clip
-from loopwatch.stall import OTHER_TASKS
+from loopwatch.stall import OTHER_TASKS, SERVER
 
 __all__ = ["MAX_TASK_NAMES", "TaskNames", "is_coroutine_code", "task_names"]
 
 MAX_TASK_NAMES = 50
+SERVER_LABEL = ("-", SERVER)
+_ASYNCIO_DIR = os.path.join(os.path.dirname(asyncio.__file__), "")
+# asyncio classes whose coroutine methods are the loop's machinery (BaseSelectorEventLoop,
+# _SelectorTransport, SSLProtocol): not asyncio.wait_for and the like, which run app code
+_MACHINERY = ("EventLoop", "Transport", "Protocol")
 _MAX_QUALNAME = 100  # characters of the qualified name shown
 _MAX_CODES = 10_000  # code objects remembered (each maps to one of the names above)
 
@@ -72,6 +79,13 @@ class TaskNames:
         if wraps is not None and code.co_filename.replace("\\", "/").endswith(wraps.file):
             self._by_code[code] = wraps
             return wraps
+        if code.co_filename.startswith(_ASYNCIO_DIR) and qualname.split(".")[0].endswith(
+            _MACHINERY
+        ):
+            # the loop's own tasks (accepting a connection, resolving a server's address):
+            # transport work, as its protocol callbacks are, never a task of the app's
+            self._by_code[code] = SERVER_LABEL
+            return SERVER_LABEL
         # ``outer.<locals>.inner`` reads as ``outer.inner``: as unique, and shorter
         name = f"<task {clip(qualname.replace('.<locals>.', '.'), _MAX_QUALNAME)}>"
         if name not in self._named:
@@ -113,6 +127,8 @@ _WRAPPERS = {
     "TaskHandle._run_coro": _Wrapped("anyio/_core/_tasks.py", "self", "_coro"),
     # anyio's blocking portal (Starlette's TestClient): what a thread asked the loop to run
     "BlockingPortal._call_func": _Wrapped("anyio/from_thread.py", "retval_or_awaitable"),
+    # a task made of ``asyncio.wait_for(coro)``: 3.12+ runs the coroutine in the same task
+    "wait_for": _Wrapped("asyncio/tasks.py", "fut"),
 }
 
 

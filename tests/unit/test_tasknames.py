@@ -123,3 +123,27 @@ def test_a_task_anyio_wraps_is_named_by_the_coroutine_it_runs() -> None:
     assert seen == [
         ("-", "<task test_a_task_anyio_wraps_is_named_by_the_coroutine_it_runs.worker>")
     ]
+
+
+def test_the_loops_own_tasks_are_the_servers_and_wait_for_names_what_it_runs() -> None:
+    """asyncio's own coroutines that run as tasks (accepting a connection, resolving a
+    server's address) are transport work, ``<server>``; ``asyncio.wait_for`` is no name of a
+    task: the task is named by the coroutine it runs (in the same task on 3.12+)."""
+    from loopwatch.attribute import ServerCode, task_label
+
+    names = TaskNames()
+    getaddrinfo = asyncio.base_events.BaseEventLoop._create_server_getaddrinfo
+    assert names.of_code(getaddrinfo.__code__, getaddrinfo.__qualname__) == ("-", "<server>")
+    seen: list[tuple[str, str]] = []
+
+    async def worker() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        seen.append(task_label(task, ServerCode()))
+
+    async def main() -> None:
+        await asyncio.create_task(asyncio.wait_for(worker(), 5))
+
+    asyncio.run(main())
+    name = "<task test_the_loops_own_tasks_are_the_servers_and_wait_for_names_what_it_runs.worker>"
+    assert seen == [("-", name)]
