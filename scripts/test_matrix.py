@@ -53,6 +53,8 @@ EXCLUDED_FILES = frozenset(
         "test_grafana.py",
         "test_cli.py",
         "test_cli_profile.py",
+        "test_docs.py",  # the docs and the wheel do not vary by interpreter or framework
+        "test_package.py",
         "test_pytest_plugin.py",
         "test_server_startup.py",
         "test_starlette_suite.py",

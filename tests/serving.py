@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -59,7 +60,12 @@ def serve(app: Any, *, loop: str = "asyncio", lifespan: str = "on", **config: An
 
 @contextlib.contextmanager
 def _server(
-    command: list[str], port: int, env: dict[str, str] | None, *, group: bool = False
+    command: list[str],
+    port: int,
+    env: dict[str, str] | None,
+    *,
+    group: bool = False,
+    cwd: Path | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Run ``command`` (a server on ``port``); yields (base URL, process). Its output goes to
     a file (a pipe nobody reads would fill up and freeze the server): ``proc.output_path``.
@@ -67,7 +73,7 @@ def _server(
     with tempfile.NamedTemporaryFile(prefix="server-", suffix=".log", delete=False) as log:
         proc = subprocess.Popen(
             command, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=group,
+            start_new_session=group, cwd=cwd,
         )  # fmt: skip
     proc.output_path = log.name  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
@@ -104,11 +110,16 @@ def serve_process(
 
 
 def serve_command(
-    command: list[str], port: int, env: dict[str, str] | None = None, *, group: bool = True
+    command: list[str],
+    port: int,
+    env: dict[str, str] | None = None,
+    *,
+    group: bool = True,
+    cwd: Path | None = None,
 ) -> contextlib.AbstractContextManager[tuple[str, subprocess.Popen[bytes]]]:
     """Run any ``command`` that serves on ``port`` (in a process group of its own unless
-    ``group=False``); yields (base URL, process)."""
-    return _server(command, port, env, group=group)
+    ``group=False``, in ``cwd``); yields (base URL, process)."""
+    return _server(command, port, env, group=group, cwd=cwd)
 
 
 def _worker_class() -> str:
