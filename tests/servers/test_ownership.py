@@ -285,28 +285,11 @@ def test_a_hold_has_one_owner_in_every_view(
     _check_one_owner(owner, log, log_lines, before, after, views, otel, loop_time=seen)
 
 
-def test_a_hold_in_the_lifespan_is_background_not_the_server(
-    loop_impl: str, registry: CollectorRegistry, log_lines: LogLines, otel: Otel
-) -> None:
-    log = StallLog()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.sleep(0.05)  # a real await first (a database connecting)
-        _block()
-        yield
-
-    port = free_port()
-    app = fastapi_app(registry, log, port, otel, lifespan=lifespan)
-    before: dict[str, dict[tuple[str, ...], float]] = {}
-    with serve(app, loop=loop_impl) as url:
-        log.wait_for(1)
-        assert httpx.get(url + "/ok", timeout=10).status_code == 200
-        _settle(registry)
-        after = _counters(registry)
-        views = Views(port)
-    owner = ("-", "<background>")
-    _check_one_owner(owner, log, log_lines, before, after, views, otel, loop_time=True)
+@asynccontextmanager
+async def blocking_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    await asyncio.sleep(0.05)  # a real await first (a database connecting)
+    _block()
+    yield
 
 
 async def ticker() -> None:
@@ -316,19 +299,27 @@ async def ticker() -> None:
     await asyncio.sleep(3600)
 
 
-def test_a_hold_in_a_task_the_lifespan_started_is_that_tasks_in_every_view(
-    loop_impl: str, registry: CollectorRegistry, log_lines: LogLines, otel: Otel
+@asynccontextmanager
+async def ticker_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    task = asyncio.create_task(ticker())
+    yield
+    task.cancel()
+
+
+LIFESPAN_CASES = {
+    # the lifespan's own code runs in the server's task: the app's <background>, not <server>
+    "lifespan code": (blocking_lifespan, ("-", "<background>")),
+    # a task no request started is named by its coroutine, in every view and in loop time
+    "a task the lifespan started": (ticker_lifespan, ("-", "<task ticker>")),
+}
+
+
+@pytest.mark.parametrize("case", list(LIFESPAN_CASES))
+def test_a_hold_outside_requests_has_one_owner_in_every_view(
+    case: str, loop_impl: str, registry: CollectorRegistry, log_lines: LogLines, otel: Otel
 ) -> None:
-    """A task no request started is named by its coroutine, ``<task ticker>``, in every view
-    and in loop time; it was one ``<background>`` bucket with the lifespan's own code."""
+    lifespan, owner = LIFESPAN_CASES[case]
     log = StallLog()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(ticker())
-        yield
-        task.cancel()
-
     port = free_port()
     app = fastapi_app(registry, log, port, otel, lifespan=lifespan)
     before: dict[str, dict[tuple[str, ...], float]] = {}
@@ -338,7 +329,6 @@ def test_a_hold_in_a_task_the_lifespan_started_is_that_tasks_in_every_view(
         _settle(registry)
         after = _counters(registry)
         views = Views(port)
-    owner = ("-", "<task ticker>")
     _check_one_owner(owner, log, log_lines, before, after, views, otel, loop_time=True)
 
 
