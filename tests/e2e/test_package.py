@@ -18,7 +18,9 @@ from tests.helpers import eventually
 from tests.serving import free_port, serve_command
 
 ROOT = Path(__file__).resolve().parents[2]
-QUICKSTART = re.compile(r"## Quickstart\n.*?^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+README = ROOT / "README.md"
+QUICKSTART = re.compile(r"## Quickstart\n(.*?)\n## ", re.DOTALL)
+SAMPLE = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +65,19 @@ def test_the_release_passes_twine_and_carries_the_page(dist: Path) -> None:
 
 
 def _app_dir(tmp_path: Path, code_change: bool) -> Path:
-    code = QUICKSTART.search((ROOT / "README.md").read_text())
-    assert code is not None, "the README's Quickstart sample"
-    source = code.group(1)
-    if not code_change:  # the same app with loopwatch's lines taken out: loopwatch run's case
-        kept = [ln for ln in source.splitlines() if not re.search(r"(?i)loopwatch|metrics_app", ln)]
-        source = "\n".join(kept)
+    """The README's Quickstart app; with the code change, its two lines (and their import)
+    added at the end of it, as a user adds them to an app of their own."""
+    section = QUICKSTART.search(README.read_text())
+    assert section is not None, "the README's Quickstart"
+    app_source, lines = SAMPLE.findall(section.group(1))
+    assert "loopwatch" not in app_source.lower()  # the app itself knows nothing of it
+    if code_change:
+        added = [ln for ln in lines.splitlines() if "loopwatch" in ln.lower() or "app." in ln]
+        assert len(added) == 3, added  # the import and the two lines
+        app_source += "\n" + "\n".join(added) + "\n"
     app = tmp_path / "app"
     app.mkdir()
-    (app / "app.py").write_text(source)
+    (app / "app.py").write_text(app_source)
     return app
 
 
@@ -116,6 +122,7 @@ def test_the_quickstart_runs_against_the_installed_wheel(
         n
         for n, text in enumerate((app / "app.py").read_text().splitlines())
         if "time.sleep" in text
-    )  # 14 in the README's sample; fewer without loopwatch's lines
+    )  # the README's log line says the same
     line = f"by GET /blocking (wait) at {app / 'app.py'}:{sleep} in blocking; "
     assert "event loop blocked for 0.5" in log and line in log, log
+    assert f"by GET /blocking (wait) at /srv/app.py:{sleep} in blocking; " in README.read_text()
