@@ -436,7 +436,9 @@ def judge(row: dict[str, Any], source_lines: dict[str, int]) -> dict[str, Any]:
             f"/{name}",
         )
     else:
-        route = (stall["method"], stall["route"]) == ("-", "<background>")
+        # outside any request: the test's task, named by its coroutine (``main``, nested in
+        # the generated test function)
+        route = stall["method"] == "-" and stall["route"].endswith(".main>")
     if row["test"] is not None:
         route = route and stall.get("test") == row["test"]
     line = source_lines[f"{Path(row['file']).name}:{name}"]
