@@ -122,13 +122,14 @@ class Accountant:
         self.bound_at = time.perf_counter()
         self.bound = record
 
-    def running_owner(self) -> RequestRecord | None:
-        """From the watchdog: the request whose code the exact hook times right now (the
-        owner a live booking charges), if any. Written before ``start`` on the loop thread,
-        so a set ``start`` never pairs with an older callback's owner."""
+    def running_owner(self) -> RequestRecord | tuple[str, str] | None:
+        """From the watchdog: whom the exact hook charges the callback it times right now
+        (the owner a live booking charges): its request, or the label it charges when no
+        request owns it; None when it times none. Written before ``start`` on the loop
+        thread, so a set ``start`` never pairs with an older callback's owner."""
         if self.start is None or not self.exact:
             return None
-        return self.owner
+        return self.owner or self.bound or self.ownerless
 
     def finished_request(self, record: RequestRecord) -> None:
         """On the loop: ``record`` is over; its last loop time is booked at the next drain
@@ -161,7 +162,7 @@ class Accountant:
             for record in in_flight:
                 self._book_record(record, final=False)
             booked = self._booked
-            for label, seconds in list(self.spent.items()):  # one C-level copy
+            for label, seconds in self.spent.copy().items():  # the loop thread may add one
                 done = booked.get(label, 0.0)
                 if seconds > done:
                     self._sink(label, seconds - done)
@@ -318,7 +319,10 @@ class HandleHook(_Hook):
                 return original(self)
             owner = self._context.get(var)  # type: ignore[attr-defined]
             if owner is None or owner is lifespan:
-                acct.ownerless = label_of(self._callback, server_code, owner is lifespan)  # type: ignore[attr-defined]
+                try:  # outside the app's callback, which must run whatever this does
+                    acct.ownerless = label_of(self._callback, server_code, owner is lifespan)  # type: ignore[attr-defined]
+                except Exception:
+                    acct.ownerless = BACKGROUND_LABEL
                 owner = None
             acct.owner = owner
             acct.bound = None

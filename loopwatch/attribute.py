@@ -124,7 +124,7 @@ def task_label(task: Any, server_code: ServerCode, lifespan: bool = False) -> tu
     code = getattr(coro, "cr_code", None)
     if code is not None and server_code.is_server(code):
         return BACKGROUND_LABEL if lifespan else SERVER_LABEL
-    return task_names.of_coroutine(coro) or BACKGROUND_LABEL
+    return task_names.of_task(task) or BACKGROUND_LABEL
 
 
 def code_label(
@@ -134,17 +134,18 @@ def code_label(
     loop: asyncio.AbstractEventLoop | None = None,
 ) -> tuple[str, str]:
     """``task_label`` from the code of a step's top frame, on ``loop``'s thread: a task's
-    coroutine (named; a library's task wrapper by the coroutine it runs, read from the
-    current task), or a plain callback's function (``<background>``)."""
+    step is named by the current task, as the watchdog names it (its top coroutine may not
+    be this code: a task the factory never saw); a plain callback's function is
+    ``<background>``."""
     if server_code.is_server(code):
         return BACKGROUND_LABEL if lifespan else SERVER_LABEL
     if not is_coroutine_code(code):
         return BACKGROUND_LABEL
-    label = None if lifespan else task_names.of_code(code)
-    if label is None and loop is not None:  # the lifespan's own task, or a library's wrapper
+    if loop is not None:
         task = asyncio.current_task(loop)
         if task is not None:
             return task_label(task, server_code, lifespan)
+    label = None if lifespan else task_names.of_code(code)
     return label or BACKGROUND_LABEL
 
 
@@ -157,7 +158,8 @@ def callback_label(
     if isinstance(target, asyncio.Task):
         return task_label(target, server_code, lifespan)
     if isinstance(target, SERVER_TYPES):
-        return SERVER_LABEL
+        # a connection the app opened in its lifespan (a database pool) is the app's
+        return BACKGROUND_LABEL if lifespan else SERVER_LABEL
     return BACKGROUND_LABEL
 
 
@@ -249,7 +251,7 @@ class Attributor:
         own: RequestRecord,
         frame: Callable[[], FrameType | None],
         entry_codes: Callable[[], frozenset[CodeType]],
-        timed_callback: Callable[[], RequestRecord | None] = lambda: None,
+        timed_callback: Callable[[], RequestRecord | tuple[str, str] | None] = lambda: None,
     ) -> None:
         self._loop = loop
         self._own = own
@@ -264,10 +266,15 @@ class Attributor:
         task = asyncio.current_task(self._loop)
         if task is not None:
             return self.task_owner(task)
-        found = running_callback_owner(self._frame(), self.server_code, self._entry_codes())
-        if found is None:
-            found = self._timed_callback()
-        if found is None:
+        # a plain callback: the exact loop-time hook's answer where it times one now (loop
+        # time charges it there: one answer), else read from the loop thread's stack
+        timed = self._timed_callback()
+        if isinstance(timed, tuple):
+            return _label_owner(timed)
+        found = timed or running_callback_owner(
+            self._frame(), self.server_code, self._entry_codes()
+        )
+        if found is None or found is LIFESPAN:
             return BACKGROUND_OWNER
         if isinstance(found, str):
             return _SERVER

@@ -400,10 +400,13 @@ class Detector:
         gil, frozen = self._kept_out(kept_out, last, reading)
         episode = self._episode
         if episode is not None and beat != episode.beat:
-            # The heartbeat ran again: the hold ended no later than that.
+            # The heartbeat ran again: the hold ended no later than that, and no later than
+            # the first beat after it, which the heartbeat told if it came late (a later gap
+            # no check saw is judged apart, by ``_unwatched``)
             self._episode = None
             if episode.hold is not None:
-                self._close(episode.hold, end=beat, now=now)
+                end = next((e for b, e in self._late_beats if b == episode.beat), beat)
+                self._close(episode.hold, end=min(end, beat), now=now)
             episode = None
         if self._late_beats:
             self._unwatched(beat, now)

@@ -349,10 +349,10 @@ class Monitor:
             return
         now = self._clock()
         previous, self.last_beat = self.last_beat, now
-        if now - previous >= self.threshold:
-            # a hold the watchdog may not have seen (it was kept out): the detector looks
-            self.pipeline.detector.beat_late(previous, now)
         try:
+            if now - previous >= self.threshold:
+                # a hold the watchdog may not have seen (it was kept out): the detector looks
+                self.pipeline.detector.beat_late(previous, now)
             late = now - self._next_beat
             late = late if late > 0.0 else 0.0
             self.lag.observe(late)

@@ -154,7 +154,7 @@ class Pipeline:
     def attribute(self) -> Owner:
         return self.attributor.owner()
 
-    def _timed_callback(self) -> RequestRecord | None:
+    def _timed_callback(self) -> RequestRecord | tuple[str, str] | None:
         accountant = self.accountant
         return accountant.running_owner() if accountant is not None else None
 

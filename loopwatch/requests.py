@@ -22,6 +22,7 @@ lifespan, loopwatch's own work) are records too, so every hook treats them alike
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import os
 import sys
@@ -180,7 +181,8 @@ def bind_lifespan() -> Binding:
     starts from it, which copy its context)."""
     task = asyncio.current_task()
     if task is not None:
-        _lifespan_tasks.add(task)
+        with contextlib.suppress(TypeError):  # a factory's task that takes no weak reference
+            _lifespan_tasks.add(task)
     return CURRENT_REQUEST.set(LIFESPAN)
 
 

@@ -37,3 +37,33 @@ def test_a_finished_request_waits_for_its_booking_without_its_scope() -> None:
         assert booked == [(("GET", "<unmatched>"), 0.25)]
     finally:
         loop.close()
+
+
+def test_a_callback_loop_time_cannot_label_still_runs() -> None:
+    """The Handle hook labels an ownerless callback before it runs it: whatever that reading
+    meets (a callable whose ``__self__`` raises), the app's callback runs and the loop goes
+    on."""
+    from loopwatch.accounting import start_accounting
+
+    ran: list[bool] = []
+
+    class Odd:
+        @property
+        def __self__(self) -> object:
+            raise RuntimeError("no self here")
+
+        def __call__(self) -> None:
+            ran.append(True)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        accountant = start_accounting(loop, lambda key, seconds: None, loop_frame=lambda: None)
+        assert accountant is not None and accountant.kind == "handle"
+        try:
+            loop.call_soon(Odd())
+            await asyncio.sleep(0.01)
+        finally:
+            accountant.stop()
+
+    asyncio.run(main())
+    assert ran == [True]

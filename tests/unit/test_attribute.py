@@ -269,3 +269,43 @@ def test_only_a_c_loop_before_312_gets_a_task_factory(
         finally:
             loop.close()
     assert installed == {"asyncio": False, "uvloop": not task_context}
+
+
+def lifespan_context() -> contextvars.Context:
+    """The context of the app's lifespan, which a connection opened there keeps."""
+    from loopwatch.requests import CURRENT_REQUEST, LIFESPAN
+
+    context = contextvars.Context()
+    context.run(CURRENT_REQUEST.set, LIFESPAN)
+    return context
+
+
+def test_a_connection_the_lifespan_opened_is_the_apps_background() -> None:
+    """A database pool opened in the lifespan: its protocol callbacks run in the lifespan's
+    context. The watchdog and the loop-time hook both call them ``<background>`` (the app's),
+    not ``<server>``, with the one owner a lifespan hold has."""
+    from loopwatch.attribute import BACKGROUND_OWNER, callback_label
+
+    context = lifespan_context()
+    owner = in_handle(attribute(own_owner()), context, protocol=True)
+    assert owner is BACKGROUND_OWNER
+    assert in_handle(attribute(own_owner()), context) is BACKGROUND_OWNER
+
+    class Pool(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            pass
+
+    hook = callback_label(Pool().data_received, ServerCode(), lifespan=True)
+    assert hook == owner.label == ("-", "<background>")
+
+
+def test_a_callback_the_loop_time_hook_times_has_its_label_in_every_view() -> None:
+    """Where the exact hook times a plain callback, the watchdog takes its answer: the two
+    cannot disagree (on uvloop the stack shows only the outermost frame)."""
+    from loopwatch.attribute import Attributor
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    for timed in (("-", "<server>"), ("-", "<task consume>")):
+        attributor = Attributor(loop, own_owner(), lambda: None, frozenset, lambda t=timed: t)
+        assert attributor.owner().label == timed

@@ -436,6 +436,27 @@ def test_a_late_heartbeat_a_check_watched_is_judged_once() -> None:
     assert verdict.kind == "gc" and verdict.duration == pytest.approx(0.26)
 
 
+def test_a_watched_hold_ends_at_the_first_beat_after_it_not_the_last() -> None:
+    # Checks saw the hold from 0; it ended at 0.25 (the heartbeat said so: a late beat),
+    # then the collector held the loop 0.26-0.46 while the watchdog could not look, and the
+    # next beat came at 0.47. Two stalls, one each, their seconds not counted twice.
+    def within(start: float, end: float) -> tuple[float, int, float]:
+        seconds = max(0.0, min(0.46, end) - max(0.26, start))
+        return seconds, 2, seconds
+
+    rig = Rig(gc_within=within)
+    rig.run(beat=0.0, until=0.24)
+    rig.detector.beat_late(0.0, 0.25)
+    rig.detector.beat_late(0.25, 0.47)
+    rig.now = 0.48
+    rig.detector.check(0.47)
+    rig.now = 0.49
+    rig.detector.check(0.485)
+    stalls = [verdict for _, verdict in rig.events.stalls()]
+    assert [round(v.duration, 2) for v in stalls] == [0.25, 0.22]
+    assert [v.kind for v in stalls] == ["wait", "gc"]
+
+
 def test_a_late_heartbeat_told_as_the_loop_stops_is_still_judged() -> None:
     def within(start: float, end: float) -> tuple[float, int, float]:
         return end - start - 0.01, 2, end - start - 0.01

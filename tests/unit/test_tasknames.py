@@ -147,3 +147,82 @@ def test_the_loops_own_tasks_are_the_servers_and_wait_for_names_what_it_runs() -
     asyncio.run(main())
     name = "<task test_the_loops_own_tasks_are_the_servers_and_wait_for_names_what_it_runs.worker>"
     assert seen == [("-", name)]
+
+
+def test_a_decorated_coroutine_is_named_after_the_function_it_wraps() -> None:
+    """A decorator's wrapper code is shared by every function it wraps (tenacity, backoff):
+    each task is named by its own function, as ``functools.wraps`` names its coroutine."""
+    import functools
+
+    def retry(fn: Any) -> Any:
+        @functools.wraps(fn)
+        async def wrapper() -> None:
+            await fn()
+
+        return wrapper
+
+    @retry
+    async def poll_orders() -> None:
+        pass
+
+    @retry
+    async def poll_refunds() -> None:
+        pass
+
+    names = TaskNames()
+    first, second = _close(poll_orders()), _close(poll_refunds())
+    assert first.cr_code is second.cr_code  # one wrapper code for both
+    prefix = "<task test_a_decorated_coroutine_is_named_after_the_function_it_wraps"
+    assert names.of_coroutine(first) == ("-", f"{prefix}.poll_orders>")
+    assert names.of_coroutine(second) == ("-", f"{prefix}.poll_refunds>")
+
+
+def test_equal_code_in_two_places_gets_two_names() -> None:
+    """Code objects compare by value: two classes' methods with the same body can be equal.
+    Each keeps its own name."""
+    one = consume.__code__.replace(co_name="run")
+    two = consume.__code__.replace(co_name="run")
+    names = TaskNames()
+    assert names.of_code(one, "Orders.run") == ("-", "<task Orders.run>")
+    assert names.of_code(two, "Refunds.run") == ("-", "<task Refunds.run>")
+
+
+def test_the_portals_task_is_named_by_its_function_before_it_runs() -> None:
+    """The loop-time hook names a step as it starts: the portal's wrapper has not called the
+    function yet, so its coroutine is not there; the function it will call is."""
+    from anyio.from_thread import BlockingPortal
+
+    async def heavy() -> None:
+        pass
+
+    async def main() -> None:
+        async with BlockingPortal() as portal:
+            future: Any = None
+            wrapper = portal._call_func(heavy, (), {}, future)  # as the portal makes it
+            try:
+                assert TaskNames().of_coroutine(wrapper) == (
+                    "-", "<task test_the_portals_task_is_named_by_its_function_before_it_runs.heavy>",
+                )  # fmt: skip
+            finally:
+                wrapper.close()
+
+    asyncio.run(main())
+
+
+def test_a_step_is_named_by_its_task_not_by_the_code_that_starts_it() -> None:
+    """On 3.12+ the sys.monitoring hook sees the code a step starts at; where that is not the
+    task's top coroutine (a task the factory never saw), it names the task as the watchdog
+    does."""
+    from loopwatch.attribute import ServerCode, code_label
+
+    seen: list[tuple[str, str]] = []
+
+    async def inner() -> None:
+        seen.append(code_label(inner.__code__, ServerCode(), loop=asyncio.get_running_loop()))
+
+    async def outer_task() -> None:
+        await inner()
+
+    asyncio.run(outer_task())
+    name = "<task test_a_step_is_named_by_its_task_not_by_the_code_that_starts_it.outer_task>"
+    assert seen == [("-", name)]
