@@ -266,14 +266,16 @@ class Attributor:
         task = asyncio.current_task(self._loop)
         if task is not None:
             return self.task_owner(task)
-        # a plain callback: the exact loop-time hook's answer where it times one now (loop
-        # time charges it there: one answer), else read from the loop thread's stack
-        timed = self._timed_callback()
-        if isinstance(timed, tuple):
-            return _label_owner(timed)
-        found = timed or running_callback_owner(
+        # a plain callback: read from the loop thread's stack (its Handle's context), else
+        # the exact loop-time hook's answer, where it times one now (on uvloop the stack shows
+        # no Handle; loop time charges the callback there: one answer)
+        found: RequestRecord | str | tuple[str, str] | None = running_callback_owner(
             self._frame(), self.server_code, self._entry_codes()
         )
+        if found is None:
+            found = self._timed_callback()
+        if isinstance(found, tuple):
+            return _label_owner(found)
         if found is None or found is LIFESPAN:
             return BACKGROUND_OWNER
         if isinstance(found, str):
