@@ -30,7 +30,7 @@ from loopwatch.requests import (
     runs_lifespan,
     task_bound,
 )
-from loopwatch.stall import BACKGROUND, OWN, SERVER
+from loopwatch.stall import BACKGROUND_LABEL, OWN, SERVER, SERVER_LABEL
 from loopwatch.tasknames import is_coroutine_code, task_names
 
 __all__ = [
@@ -46,9 +46,6 @@ __all__ = [
     "running_callback_owner",
     "task_label",
 ]
-
-BACKGROUND_LABEL = ("-", BACKGROUND)
-SERVER_LABEL = ("-", SERVER)
 
 # The servers whose own tasks and callbacks are ``<server>`` work (the app's code they call
 # runs bound to a request, or to the lifespan's owner, by the middleware).
@@ -124,7 +121,7 @@ def task_label(task: Any, server_code: ServerCode, lifespan: bool = False) -> tu
     code = getattr(coro, "cr_code", None)
     if code is not None and server_code.is_server(code):
         return BACKGROUND_LABEL if lifespan else SERVER_LABEL
-    return task_names.of_task(task) or BACKGROUND_LABEL
+    return task_names.of_task(task, coro) or BACKGROUND_LABEL
 
 
 def code_label(

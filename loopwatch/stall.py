@@ -9,7 +9,9 @@ from typing import Any
 
 __all__ = [
     "BACKGROUND",
+    "BACKGROUND_LABEL",
     "OTHER_TASKS",
+    "SERVER_LABEL",
     "UNMATCHED",
     "Stall",
     "clear_recent_stalls",
@@ -25,6 +27,9 @@ ROUTING = "<routing>"  # a request's code before it was routed (a middleware ins
 OWN = "<loopwatch>"  # loopwatch's own work on the loop: never booked to the app
 # the app's tasks past the cap on named ones (``<task consume>``, ``tasknames``)
 OTHER_TASKS = "<other tasks>"
+# (method, route) of code no request owns: every view's label for it
+BACKGROUND_LABEL = ("-", BACKGROUND)
+SERVER_LABEL = ("-", SERVER)
 
 
 def outside_requests(route: str) -> bool:

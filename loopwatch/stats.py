@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
-from loopwatch.stall import BACKGROUND, SERVER
+from loopwatch.stall import BACKGROUND_LABEL, SERVER_LABEL
 from loopwatch.timeline import Timeline
 
 __all__ = [
@@ -33,9 +33,9 @@ STALL_BUCKETS: tuple[float, ...] = (
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 # Code outside any request: its stall counters exist from start-up.
-ZERO_KEY = ("-", BACKGROUND)
+ZERO_KEY = BACKGROUND_LABEL
 # The server's own protocol work (loop time only)
-SERVER_KEY = ("-", SERVER)
+SERVER_KEY = SERVER_LABEL
 
 # How a loop's busy time is measured: every callback timed ("exact": the Handle._run hook or
 # sys.monitoring), the current task sampled at each watchdog check ("sampled": uvloop before

@@ -21,12 +21,11 @@ from types import CodeType
 from typing import Any, NamedTuple
 
 from loopwatch.names import clip
-from loopwatch.stall import OTHER_TASKS, SERVER
+from loopwatch.stall import OTHER_TASKS, SERVER_LABEL
 
 __all__ = ["MAX_TASK_NAMES", "TaskNames", "is_coroutine_code", "task_names"]
 
 MAX_TASK_NAMES = 50
-SERVER_LABEL = ("-", SERVER)
 _ASYNCIO_DIR = os.path.join(os.path.dirname(asyncio.__file__), "")
 # asyncio classes whose coroutine methods are the loop's machinery (BaseSelectorEventLoop,
 # _SelectorTransport, SSLProtocol): not asyncio.wait_for and the like, which run app code
@@ -65,12 +64,9 @@ class TaskNames:
         known = self._known(code, qualname)
         return None if isinstance(known, _Wrapped) else known
 
-    def of_task(self, task: Any) -> tuple[str, str] | None:
-        """The label of ``task``; None if it runs no ``async def`` coroutine."""
-        try:
-            coro = task.get_coro()
-        except Exception:
-            return None
+    def of_task(self, task: Any, coro: Any) -> tuple[str, str] | None:
+        """The label of ``task``, which runs ``coro``; None if that is no ``async def``
+        coroutine."""
         code = getattr(coro, "cr_code", None)
         if code is None:
             return None

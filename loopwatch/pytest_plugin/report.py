@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loopwatch.pytest_plugin.records import Record
-from loopwatch.stall import BACKGROUND, SERVER, outside_requests
+from loopwatch.stall import SERVER, outside_requests
 
 __all__ = ["WORKEROUTPUT_KEY", "RemoteStalls", "terminal_summary", "write_report"]
 
@@ -52,17 +52,15 @@ class RemoteStalls:
         )
 
 
-_PLACEHOLDERS = (BACKGROUND, SERVER)
-
-
 def test_loop_time(routes: dict[str, float]) -> dict[str, object]:
     """One test's entry in the report: its loop busy seconds (every loop it owned, all
     phases) and the route that took most of them. Placeholders (``<background>`` and the
-    tasks', ``<task main>``: the test's own code and its client; ``<server>``) are the top route only when no request took any."""
+    tasks', ``<task main>``: the test's own code and its client; ``<server>``) are the top
+    route only when no request took any."""
     top = max(
         routes,
         key=lambda label: (
-            label not in _PLACEHOLDERS and not outside_requests(label),
+            label != SERVER and not outside_requests(label),
             routes[label],
             label,
         ),
